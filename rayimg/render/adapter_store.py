@@ -1,0 +1,198 @@
+"""Adapters from the registry, through bounded cache tiers: object storage -> local disk -> CPU.
+
+(The GPU tier is the engine's: the adapter set fused into the weights, plus Serve's multiplexed
+models per replica.) Each tier is LRU-bounded by count and bytes. Concurrent requests for the
+same adapter share one download and one load. The file's sha256 must equal the one in
+``adapter.json``; only safetensors is ever read. ``latest`` is re-resolved every ``refresh_s``
+seconds, so newly published versions are picked up without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rayimg.render.adapters import LoraWeights, load_lora_file
+from rayimg.storage import Storage, join
+from rayimg.train.registry import RegistryError, resolve_adapter
+
+WEIGHT_FILE = "pytorch_lora_weights.safetensors"
+
+
+class AdapterNotFound(LookupError):
+    """No such adapter or version in the registry."""
+
+
+class AdapterCorrupt(ValueError):
+    """The adapter's weights do not match the sha256 recorded in its adapter.json."""
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+@dataclass
+class StoreStats:
+    downloads: int = 0
+    loads: int = 0
+    disk: TierStats = field(default_factory=TierStats)
+    cpu: TierStats = field(default_factory=TierStats)
+
+    def as_dict(self) -> dict:
+        return {"downloads": self.downloads, "loads": self.loads, "disk": vars(self.disk), "cpu": vars(self.cpu)}
+
+
+class AdapterStore:
+    """Resolve and load adapters by (name, version); thread-safe."""
+
+    def __init__(self, storage: Storage, registry: str, *, disk_dir: str | None = None, disk_max_bytes: int = 20 * 2**30,
+                 cpu_max_adapters: int = 32, cpu_max_bytes: int = 8 * 2**30, refresh_s: float = 30.0, unet_config=None):
+        self.storage = storage
+        self.registry = registry
+        root = disk_dir or os.path.join(os.environ.get("RAYIMG_CACHE") or os.path.expanduser("~/.cache/rayimg"), "adapters")
+        self.disk_dir = Path(root)
+        self.disk_max_bytes = disk_max_bytes
+        self.cpu_max_adapters = cpu_max_adapters
+        self.cpu_max_bytes = cpu_max_bytes
+        self.refresh_s = refresh_s
+        self.unet_config = unet_config
+        self.stats = StoreStats()
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple[str, str], threading.Lock] = {}
+        self._cpu: OrderedDict[tuple[str, str], LoraWeights] = OrderedDict()
+        self._disk: OrderedDict[tuple[str, str], tuple[Path, int]] = OrderedDict()
+        self._latest: dict[str, tuple[str, float]] = {}
+        self._metadata: dict[tuple[str, str], dict] = {}
+
+    # ------------------------------------------------------------------ versions
+    def resolve(self, name: str, version: str | None = None) -> str:
+        """The concrete version of ``name`` (``None`` = latest, cached for ``refresh_s``)."""
+        if version is not None:
+            self.metadata(name, str(version))
+            return str(version)
+        now = time.monotonic()
+        with self._lock:
+            cached = self._latest.get(name)
+        if cached and now - cached[1] < self.refresh_s:
+            return cached[0]
+        try:
+            resolved, _uri, meta = resolve_adapter(self.storage, self.registry, name, None)
+        except RegistryError as e:
+            raise AdapterNotFound(str(e)) from None
+        with self._lock:
+            self._latest[name] = (resolved, now)
+            self._metadata[(name, resolved)] = meta
+        return resolved
+
+    def metadata(self, name: str, version: str) -> dict:
+        key = (name, str(version))
+        with self._lock:
+            if key in self._metadata:
+                return self._metadata[key]
+        try:
+            _v, _uri, meta = resolve_adapter(self.storage, self.registry, name, version)
+        except RegistryError as e:
+            raise AdapterNotFound(str(e)) from None
+        with self._lock:
+            self._metadata[key] = meta
+        return meta
+
+    # ------------------------------------------------------------------ loading
+    def get(self, name: str, version: str | None = None) -> tuple[str, LoraWeights]:
+        """(version, CPU weights) of an adapter, through the tiers."""
+        version = self.resolve(name, version)
+        key = (name, version)
+        with self._lock:
+            if key in self._cpu:
+                self._cpu.move_to_end(key)
+                self.stats.cpu.hits += 1
+                return version, self._cpu[key]
+            gate = self._inflight.setdefault(key, threading.Lock())
+        with gate:  # one download and one load per adapter, however many ask at once
+            with self._lock:
+                if key in self._cpu:
+                    self._cpu.move_to_end(key)
+                    self.stats.cpu.hits += 1
+                    return version, self._cpu[key]
+                self.stats.cpu.misses += 1
+            path = self._on_disk(name, version)
+            weights = load_lora_file(path, name=f"{name}@{version}", unet_config=self.unet_config)
+            with self._lock:
+                self.stats.loads += 1
+                self._cpu[key] = weights
+                self._evict_cpu()
+                self._inflight.pop(key, None)
+        return version, weights
+
+    def _on_disk(self, name: str, version: str) -> Path:
+        key = (name, version)
+        meta = self.metadata(name, version)
+        expected = (meta.get("weights") or {}).get(WEIGHT_FILE)
+        if not expected:
+            raise AdapterCorrupt(f"adapter {name!r} version {version!r}: adapter.json records no sha256 for {WEIGHT_FILE}")
+        path = self.disk_dir / name / version / WEIGHT_FILE
+        with self._lock:
+            known = key in self._disk
+        if known or path.is_file():
+            if known or _sha256(path) == expected:
+                with self._lock:
+                    self.stats.disk.hits += 1
+                    self._disk[key] = (path, path.stat().st_size)
+                    self._disk.move_to_end(key)
+                return path
+        with self._lock:
+            self.stats.disk.misses += 1
+        uri = join(self.registry, "adapters", name, version, WEIGHT_FILE)
+        tmp = path.with_name(f".{WEIGHT_FILE}.{os.getpid()}.{threading.get_ident()}.download")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.storage.download_file(uri, tmp)
+        except FileNotFoundError:
+            raise AdapterNotFound(f"adapter {name!r} version {version!r}: {uri} is missing") from None
+        with self._lock:
+            self.stats.downloads += 1
+        actual = _sha256(tmp)
+        if actual != expected:
+            tmp.unlink(missing_ok=True)
+            raise AdapterCorrupt(f"adapter {name!r} version {version!r}: sha256 of {WEIGHT_FILE} is {actual[:12]}…, "
+                                 f"adapter.json says {expected[:12]}…; refusing to load it")
+        os.replace(tmp, path)
+        with self._lock:
+            self._disk[key] = (path, path.stat().st_size)
+            self._evict_disk()
+        return path
+
+    # ------------------------------------------------------------------ bounds
+    def _evict_cpu(self) -> None:
+        while self._cpu and (len(self._cpu) > self.cpu_max_adapters or sum(w.nbytes for w in self._cpu.values()) > self.cpu_max_bytes):
+            if len(self._cpu) == 1:
+                break  # never evict the adapter just loaded
+            self._cpu.popitem(last=False)
+            self.stats.cpu.evictions += 1
+
+    def _evict_disk(self) -> None:
+        while len(self._disk) > 1 and sum(size for _, size in self._disk.values()) > self.disk_max_bytes:
+            (name, version), (path, _size) = self._disk.popitem(last=False)
+            shutil.rmtree(path.parent, ignore_errors=True)
+            self.stats.disk.evictions += 1
+
+    def cpu_keys(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._cpu)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,414 @@
+"""The generation engine shared by the bulk render job and the server (plain diffusers, no Ray).
+
+Each image's noise comes from its own seeded CPU generator, and by default each request runs
+through the pipeline on its own (see ``Engine(batch_invariant=...)``), so an image depends only
+on its own parameters, never on the batch it lands in or the worker that renders it.
+
+Modes: ``txt2img`` (the loaded StableDiffusion(XL)Pipeline), ``img2img`` and ``controlnet``
+(the matching diffusers pipelines built on the loaded pipeline's modules: shared, nothing is
+copied or cast). LoRA adapters are fused into the weights in place by
+:class:`~rayimg.render.adapters.FusedAdapters` (no per-step cost; a compiled UNet does not
+recompile when they change); textual-inversion embeddings load through diffusers.
+
+Adapters are identified by ``(name, version, scale)``: requests carry the identity, the caller
+supplies the weights with :meth:`Engine.set_adapters`, and :meth:`Engine.generate` refuses a
+batch whose identity differs from what is fused, so an output key never names adapters that
+were not applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from PIL import Image
+
+from rayimg.render.adapters import FusedAdapters, LoraWeights
+from rayimg.render.schedulers import SCHEDULER_TABLE, make_scheduler
+
+__all__ = ["MODES", "GenerationRequest", "Engine", "canonical_adapters", "image_digest", "TEXTUAL_INVERSION_NAME"]
+
+MODES = ("txt2img", "img2img", "controlnet")
+TEXTUAL_INVERSION_NAME = "learned_embeds.safetensors"
+
+AdapterId = tuple[str, str, float]
+
+
+def image_digest(image: Image.Image) -> str:
+    """sha256 of an image's mode, size and pixels (what a request's key records for it)."""
+    h = hashlib.sha256()
+    h.update(f"{image.mode}:{image.width}x{image.height}:".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def canonical_adapters(adapters: Iterable[Any]) -> tuple[AdapterId, ...]:
+    """``(name, version, scale)`` triples (tuples or ``{"name", "version", "scale"}`` dicts) as a
+    sorted tuple of ``(str, str, float)``: the order adapters are listed in does not matter."""
+    out = []
+    for entry in adapters or ():
+        if isinstance(entry, Mapping):
+            try:
+                name, version, scale = entry["name"], entry["version"], entry.get("scale", 1.0)
+            except KeyError as e:
+                raise ValueError(f"adapters: entry {dict(entry)!r} lacks {e.args[0]!r}") from None
+        else:
+            try:
+                name, version, scale = entry
+            except (TypeError, ValueError):
+                raise ValueError(f"adapters: entry {entry!r} is not (name, version, scale)") from None
+        out.append((str(name), str(version), float(scale)))
+    out.sort(key=lambda a: (a[0], a[1]))
+    seen = set()
+    for name, version, _ in out:
+        if (name, version) in seen:
+            raise ValueError(f"adapters: {name!r} version {version!r} is listed twice")
+        seen.add((name, version))
+    return tuple(out)
+
+
+def _number(name: str, value: Any, *, integer: bool = False, minimum: float | None = None) -> int | float:
+    """``value`` as a plain int/float (numpy scalars from catalogs included), checked."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{name}: must be {'an integer' if integer else 'a number'}, got {value!r}")
+    value = int(value) if integer else float(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that determines one image (with the base model).
+
+    ``adapters`` is the identity of the LoRA adapters (and textual inversions) in effect:
+    ``(name, version, scale)`` triples, stored sorted. ``init_image`` (img2img) and
+    ``control_image`` (controlnet) are PIL images of exactly ``width`` x ``height``; their
+    sha256 stands for them in :meth:`params`. ``controlnet`` names the ControlNet model (the
+    engine checks it matches its own).
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 30
+    guidance_scale: float = 7.5
+    width: int = 512
+    height: int = 512
+    scheduler: str = "euler"
+    seed: int = 0
+    mode: str = "txt2img"
+    init_image: Image.Image | None = None
+    strength: float = 0.8
+    control_image: Image.Image | None = None
+    controlnet_scale: float = 1.0
+    controlnet: str = ""
+    adapters: tuple[AdapterId, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "adapters", canonical_adapters(self.adapters))
+        if self.mode not in MODES:
+            raise ValueError(f"mode: unknown mode {self.mode!r}; one of {', '.join(MODES)}")
+        if self.scheduler not in SCHEDULER_TABLE:
+            raise ValueError(f"scheduler: unknown scheduler {self.scheduler!r}; allowed: {', '.join(SCHEDULER_TABLE)}")
+        for name in ("prompt", "negative_prompt", "controlnet"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}: must be a string, got {type(getattr(self, name)).__name__}")
+        for name, minimum in (("steps", 1), ("seed", 0), ("width", 8), ("height", 8)):
+            object.__setattr__(self, name, _number(name, getattr(self, name), integer=True, minimum=minimum))
+        for name in ("width", "height"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"{name}: must be a multiple of 8, got {getattr(self, name)}")
+        for name in ("guidance_scale", "strength", "controlnet_scale"):
+            object.__setattr__(self, name, _number(name, getattr(self, name), minimum=0))
+        digests = {}
+        for name, mode in (("init_image", "img2img"), ("control_image", "controlnet")):
+            image = getattr(self, name)
+            if image is None:
+                if self.mode == mode:
+                    raise ValueError(f"{name}: is required for mode {self.mode!r}")
+                continue
+            if self.mode != mode:
+                raise ValueError(f"{name}: is only used in mode {mode!r}, not {self.mode!r}")
+            if not isinstance(image, Image.Image):
+                raise ValueError(f"{name}: must be a PIL image, got {type(image).__name__}")
+            if image.size != (self.width, self.height):
+                raise ValueError(f"{name}: is {image.width}x{image.height} but the request asks for {self.width}x{self.height}")
+            digests[name] = image_digest(image)
+        if self.mode == "img2img" and not 0.0 < self.strength <= 1.0:
+            raise ValueError(f"strength: must be in (0, 1], got {self.strength}")
+        object.__setattr__(self, "_digests", digests)
+
+    def params(self) -> dict:
+        """Every parameter that determines the image, JSON-able (images as their sha256).
+        Fields a mode does not use are left out, so they cannot split keys."""
+        params = {
+            "mode": self.mode,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "width": self.width,
+            "height": self.height,
+            "scheduler": self.scheduler,
+            "seed": self.seed,
+            "adapters": [{"name": n, "version": v, "scale": s} for n, v, s in self.adapters],
+        }
+        if self.mode == "img2img":
+            params.update(init_image=self._digests["init_image"], strength=self.strength)
+        if self.mode == "controlnet":
+            params.update(control_image=self._digests["control_image"], controlnet_scale=self.controlnet_scale,
+                          controlnet=self.controlnet)
+        return params
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can be generated in one batch (one pipeline call)."""
+        return (
+            self.mode, self.adapters, self.steps, self.guidance_scale, self.width, self.height, self.scheduler,
+            self.strength if self.mode == "img2img" else None,
+            (self.controlnet, self.controlnet_scale) if self.mode == "controlnet" else None,
+        )
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.params(), sort_keys=True))
+
+
+class Engine:
+    """Wraps a loaded StableDiffusion(XL)Pipeline and generates images for requests.
+
+    ``controlnet``: a ControlNetModel for mode ``controlnet`` (named ``controlnet_id`` in
+    requests). ``compile``: ``torch.compile`` the UNet in place (adapter swaps keep the
+    compiled graph). ``fuse_qkv``: fuse the attention QKV projections (adapters still apply).
+    ``originals_device``: where the base copies of adapted weights live (default: with the
+    weights; ``"cpu"`` saves GPU memory at the cost of slower swaps).
+
+    ``batch_invariant`` (default True): an image is bit-identical whatever batch it is rendered
+    in, because :meth:`generate` runs the pipeline once per request. Kernels are not batch
+    invariant in general (on CPU oneDNN convolutions and small-M GEMMs pick their algorithm by
+    batch size: about 1e-6 apart in the UNet output), so a true batched call can differ in the
+    last bits from the same image rendered alone. ``False`` makes one pipeline call per batch
+    (faster on a GPU); images then stay deterministic for a given batch, not across batches.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        *,
+        vae_slicing: bool = False,
+        vae_tiling: bool = False,
+        attention_slicing: bool = False,
+        controlnet=None,
+        controlnet_id: str = "",
+        compile: bool = False,
+        fuse_qkv: bool = False,
+        originals_device: torch.device | str | None = None,
+        batch_invariant: bool = True,
+    ):
+        self.pipe = pipe
+        self.batch_invariant = batch_invariant
+        self.family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+        self.base_scheduler_config = pipe.scheduler.config
+        if vae_slicing:
+            pipe.vae.enable_slicing()
+        if vae_tiling:
+            pipe.vae.enable_tiling()
+        if attention_slicing:
+            pipe.enable_attention_slicing()
+        if fuse_qkv:
+            pipe.fuse_qkv_projections()
+        if compile:
+            # In place (nn.Module.compile): the module keeps its identity and parameter paths,
+            # so FusedAdapters and the img2img/controlnet pipelines share the compiled UNet.
+            pipe.unet.compile()
+        self.compiled = bool(compile)
+        pipe.set_progress_bar_config(disable=True)
+        if controlnet is not None:
+            if controlnet.device != pipe.unet.device or controlnet.dtype != pipe.unet.dtype:
+                controlnet.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+            controlnet.eval()
+        self.controlnet = controlnet
+        self.controlnet_id = controlnet_id
+        self.fused = FusedAdapters(pipe, originals_device=originals_device)
+        self._pipelines: dict[str, Any] = {"txt2img": pipe}
+        self._embeddings: dict[str, tuple[str, AdapterId | None]] = {}  # token -> (sha256, identity)
+
+    @classmethod
+    def from_config(cls, pipe, cfg, **kwargs) -> "Engine":
+        """An engine with the memory and compile options of an EngineConfig."""
+        return cls(pipe, vae_slicing=cfg.vae_slicing, vae_tiling=cfg.vae_tiling, attention_slicing=cfg.attention_slicing,
+                   compile=cfg.compile, fuse_qkv=cfg.fuse_qkv, batch_invariant=cfg.batch_invariant, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapter_identity(self) -> tuple[AdapterId, ...]:
+        """The ``(name, version, scale)`` of the LoRA adapters now fused, sorted."""
+        return self.fused.identity
+
+    def set_adapters(self, adapters: Sequence[tuple[LoraWeights, float]], identity: Sequence[Any] = ()) -> bool:
+        """Fuse ``adapters`` (``(weights, scale)``) named by ``identity`` (``(name, version,
+        scale)`` per adapter, same order); an empty list restores the base model. Returns False
+        when that set is already fused."""
+        adapters = list(adapters)
+        if len(identity) != len(adapters):
+            raise ValueError(f"set_adapters: {len(adapters)} adapter(s) but {len(identity)} identity entries")
+        named = [(canonical_adapters([i])[0], pair) for i, pair in zip(identity, adapters)]
+        for (name, version, scale), (_, weight_scale) in named:
+            if float(weight_scale) != scale:
+                raise ValueError(f"set_adapters: adapter {name!r} version {version!r} has scale {weight_scale} but its identity says {scale}")
+        canonical = canonical_adapters(i for i, _ in named)  # sorted; rejects duplicates
+        # A fixed order makes the fused sum (and so the image) independent of listing order.
+        named.sort(key=lambda item: (item[0][0], item[0][1]))
+        if not adapters:
+            changed = bool(self.fused.identity)
+            self.fused.restore()
+            return changed
+        return self.fused.apply([pair for _, pair in named], identity=canonical)
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None, identity: Any = None) -> str:
+        """Load a textual-inversion embedding (safetensors only: the registry's
+        ``learned_embeds.safetensors``, or a dir holding it) and return its token.
+
+        SD files hold ``{token: (V, D)}``; SDXL files ``{"clip_l", "clip_g"}`` for the two
+        text encoders. ``token`` defaults to the file's ``placeholder_token`` metadata (or its
+        only key). Loading the same file again is a no-op; a different file for a loaded token
+        replaces it. ``identity`` (``(name, version)`` or ``(name, version, scale)``) lets
+        requests list the embedding among their adapters.
+        """
+        from safetensors.torch import load as load_safetensors
+
+        from rayimg.render.adapters import _safetensors_metadata
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / TEXTUAL_INVERSION_NAME
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: only .safetensors textual inversion files are loaded (pickle formats are refused)")
+        data = path.read_bytes()
+        tensors = load_safetensors(data)
+        metadata = _safetensors_metadata(data)
+        sha = hashlib.sha256(data).hexdigest()
+        token = token or metadata.get("placeholder_token")
+        if self.family == "sd":
+            if token is None and len(tensors) == 1:
+                token = next(iter(tensors))
+            if token is None:
+                raise ValueError(f"{path}: name the token (the file holds {sorted(tensors)} and no placeholder_token metadata)")
+            embedding = tensors[token] if token in tensors else (next(iter(tensors.values())) if len(tensors) == 1 else None)
+            if embedding is None:
+                raise ValueError(f"{path}: no embedding for token {token!r} (keys {sorted(tensors)})")
+            parts = [(embedding, self.pipe.text_encoder, self.pipe.tokenizer)]
+        else:
+            if set(tensors) != {"clip_l", "clip_g"}:
+                raise ValueError(f"{path}: an SDXL textual inversion holds 'clip_l' and 'clip_g', got {sorted(tensors)}")
+            if token is None:
+                raise ValueError(f"{path}: name the token (no placeholder_token metadata)")
+            parts = [(tensors["clip_l"], self.pipe.text_encoder, self.pipe.tokenizer),
+                     (tensors["clip_g"], self.pipe.text_encoder_2, self.pipe.tokenizer_2)]
+        ident = None
+        if identity is not None:
+            identity = tuple(identity)
+            ident = canonical_adapters([identity if len(identity) == 3 else (*identity, 1.0)])[0]
+        loaded = self._embeddings.get(token)
+        if loaded is not None and loaded[0] == sha:
+            self._embeddings[token] = (sha, ident or loaded[1])
+            return token
+        if loaded is not None:
+            for _, text_encoder, tokenizer in parts:
+                self.pipe.unload_textual_inversion(token, tokenizer=tokenizer, text_encoder=text_encoder)
+        for embedding, text_encoder, tokenizer in parts:
+            self.pipe.load_textual_inversion(embedding.to(text_encoder.dtype), token=token, text_encoder=text_encoder, tokenizer=tokenizer)
+        self._embeddings[token] = (sha, ident)
+        return token
+
+    # ------------------------------------------------------------------ pipelines
+    def pipeline(self, mode: str):
+        """The diffusers pipeline of ``mode``, sharing this engine's modules."""
+        if mode in self._pipelines:
+            return self._pipelines[mode]
+        import diffusers
+
+        sdxl = self.family == "sdxl"
+        if mode == "img2img":
+            cls = diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
+            pipe = self._derived(cls)
+        elif mode == "controlnet":
+            if self.controlnet is None:
+                raise ValueError("mode 'controlnet': this engine has no ControlNet model (pass Engine(..., controlnet=model))")
+            cls = diffusers.StableDiffusionXLControlNetPipeline if sdxl else diffusers.StableDiffusionControlNetPipeline
+            pipe = self._derived(cls, controlnet=self.controlnet)
+        else:
+            raise ValueError(f"mode: unknown mode {mode!r}; one of {', '.join(MODES)}")
+        pipe.set_progress_bar_config(disable=True)
+        self._pipelines[mode] = pipe
+        return pipe
+
+    def _derived(self, cls, **extra):
+        """``cls`` built on this engine's modules (shared, not copied). Not ``from_pipe``: that
+        casts every shared module to one dtype, which would change the loaded pipeline."""
+        params = inspect.signature(cls.__init__).parameters
+        kwargs = {name: module for name, module in self.pipe.components.items() if name in params}
+        config = self.pipe.config
+        if "force_zeros_for_empty_prompt" in params and "force_zeros_for_empty_prompt" in config:
+            kwargs["force_zeros_for_empty_prompt"] = config["force_zeros_for_empty_prompt"]
+        if "requires_safety_checker" in params:
+            kwargs["requires_safety_checker"] = bool(config.get("requires_safety_checker", False)) and kwargs.get("safety_checker") is not None
+        if "add_watermarker" in params:
+            kwargs["add_watermarker"] = getattr(self.pipe, "watermark", None) is not None
+        kwargs.update(extra)
+        return cls(**kwargs)
+
+    def _check_adapters(self, requested: tuple[AdapterId, ...]) -> None:
+        embeddings = {ident for _, ident in self._embeddings.values() if ident is not None}
+        loras = tuple(a for a in requested if a not in embeddings)
+        if loras != self.fused.identity:
+            raise ValueError(f"adapters: the batch asks for {list(loras)} but the engine has {list(self.fused.identity)} fused; call set_adapters first")
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, requests: list[GenerationRequest], *, output_type: str = "pil"):
+        """One image per request, in order (PIL by default; ``"np"`` gives float arrays,
+        ``"latent"`` the final latents). All requests must share ``batch_key()`` and the
+        fused adapters."""
+        if not requests:
+            return []
+        keys = {r.batch_key() for r in requests}
+        if len(keys) != 1:
+            raise ValueError(f"requests in one batch must share mode, adapters, steps, guidance, size and scheduler; got {sorted(keys, key=repr)}")
+        first = requests[0]
+        self._check_adapters(first.adapters)
+        if first.mode == "controlnet" and first.controlnet != self.controlnet_id:
+            raise ValueError(f"controlnet: the request names {first.controlnet!r} but the engine holds {self.controlnet_id!r}")
+        pipe = self.pipeline(first.mode)
+        if self.batch_invariant:
+            return [image for r in requests for image in self._call(pipe, [r], output_type)]
+        return self._call(pipe, requests, output_type)
+
+    def _call(self, pipe, requests: list[GenerationRequest], output_type: str) -> list:
+        first = requests[0]
+        # A fresh scheduler per call: schedulers carry per-run state (step index, model outputs).
+        pipe.scheduler = make_scheduler(first.scheduler, self.base_scheduler_config)
+        generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
+        kwargs: dict[str, Any] = dict(
+            prompt=[r.prompt for r in requests],
+            negative_prompt=[r.negative_prompt for r in requests] if first.guidance_scale > 1 else None,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            generator=generators,
+            output_type=output_type,
+        )
+        if first.mode == "img2img":
+            kwargs.update(image=[r.init_image.convert("RGB") for r in requests], strength=first.strength)
+        else:
+            kwargs.update(width=first.width, height=first.height)
+        if first.mode == "controlnet":
+            kwargs.update(image=[r.control_image.convert("RGB") for r in requests], controlnet_conditioning_scale=first.controlnet_scale)
+        return list(pipe(**kwargs).images)

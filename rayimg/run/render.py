@@ -1,0 +1,281 @@
+"""`rayimg render`: bulk rendering of a prompt catalog with Ray Data — resumable, exactly once.
+
+    catalog (JSONL/CSV/Parquet, streamed) -> validate rows (tasks; bad rows to errors/)
+      -> sort by (adapters, size, steps, scheduler) so actors swap adapters rarely
+      -> render (actor pool, GPU actors on a cluster): skip keys already written, write PNGs
+         atomically, then the batch's manifest part -> manifest.parquet + errors.jsonl
+
+An image's path is its output key (``images/<key>.png``): the same row always maps to the same
+file, a re-run skips keys already there, and a PNG is either absent or complete (atomic write).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import numpy as np
+
+from rayimg.config import ConfigError, RenderJob, absolute_paths
+from rayimg.storage import Storage, arrow_filesystem, join
+
+VALIDATE_BATCH = 256
+
+
+def _ext_format(job: RenderJob) -> str:
+    if job.catalog.format != "auto":
+        return job.catalog.format
+    src = job.catalog.source.lower()
+    for ext, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet")):
+        if src.endswith(ext):
+            return fmt
+    raise ConfigError("catalog.format", f"cannot tell the format of {job.catalog.source!r} from its extension; set jsonl, csv or parquet")
+
+
+def read_catalog(job: RenderJob, storage: Storage):
+    """A Ray Dataset of catalog rows; fails up front when the catalog cannot be read."""
+    import ray
+
+    fmt = _ext_format(job)
+    src = job.catalog.source
+    if not storage.exists(src):
+        raise ConfigError("catalog.source", f"{src} does not exist")
+    fs, path = arrow_filesystem(job.storage, src)
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.ParquetFile(fs.open_input_file(path) if fs else path).schema_arrow  # readable?
+            return ray.data.read_parquet(path, filesystem=fs)
+        head = storage.read_bytes(src)[:1 << 16].decode("utf-8")
+        if fmt == "jsonl":
+            first = next((line for line in head.splitlines() if line.strip()), None)
+            if first is None:
+                raise ConfigError("catalog.source", f"{src} is empty")
+            json.loads(first)
+            return ray.data.read_json(path, filesystem=fs, lines=True)
+        return ray.data.read_csv(path, filesystem=fs)
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError("catalog.source", f"{src} cannot be read as {fmt}: {e}") from None
+
+
+# --------------------------------------------------------------------------- stage 1: validate
+class Validate:
+    """Normalises rows; bad ones go to ``errors/`` with their reason."""
+
+    def __init__(self, job: RenderJob, adapters: dict[str, list[str]]):
+        self.job = job
+        self.adapters = adapters  # name -> versions, from the registry at job start
+        self.storage = Storage(job.storage)
+
+    def _resolve(self, refs) -> list[tuple[str, str, float]]:
+        from rayimg.render.catalog import RowError
+
+        out = []
+        for ref in refs:
+            versions = self.adapters.get(ref.name)
+            if not versions:
+                raise RowError(f"unknown adapter {ref.name!r}")
+            version = ref.version or versions[-1]
+            if version not in versions:
+                raise RowError(f"adapter {ref.name!r} has no version {version!r} (have {', '.join(versions)})")
+            out.append((ref.name, version, ref.scale))
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        from rayimg.render.catalog import RowError, normalize_row, row_id
+
+        n = len(next(iter(batch.values()))) if batch else 0
+        good: dict[str, list] = {"row_id": [], "group": [], "settings": []}
+        errors = []
+        for i in range(n):
+            row = {k: _plain(v[i]) for k, v in batch.items()}
+            rid = row_id(row)
+            try:
+                s = normalize_row(row, self.job.defaults, self.job.limits)
+                s["adapters"] = self._resolve(s["adapters"])
+            except RowError as e:
+                errors.append({"row_id": rid, "reason": str(e), "row": row})
+                continue
+            group = json.dumps([s["adapters"], s["width"], s["height"], s["steps"], s["scheduler"], s["guidance_scale"]])
+            good["row_id"].append(rid)
+            good["group"].append(group)
+            good["settings"].append(json.dumps(s))
+        if errors:
+            text = "".join(json.dumps(e, sort_keys=True, default=str) + "\n" for e in errors)
+            name = hashlib.sha256(text.encode()).hexdigest()[:20]
+            self.storage.write_text(join(self.job.output.uri, "errors", f"{name}.jsonl"), text)
+        return good
+
+
+def _plain(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+# --------------------------------------------------------------------------- stage 2: render
+class RenderRows:
+    """An actor holding the model; renders each batch grouped by batch key."""
+
+    def __init__(self, job: RenderJob):
+        from rayimg.render.adapter_store import AdapterStore
+        from rayimg.render.renderer import Renderer
+
+        self.job = job
+        self.storage = Storage(job.storage)
+        store = AdapterStore(self.storage, job.registry)
+        self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=store)
+        store.unet_config = self.renderer.pipe.unet.config
+
+    def __call__(self, batch: dict) -> dict:
+        from rayimg.render.engine import GenerationRequest
+
+        rows = [(str(r), json.loads(s)) for r, s in zip(batch["row_id"], batch["settings"])]
+        groups: dict[tuple, list] = {}
+        for rid, s in rows:
+            req = GenerationRequest(prompt=s["prompt"], negative_prompt=s["negative_prompt"], steps=s["steps"],
+                                    guidance_scale=s["guidance_scale"], width=s["width"], height=s["height"],
+                                    scheduler=s["scheduler"], seed=s["seed"], adapters=tuple(tuple(a) for a in s["adapters"]))
+            groups.setdefault(req.batch_key(), []).append((rid, req))
+        manifest, out = [], {"row_id": [], "rendered": []}
+        for _key, items in sorted(groups.items(), key=lambda kv: repr(kv[0])):
+            todo = []
+            for rid, req in items:
+                key = self.renderer.key(req)
+                path = join(self.job.output.uri, "images", f"{key}.png")
+                if self.storage.exists(path):  # written by an earlier (maybe killed) run
+                    manifest.append(_manifest_row(rid, key, path, req, None))
+                    out["row_id"].append(rid)
+                    out["rendered"].append(False)
+                else:
+                    todo.append((rid, req, key, path))
+            bs = self.job.engine.batch_size
+            for start in range(0, len(todo), bs):
+                chunk = todo[start:start + bs]
+                images = self.renderer.render([req for _, req, _, _ in chunk])
+                for (rid, req, key, path), image in zip(chunk, images):
+                    assert image.key == key
+                    self.storage.write_bytes(path, image.png)
+                    manifest.append(_manifest_row(rid, key, path, req, image.seconds))
+                    out["row_id"].append(rid)
+                    out["rendered"].append(True)
+        if manifest:
+            _write_manifest_part(self.storage, self.job.output.uri, manifest)
+        return out
+
+
+def _manifest_row(rid: str, key: str, path: str, req, seconds: float | None) -> dict:
+    params = req.params()
+    return {"row_id": rid, "key": key, "path": path, "prompt": req.prompt, "seed": req.seed,
+            "adapters": json.dumps([{"name": n, "version": v, "scale": s} for n, v, s in req.adapters]),
+            "parameters": json.dumps(params, sort_keys=True), "seconds": seconds}
+
+
+def _write_manifest_part(storage: Storage, root: str, rows: list[dict]) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA())
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    # rendered and skipped entries hash differently, so a re-run never overwrites a part that
+    # recorded real render times with one that only saw existing files
+    name = hashlib.sha256("\n".join(sorted(f"{r['row_id']}/{r['key']}/{r['seconds'] is None}" for r in rows)).encode()).hexdigest()[:20]
+    storage.write_bytes(join(root, "manifest", f"part-{name}.parquet"), buf.getvalue())
+
+
+def MANIFEST_SCHEMA():
+    import pyarrow as pa
+
+    return pa.schema([("row_id", pa.string()), ("key", pa.string()), ("path", pa.string()), ("prompt", pa.string()),
+                      ("seed", pa.int64()), ("adapters", pa.string()), ("parameters", pa.string()), ("seconds", pa.float64())])
+
+
+def finalize(storage: Storage, root: str) -> dict:
+    """Merge manifest parts (one row per catalog row; a rendered entry wins over a skipped one)
+    and error parts into manifest.parquet and errors.jsonl."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows: dict[str, dict] = {}
+    for uri in storage.list(join(root, "manifest")):
+        if not uri.endswith(".parquet"):
+            continue
+        for r in pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist():
+            old = rows.get(r["row_id"])
+            if old is None or (old["seconds"] is None and r["seconds"] is not None):
+                rows[r["row_id"]] = r
+    errors: dict[str, dict] = {}
+    for uri in storage.list(join(root, "errors")):
+        for line in storage.read_text(uri).splitlines():
+            if line.strip():
+                e = json.loads(line)
+                errors[e["row_id"]] = e
+    table = pa.Table.from_pylist(sorted(rows.values(), key=lambda r: r["row_id"]), schema=MANIFEST_SCHEMA())
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(join(root, "manifest.parquet"), buf.getvalue())
+    storage.write_text(join(root, "errors.jsonl"), "".join(json.dumps(e, sort_keys=True, default=str) + "\n"
+                                                          for e in sorted(errors.values(), key=lambda e: e["row_id"])))
+    return {"images": len(rows), "errors": len(errors), "keys": len({r["key"] for r in rows.values()})}
+
+
+# --------------------------------------------------------------------------- the job
+def run(job: RenderJob) -> dict:
+    import ray
+
+    from rayimg.cluster import connect
+    from rayimg.models.loader import check_family, resolve_model_dir
+    from rayimg.train.registry import list_adapters
+
+    t0 = time.perf_counter()
+    job = absolute_paths(job)
+    storage = Storage(job.storage)
+    _ext_format(job)
+    model_dir = resolve_model_dir(job.model, storage)
+    check_family(job.model, model_dir)
+    if not job.model.pretrained.startswith("s3://"):
+        job = type(job)(**{**job.__dict__, "model": type(job.model)(**{**job.model.__dict__, "pretrained": str(model_dir)})})
+    adapters = list_adapters(storage, job.registry)
+    connect(job.cluster)
+    ds = read_catalog(job, storage)
+    print(f"[render] catalog {job.catalog.source} -> {job.output.uri} ({len(adapters)} adapter(s) in {job.registry})", flush=True)
+    # stateless tasks: an actor here could hold the CPUs the catalog readers need
+    ds = ds.map_batches(Validate(job, adapters), batch_size=VALIDATE_BATCH, batch_format="numpy")
+    ds = ds.sort("group")
+    gpu = job.num_gpus_per_actor
+    ds = ds.map_batches(RenderRows, fn_constructor_args=(job,), batch_size=max(job.engine.batch_size, 8), batch_format="numpy",
+                        concurrency=job.concurrency, num_gpus=gpu if gpu > 0 else None)
+    rendered = skipped = 0
+    last = time.perf_counter()
+    first_at = None
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        first_at = first_at or time.perf_counter()
+        n_new = int(np.sum(batch["rendered"])) if len(batch["rendered"]) else 0
+        rendered += n_new
+        skipped += len(batch["rendered"]) - n_new
+        now = time.perf_counter()
+        if now - last >= 5.0:
+            last = now
+            _progress(rendered, skipped, now - t0)
+    _progress(rendered, skipped, time.perf_counter() - t0)
+    summary = finalize(storage, job.output.uri)
+    summary.update(rendered=rendered, skipped_existing=skipped, seconds=round(time.perf_counter() - t0, 2))
+    print(f"[render] done: {summary['images']} image(s) ({rendered} rendered, {skipped} already there), "
+          f"{summary['errors']} bad row(s) in {job.output.uri}/errors.jsonl; manifest {job.output.uri}/manifest.parquet", flush=True)
+    return summary
+
+
+def _progress(rendered: int, skipped: int, elapsed: float) -> None:
+    rate = rendered / elapsed if elapsed > 0 else 0.0
+    print(f"[render] {rendered + skipped} rows done: {rendered} rendered, {skipped} already there, {rate:.2f} images/s", flush=True)

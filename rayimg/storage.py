@@ -1,0 +1,378 @@
+"""One storage interface for local paths, ``file://`` and ``s3://`` URIs.
+
+Writes are atomic: locally a temp file in the same directory is renamed over the target; on
+S3 an object only becomes visible when its single PUT or its multipart upload completes, so a
+reader never sees half an object. S3 goes through boto3 with endpoint, region and credentials
+from :class:`rayimg.config.StorageConfig` or the standard AWS environment variables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:  # config imports nothing heavy, but keep storage importable on its own
+    from rayimg.config import StorageConfig
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object: its full URI, size in bytes and a tag that changes when its content does
+    (the ETag on S3; mtime_ns and size locally)."""
+
+    uri: str
+    size: int
+    tag: str
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def local_path(uri: str | os.PathLike) -> Path:
+    """The filesystem path of a local path or file:// URI."""
+    text = str(uri)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    if "://" in text:
+        raise StorageError(f"{uri}: not a local path")
+    return Path(text).expanduser()
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> (``bucket``, ``a/b``)."""
+    if not is_s3(uri):
+        raise StorageError(f"{uri}: not an s3:// URI")
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket name (expected s3://bucket/key)")
+    return bucket, key
+
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or URI with ``/``."""
+    out = str(uri)
+    for part in parts:
+        part = str(part).strip("/")
+        if not part:
+            continue
+        out = out.rstrip("/") + "/" + part if out else part
+    return out
+
+
+def _check_scheme(uri: str) -> None:
+    text = str(uri)
+    if "://" in text and not text.startswith(("s3://", "file://")):
+        raise StorageError(f"{uri}: unsupported URI scheme (use a local path, file:// or s3://)")
+
+
+class Storage:
+    """Read, write, list and copy objects at local paths, file:// and s3:// URIs."""
+
+    def __init__(self, config: "StorageConfig | None" = None):
+        self.config = config
+        self._client = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        # Ship the settings, not the client or lock: each process makes its own client.
+        return {"config": self.config}
+
+    def __setstate__(self, state):
+        self.__init__(state["config"])
+
+    # ------------------------------------------------------------------ S3 plumbing
+    @property
+    def s3(self):
+        """The boto3 S3 client, created on first use (clients are thread-safe)."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._make_client()
+        return self._client
+
+    def _make_client(self):
+        import boto3
+        from botocore.config import Config
+
+        cfg = self.config
+        endpoint, region = s3_settings(cfg)
+        style = cfg.addressing_style if cfg else "auto"
+        if style == "auto" and endpoint:
+            style = "path"  # self-hosted S3-compatible stores rarely resolve virtual-host buckets
+        session = boto3.session.Session(profile_name=cfg.profile if cfg and cfg.profile else None)
+        return session.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name=region,
+            config=Config(s3={"addressing_style": style}, retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32),
+        )
+
+    def _transfer_config(self):
+        from boto3.s3.transfer import TransferConfig
+
+        mb = self.config.multipart_threshold_mb if self.config else 64
+        return TransferConfig(multipart_threshold=mb * 2**20, multipart_chunksize=max(mb, 8) * 2**20)
+
+    def _s3_call(self, uri: str, fn, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args, **kwargs)
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise FileNotFoundError(f"{uri}: no such object") from None
+            if code == "NoSuchBucket":
+                raise StorageError(f"{uri}: bucket does not exist") from None
+            if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise StorageError(f"{uri}: access denied ({code})") from None
+            raise StorageError(f"{uri}: S3 error {code}: {e}") from None
+        except BotoCoreError as e:
+            raise StorageError(f"{uri}: cannot reach S3: {e}") from None
+
+    # ------------------------------------------------------------------ single objects
+    def exists(self, uri: str) -> bool:
+        """True if an object (or, locally, a file or directory) is at ``uri``."""
+        _check_scheme(uri)
+        if not is_s3(uri):
+            return local_path(uri).exists()
+        bucket, key = split_s3(uri)
+        try:
+            self._s3_call(uri, self.s3.head_object, Bucket=bucket, Key=key)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def read_bytes(self, uri: str) -> bytes:
+        _check_scheme(uri)
+        if not is_s3(uri):
+            path = local_path(uri)
+            if not path.is_file():
+                raise FileNotFoundError(f"{uri}: no such file")
+            return path.read_bytes()
+        bucket, key = split_s3(uri)
+        resp = self._s3_call(uri, self.s3.get_object, Bucket=bucket, Key=key)
+        return resp["Body"].read()
+
+    def read_text(self, uri: str) -> str:
+        return self.read_bytes(uri).decode("utf-8")
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        """Write ``data`` atomically: readers see the old object or the whole new one."""
+        _check_scheme(uri)
+        if not is_s3(uri):
+            _atomic_write_local(local_path(uri), data)
+            return
+        bucket, key = split_s3(uri)
+        if not key or key.endswith("/"):
+            raise StorageError(f"{uri}: not an object key")
+        self._s3_call(uri, self.s3.put_object, Bucket=bucket, Key=key, Body=data)
+
+    def write_text(self, uri: str, text: str) -> None:
+        self.write_bytes(uri, text.encode("utf-8"))
+
+    def upload_file(self, local: str | os.PathLike, uri: str) -> None:
+        """Copy a local file to ``uri`` atomically (multipart on S3 above the threshold)."""
+        _check_scheme(uri)
+        src = Path(local)
+        if not is_s3(uri):
+            dst = local_path(uri)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            except BaseException:
+                _unlink(tmp)
+                raise
+            return
+        bucket, key = split_s3(uri)
+        # A multipart upload that fails is aborted by boto3, so nothing partial becomes visible.
+        self._s3_call(uri, self.s3.upload_file, str(src), bucket, key, Config=self._transfer_config())
+
+    def download_file(self, uri: str, local: str | os.PathLike) -> Path:
+        """Copy one object to a local file (atomically: temp + rename)."""
+        _check_scheme(uri)
+        dst = Path(local)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            if is_s3(uri):
+                bucket, key = split_s3(uri)
+                self._s3_call(uri, self.s3.download_file, bucket, key, tmp, Config=self._transfer_config())
+            else:
+                src = local_path(uri)
+                if not src.is_file():
+                    raise FileNotFoundError(f"{uri}: no such file")
+                shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        return dst
+
+    def delete(self, uri: str) -> None:
+        """Delete one object; a missing one is not an error."""
+        _check_scheme(uri)
+        if not is_s3(uri):
+            path = local_path(uri)
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+            return
+        bucket, key = split_s3(uri)
+        self._s3_call(uri, self.s3.delete_object, Bucket=bucket, Key=key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix``; returns how many."""
+        infos = self.list(prefix)
+        if not is_s3(prefix):
+            path = local_path(prefix)
+            if path.is_dir():
+                shutil.rmtree(path)
+            return len(infos)
+        for uri in infos:
+            self.delete(uri)
+        return len(infos)
+
+    # ------------------------------------------------------------------ prefixes
+    def list_info(self, prefix: str) -> list[ObjectInfo]:
+        """Every object under ``prefix`` (recursive), sorted by URI.
+
+        A prefix names a directory: ``s3://b/data`` lists ``s3://b/data/...``, not ``s3://b/database``.
+        Temp files of in-flight local atomic writes are left out.
+        """
+        _check_scheme(prefix)
+        if not is_s3(prefix):
+            root = local_path(prefix)
+            if root.is_file():
+                st = root.stat()
+                return [ObjectInfo(str(prefix), st.st_size, f"{st.st_mtime_ns}-{st.st_size}")]
+            if not root.is_dir():
+                return []
+            out = []
+            base = str(prefix).rstrip("/")
+            for path in sorted(_walk_files(root)):
+                rel = path.relative_to(root).as_posix()
+                st = path.stat()
+                out.append(ObjectInfo(f"{base}/{rel}", st.st_size, f"{st.st_mtime_ns}-{st.st_size}"))
+            return out
+        bucket, key = split_s3(prefix)
+        key_prefix = key.rstrip("/") + "/" if key else ""
+        out = []
+        paginator = self.s3.get_paginator("list_objects_v2")
+        pages = self._s3_call(prefix, lambda: list(paginator.paginate(Bucket=bucket, Prefix=key_prefix)))
+        for page in pages:
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/"):
+                    continue  # "directory" marker objects made by some tools
+                out.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]), obj["ETag"].strip('"')))
+        out.sort(key=lambda o: o.uri)
+        return out
+
+    def list(self, prefix: str) -> list[str]:
+        """URIs of every object under ``prefix`` (recursive), sorted."""
+        return [o.uri for o in self.list_info(prefix)]
+
+    def download_prefix(self, prefix: str, local_dir: str | os.PathLike) -> Path:
+        """Mirror every object under ``prefix`` into ``local_dir`` (relative layout kept)."""
+        infos = self.list_info(prefix)
+        if not infos:
+            raise FileNotFoundError(f"{prefix}: no objects under this prefix")
+        dst_root = Path(local_dir)
+        base = prefix.rstrip("/") + "/"
+        for info in infos:
+            rel = info.uri[len(base):] if info.uri.startswith(base) else Path(info.uri).name
+            _check_relative(rel, info.uri)
+            self.download_file(info.uri, dst_root / rel)
+        return dst_root
+
+    def upload_dir(self, local_dir: str | os.PathLike, prefix: str) -> list[str]:
+        """Copy every file under ``local_dir`` to ``prefix``; returns the URIs written."""
+        root = Path(local_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: not a directory")
+        written = []
+        for path in sorted(_walk_files(root)):
+            uri = join(prefix, path.relative_to(root).as_posix())
+            self.upload_file(path, uri)
+            written.append(uri)
+        return written
+
+
+def s3_settings(config: "StorageConfig | None") -> tuple[str | None, str]:
+    """(endpoint URL or None for AWS, region) from config, else the standard AWS environment."""
+    endpoint = (config.endpoint_url if config else None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = (config.region if config else None) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return endpoint, region
+
+
+def arrow_filesystem(config: "StorageConfig | None", uri: str):
+    """(pyarrow filesystem or None, path) for Ray Data readers and Ray Train storage, with the
+    same S3 endpoint and region as :class:`Storage` uses."""
+    if not is_s3(uri):
+        return None, str(local_path(uri))
+    from pyarrow import fs
+
+    endpoint, region = s3_settings(config)
+    kwargs = {"region": region}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host, scheme=scheme)
+    return fs.S3FileSystem(**kwargs), uri[len("s3://"):]
+
+
+def content_hash(infos: list[ObjectInfo]) -> str:
+    """A hash of a listing (relative names, sizes, tags): changes when any object changes."""
+    h = hashlib.sha256()
+    for info in infos:
+        h.update(f"{info.uri}\0{info.size}\0{info.tag}\n".encode())
+    return h.hexdigest()
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if name.startswith(".") and name.endswith(".tmp"):
+                continue  # an atomic write in flight
+            yield Path(dirpath) / name
+
+
+def _check_relative(rel: str, uri: str) -> None:
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or ".." in parts:
+        raise StorageError(f"{uri}: refusing to write outside the target directory")
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _atomic_write_local(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise

@@ -1,0 +1,9 @@
+"""Training building blocks, plain PyTorch/diffusers (Ray and DeepSpeed are wired in elsewhere):
+
+- :mod:`rayimg.train.trainee`: ``build_trainee(loaded, job)`` -> a Trainee module whose forward
+  returns the loss (LoRA, DreamBooth, textual inversion, full fine-tune);
+- :mod:`rayimg.train.optim`: optimizer, LR schedule, step counts;
+- :mod:`rayimg.train.export`: LoRA (diffusers + kohya), textual inversion and full-model files;
+- :mod:`rayimg.train.registry`: publish and resolve adapters under ``<root>/adapters/<name>/<version>/``;
+- :mod:`rayimg.train.deepspeed_config`: the DeepSpeed config dict built from the job.
+"""

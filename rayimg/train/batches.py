@@ -1,0 +1,75 @@
+"""Turning item records into training batches: from the latent cache, or encoded on the fly."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+import torch
+
+from rayimg.data.cache import pixels_to_uint8, uint8_to_pixels
+
+
+def time_ids(record: dict) -> list[int]:
+    """SDXL micro-conditioning: original_size + crop_top_left + target_size (each (h, w))."""
+    return [*record["original_size"], *record["crop_top_left"], *record["target_size"]]
+
+
+class CachedBatches:
+    """Batches from cache records; shard tensors are loaded on demand and kept in a small LRU."""
+
+    def __init__(self, records: list[dict], load_shard: Callable[[str], dict[str, torch.Tensor]], family: str, max_shards: int = 16):
+        self.records = records
+        self.load_shard = load_shard
+        self.family = family
+        self.max_shards = max_shards
+        self._shards: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return [(r["width"], r["height"]) for r in self.records]
+
+    def _shard(self, sid: str) -> dict[str, torch.Tensor]:
+        if sid in self._shards:
+            self._shards.move_to_end(sid)
+        else:
+            self._shards[sid] = self.load_shard(sid)
+            while len(self._shards) > self.max_shards:
+                self._shards.popitem(last=False)
+        return self._shards[sid]
+
+    def batch(self, indices: list[int], device) -> dict:
+        recs = [self.records[i] for i in indices]
+        rows = [self._shard(r["shard"]) for r in recs]
+        out = {"latents": torch.stack([s["latents"][r["index"]] for s, r in zip(rows, recs)]).to(device)}
+        if "prompt_embeds" in rows[0]:
+            out["prompt_embeds"] = torch.stack([s["prompt_embeds"][r["index"]] for s, r in zip(rows, recs)]).to(device)
+            if "pooled_prompt_embeds" in rows[0]:
+                out["pooled_prompt_embeds"] = torch.stack([s["pooled_prompt_embeds"][r["index"]] for s, r in zip(rows, recs)]).to(device)
+        out["captions"] = [r["caption"] for r in recs]
+        if self.family == "sdxl":
+            out["time_ids"] = torch.tensor([time_ids(r) for r in recs], dtype=torch.float32, device=device)
+        out["is_class"] = torch.tensor([r.get("kind") == "class" for r in recs], device=device)
+        return out
+
+
+class PixelBatches:
+    """Batches of preprocessed images, encoded by the VAE inside the training step (no cache)."""
+
+    def __init__(self, items: list, family: str):
+        # items: rayimg.data.transforms.PreparedItem, with a ``kind`` attribute set by the caller
+        self.items = [(it, pixels_to_uint8(it.pixels)) for it in items]
+        self.family = family
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return [(it.width, it.height) for it, _ in self.items]
+
+    def batch(self, indices: list[int], device) -> dict:
+        picked = [self.items[i] for i in indices]
+        out = {"pixels": uint8_to_pixels(torch.as_tensor(np.stack([px for _, px in picked]))).to(device),
+               "captions": [it.caption for it, _ in picked]}
+        if self.family == "sdxl":
+            out["time_ids"] = torch.tensor([[*it.original_size, *it.crop_top_left, *it.target_size] for it, _ in picked],
+                                           dtype=torch.float32, device=device)
+        out["is_class"] = torch.tensor([getattr(it, "kind", "instance") == "class" for it, _ in picked], device=device)
+        return out

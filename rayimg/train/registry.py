@@ -1,0 +1,161 @@
+"""The adapter registry: ``<root>/adapters/<name>/<version>/`` on local disk or s3://.
+
+A version dir holds the weights (``pytorch_lora_weights.safetensors``, optionally
+``lora_kohya.safetensors``, or ``learned_embeds.safetensors``) and ``adapter.json``, written
+last: a version counts only once its ``adapter.json`` exists, so a reader that sees it sees
+complete weights. Versions are never overwritten. ``latest`` is the highest integer version
+(non-integer versions rank below integers, lexicographically among themselves).
+
+adapter.json::
+
+    {"format": 1, "name", "version", "created" (UTC ISO), "base_model": {"id", "hash", "family"},
+     "method", "rank", "alpha", "target_modules", "train_text_encoder", "trigger_word",
+     "placeholder_token", "num_vectors", "prediction_type", "steps",
+     "weights": {filename: sha256}, "training_config": {...the TrainJob...}}
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+
+from rayimg.config import ADAPTER_NAME_RE, to_dict
+from rayimg.storage import Storage, join
+from rayimg.train.export import file_sha256
+
+__all__ = [
+    "METADATA_NAME", "RegistryError", "adapter_metadata", "publish_adapter", "list_adapters", "resolve_adapter",
+    "adapter_uri", "check_name",
+]
+
+METADATA_NAME = "adapter.json"
+REGISTRY_FORMAT = 1
+
+
+class RegistryError(ValueError):
+    """A registry operation was refused or found nothing; the message names the adapter."""
+
+
+def check_name(name: str, what: str = "adapter name") -> str:
+    name = str(name)
+    if not ADAPTER_NAME_RE.match(name):
+        raise RegistryError(f"{what} {name!r} is not allowed: it must match {ADAPTER_NAME_RE.pattern}")
+    return name
+
+
+def adapter_uri(registry_root: str, name: str, version: str | int) -> str:
+    """``<root>/adapters/<name>/<version>`` (names checked)."""
+    return join(registry_root, "adapters", check_name(name), check_name(str(version), f"version of adapter {name!r}"))
+
+
+def adapter_metadata(job, *, model_id: str, model_hash: str, family: str, steps: int) -> dict:
+    """adapter.json's fields that come from the job and the base model (``publish_adapter``
+    adds name, version, weights and created)."""
+    method = job.train.method
+    uses_lora = method in ("lora", "dreambooth")
+    ti = job.textual_inversion
+    trigger = job.publish.trigger_word
+    if trigger is None and method == "textual_inversion":
+        trigger = ti.placeholder_token
+    return {
+        "base_model": {"id": model_id, "hash": model_hash, "family": family},
+        "method": method,
+        "rank": job.lora.rank if uses_lora else None,
+        "alpha": (job.lora.alpha if job.lora.alpha is not None else job.lora.rank) if uses_lora else None,
+        "target_modules": list(job.lora.target_modules) if uses_lora else None,
+        "train_text_encoder": bool(job.lora.train_text_encoder) if uses_lora else False,
+        "trigger_word": trigger,
+        "placeholder_token": ti.placeholder_token if method == "textual_inversion" else None,
+        "num_vectors": ti.num_vectors if method == "textual_inversion" else None,
+        "prediction_type": job.train.prediction_type,
+        "steps": int(steps),
+        "training_config": to_dict(job),
+    }
+
+
+def _version_key(version: str):
+    return (1, int(version), "") if version.isdigit() else (0, 0, version)
+
+
+def _versions(storage: Storage, registry_root: str, name: str, complete_only: bool) -> list[str]:
+    prefix = join(registry_root, "adapters", name)
+    found = set()
+    for uri in storage.list(prefix):
+        rel = uri[len(prefix.rstrip("/")) + 1:]
+        version, _, rest = rel.partition("/")
+        if not rest or not ADAPTER_NAME_RE.match(version):
+            continue
+        if not complete_only or rest == METADATA_NAME:
+            found.add(version)
+    return sorted(found, key=_version_key)
+
+
+def publish_adapter(
+    storage: Storage,
+    registry_root: str,
+    name: str,
+    version: str | int | None,
+    local_dir: str | os.PathLike,
+    metadata: dict,
+) -> tuple[str, str]:
+    """Copy ``local_dir`` to ``<root>/adapters/<name>/<version>/`` with ``adapter.json`` last;
+    returns (uri, version). ``version`` None is the next integer after the highest one
+    ("1" first). An existing version (even a partly written one) is never overwritten."""
+    check_name(name)
+    local_dir = Path(local_dir)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and not p.name.startswith(".") and p.name != METADATA_NAME)
+    weights = [p for p in files if p.suffix == ".safetensors"]
+    if not weights:
+        raise RegistryError(f"adapter {name!r}: {local_dir} holds no .safetensors weights to publish")
+
+    existing = _versions(storage, registry_root, name, complete_only=False)
+    if version is None:
+        numbers = [int(v) for v in existing if v.isdigit()]
+        version = str(max(numbers, default=0) + 1)
+    version = check_name(str(version), f"version of adapter {name!r}")
+    uri = adapter_uri(registry_root, name, version)
+    if version in existing:
+        raise RegistryError(f"adapter {name!r} version {version!r} already exists at {uri}; versions are never overwritten")
+
+    record = dict(metadata)
+    record.update(
+        format=REGISTRY_FORMAT,
+        name=name,
+        version=version,
+        weights={p.relative_to(local_dir).as_posix(): file_sha256(p) for p in weights},
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
+    for path in files:
+        storage.upload_file(path, join(uri, path.relative_to(local_dir).as_posix()))
+    storage.write_text(join(uri, METADATA_NAME), json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return uri, version
+
+
+def list_adapters(storage: Storage, registry_root: str) -> dict[str, list[str]]:
+    """Every published adapter and its complete versions (oldest first)."""
+    prefix = join(registry_root, "adapters")
+    found: dict[str, set[str]] = {}
+    for uri in storage.list(prefix):
+        parts = uri[len(prefix.rstrip("/")) + 1:].split("/")
+        if len(parts) == 3 and parts[2] == METADATA_NAME and ADAPTER_NAME_RE.match(parts[0]) and ADAPTER_NAME_RE.match(parts[1]):
+            found.setdefault(parts[0], set()).add(parts[1])
+    return {name: sorted(versions, key=_version_key) for name, versions in sorted(found.items())}
+
+
+def resolve_adapter(storage: Storage, registry_root: str, name: str, version: str | int | None = None) -> tuple[str, str, dict]:
+    """(version, uri, metadata) of ``name`` at ``version``, or its latest complete version."""
+    check_name(name)
+    if version is None:
+        versions = _versions(storage, registry_root, name, complete_only=True)
+        if not versions:
+            raise RegistryError(f"adapter {name!r} has no published version under {join(registry_root, 'adapters')}")
+        version = versions[-1]
+    version = check_name(str(version), f"version of adapter {name!r}")
+    uri = adapter_uri(registry_root, name, version)
+    try:
+        metadata = json.loads(storage.read_text(join(uri, METADATA_NAME)))
+    except FileNotFoundError:
+        raise RegistryError(f"adapter {name!r} version {version!r} is not published (no {METADATA_NAME} at {uri})") from None
+    return version, uri, metadata

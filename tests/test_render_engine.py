@@ -1,0 +1,515 @@
+"""The generation engine, fused LoRA adapters and ControlNet helpers, on the tiny models (CPU).
+
+LoRA files are made here the way training makes them (peft adapters on the real tiny
+modules, saved by diffusers), and the fused result is checked against diffusers' own peft
+path. Latents (``output_type="latent"``) are compared where exactness matters: the tiny VAE's
+random decoder squashes differences, latents do not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from rayimg.config import EngineConfig, ModelConfig
+from rayimg.models import load_model
+from rayimg.render.adapters import FusedAdapters, LoraError, LoraLayer, LoraWeights, load_lora_file
+from rayimg.render.controlnet import build_tiny_controlnet, canny, load_controlnet
+from rayimg.render.engine import Engine, GenerationRequest, canonical_adapters
+from rayimg.render.output import output_key, png_bytes
+from rayimg.render.schedulers import SCHEDULER_TABLE
+
+SIZE = 64
+ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+def _load(cache_dir: Path, name: str = "rayimg-tiny-sd"):
+    return load_model(ModelConfig(pretrained=name, device="cpu", cache_dir=str(cache_dir)))
+
+
+@pytest.fixture(scope="module")
+def sd(cache_dir):
+    return _load(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def module_engine(sd):
+    controlnet = build_tiny_controlnet(sd.pipeline.unet, seed=0)
+    return Engine(sd.pipeline, controlnet=controlnet, controlnet_id="tiny-canny")
+
+
+@pytest.fixture
+def engine(module_engine):
+    """The shared engine, put back to the base weights after each test."""
+    yield module_engine
+    module_engine.set_adapters([], [])
+
+
+def _seeded_lora_b(model, seed: int, std: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def make_lora(out_dir: Path, family: str, seed: int, *, rank: int, alpha: float, unet_targets, text_targets=None,
+              text_alpha: float = 2, kohya: bool = False, text_model_prefix: bool = False) -> Path:
+    """Train-shaped LoRA files: peft adapters on a fresh tiny pipeline with seeded random
+    weights, saved by diffusers in peft naming (``lora_A``/``lora_B``, alpha in diffusers'
+    adapter metadata); text-encoder keys optionally with the older ``text_model.`` prefix;
+    optionally a kohya file of the same weights."""
+    import peft
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from rayimg.models.tiny import build_tiny_sd, build_tiny_sdxl
+
+    pipe = (build_tiny_sd if family == "sd" else build_tiny_sdxl)(0)
+    encoders = ["text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet_cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(unet_targets))
+        pipe.unet.add_adapter(unet_cfg)
+        _seeded_lora_b(pipe.unet, seed, 0.05)
+        text_cfg = None
+        if text_targets:
+            text_cfg = peft.LoraConfig(r=2, lora_alpha=text_alpha, init_lora_weights="gaussian", target_modules=list(text_targets))
+            for i, name in enumerate(encoders):
+                getattr(pipe, name).add_adapter(text_cfg)
+                _seeded_lora_b(getattr(pipe, name), seed + 1 + i, 0.05)
+    peft_sds = {"unet": get_peft_model_state_dict(pipe.unet)}
+    kwargs = {"unet_lora_layers": peft_sds["unet"], "unet_lora_adapter_metadata": unet_cfg.to_dict()}
+    if text_cfg is not None:
+        for name in encoders:
+            peft_sds[name] = get_peft_model_state_dict(getattr(pipe, name))
+            prefix = "text_model." if text_model_prefix else ""
+            kwargs[f"{name}_lora_layers"] = {prefix + k: v for k, v in peft_sds[name].items()}
+            kwargs[f"{name}_lora_adapter_metadata"] = text_cfg.to_dict()
+    cls = StableDiffusionPipeline if family == "sd" else StableDiffusionXLPipeline
+    cls.save_lora_weights(str(out_dir), **kwargs)
+    if kohya:
+        prefixed = {f"{c}.{k}": v for c, sd_ in peft_sds.items() for k, v in sd_.items()}
+        kohya_sd = convert_state_dict_to_kohya(prefixed)
+        for key in kohya_sd:
+            if key.endswith(".alpha"):  # the converter writes alpha = rank; store the real alphas
+                kohya_sd[key] = torch.tensor(float(alpha if key.startswith("lora_unet_") else text_alpha))
+        save_file({k: v.contiguous() for k, v in kohya_sd.items()}, str(out_dir / "lora_kohya.safetensors"))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    a = make_lora(root / "a", "sd", 1, rank=4, alpha=8, unet_targets=ATTN + ["conv1"], text_targets=TEXT, text_alpha=1,
+                  kohya=True, text_model_prefix=True)
+    b = make_lora(root / "b", "sd", 2, rank=2, alpha=2, unet_targets=["to_k", "to_v", "proj_out"])
+    return {"a": a, "b": b}
+
+
+@pytest.fixture(scope="module")
+def reference(cache_dir, loras):
+    """A second copy of the tiny model with both LoRAs loaded by diffusers (peft layers)."""
+    model = _load(cache_dir)
+    model.pipeline.load_lora_weights(str(loras["a"]), adapter_name="a")
+    model.pipeline.load_lora_weights(str(loras["b"]), adapter_name="b")
+    return Engine(model.pipeline)
+
+
+def req(**kw) -> GenerationRequest:
+    base = dict(prompt="a red circle on a white background", negative_prompt="blurry", steps=3, guidance_scale=5.0,
+                width=SIZE, height=SIZE, seed=7)
+    return GenerationRequest(**{**base, **kw})
+
+
+def square(fill=(255, 255, 255), background=(0, 0, 0), box=(16, 16, 47, 47)) -> Image.Image:
+    image = Image.new("RGB", (SIZE, SIZE), background)
+    ImageDraw.Draw(image).rectangle(box, fill=fill)
+    return image
+
+
+def latents(engine: Engine, requests) -> torch.Tensor:
+    return torch.stack(engine.generate(list(requests), output_type="latent"))
+
+
+def snapshot(pipe) -> dict[str, torch.Tensor]:
+    return {f"{c}.{n}": p.detach().clone() for c in ("unet", "text_encoder") for n, p in getattr(pipe, c).named_parameters()}
+
+
+# --------------------------------------------------------------------------- modes and schedulers
+def test_every_scheduler_runs(engine):
+    seen = []
+    for name in SCHEDULER_TABLE:
+        (image,) = engine.generate([req(scheduler=name, steps=2)], output_type="np")
+        assert image.shape == (SIZE, SIZE, 3) and np.isfinite(image).all(), name
+        seen.append(name)
+    assert set(seen) >= {"euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "ddim", "unipc", "pndm"}
+
+
+def test_txt2img_img2img_controlnet_run_and_condition(engine):
+    (pil,) = engine.generate([req()])
+    assert isinstance(pil, Image.Image) and pil.size == (SIZE, SIZE)
+
+    white, black = square(), square(fill=(0, 0, 0), background=(255, 255, 255))
+    i2i = latents(engine, [req(mode="img2img", init_image=white, strength=0.5), req(mode="img2img", init_image=black, strength=0.5)])
+    assert (i2i[0] - i2i[1]).abs().max() > 0.1, "img2img ignores its init image"
+    # img2img shares the loaded modules: nothing is copied.
+    assert engine.pipeline("img2img").unet is engine.pipe.unet and engine.pipeline("img2img").vae is engine.pipe.vae
+
+    edges = canny(white)
+    cn = latents(engine, [req(mode="controlnet", control_image=edges, controlnet="tiny-canny"),
+                          req(mode="controlnet", control_image=Image.new("RGB", (SIZE, SIZE)), controlnet="tiny-canny")])
+    assert (cn[0] - cn[1]).abs().max() > 1e-2, "ControlNet ignores its control image"
+    assert engine.pipeline("controlnet").unet is engine.pipe.unet
+
+    with pytest.raises(ValueError, match="controlnet"):
+        engine.generate([req(mode="controlnet", control_image=edges, controlnet="other")])
+
+
+def _png(image) -> bytes:
+    return png_bytes(image, {})
+
+
+@pytest.mark.parametrize("mode,scheduler", [("txt2img", "euler"), ("txt2img", "euler_a"), ("img2img", "euler_a")])
+def test_same_image_alone_or_in_a_batch(engine, mode, scheduler):
+    extra = {"mode": "img2img", "strength": 0.7} if mode == "img2img" else {}
+    inits = [square(), square(fill=(200, 30, 30)), square(box=(8, 8, 30, 50))]
+    batch = [
+        req(prompt=p, seed=s, scheduler=scheduler, **extra, **({"init_image": inits[i]} if mode == "img2img" else {}))
+        for i, (p, s) in enumerate([("a blue square", 11), ("a red circle on a white background", 12), ("a green cat", 13)])
+    ]
+    together = engine.generate(batch)
+    for i in range(3):
+        (alone,) = engine.generate([batch[i]])
+        assert _png(alone) == _png(together[i]), f"image {i} differs between batch of 3 and alone"
+    assert _png(together[0]) != _png(together[1])
+
+    # A true batched call (batch_invariant=False) agrees up to kernel rounding.
+    engine.batch_invariant = False
+    try:
+        batched = latents(engine, batch)
+    finally:
+        engine.batch_invariant = True
+    assert torch.allclose(batched, latents(engine, batch), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- requests and keys
+def test_request_params_keys_and_validation():
+    image = square()
+    r = req(mode="img2img", init_image=image, strength=0.6, adapters=[("style", 2, 0.5), {"name": "a", "version": "1", "scale": 1}])
+    params = r.params()
+    json.dumps(params)  # JSON-able
+    assert re.fullmatch(r"[0-9a-f]{64}", params["init_image"])
+    assert params["adapters"] == [{"name": "a", "version": "1", "scale": 1.0}, {"name": "style", "version": "2", "scale": 0.5}]
+    assert r.adapters == (("a", "1", 1.0), ("style", "2", 0.5))
+    assert "control_image" not in params and "strength" not in req().params()
+    # The key covers the image's pixels.
+    other = req(mode="img2img", init_image=square(fill=(254, 255, 255)), strength=0.6, adapters=r.adapters)
+    assert output_key("m", "h", [], params) != output_key("m", "h", [], other.params())
+    assert hash(r) == hash(req(mode="img2img", init_image=square(), strength=0.6, adapters=list(reversed(r.adapters))))
+    # The batch key separates what one pipeline call cannot mix.
+    assert r.batch_key() != req().batch_key()
+    assert req(seed=1, prompt="x").batch_key() == req(seed=2, prompt="y").batch_key()
+    assert req(adapters=[("a", "1", 1.0)]).batch_key() != req(adapters=[("a", "1", 0.5)]).batch_key()
+    # Numbers from a Parquet/CSV catalog arrive as numpy scalars: stored as plain Python numbers.
+    from_catalog = req(steps=np.int64(3), seed=np.int64(7), guidance_scale=np.float32(5.0), width=np.int32(SIZE))
+    assert from_catalog == req() and type(from_catalog.steps) is int and json.dumps(from_catalog.params())
+
+    for kwargs, field in [({"mode": "img2img"}, "init_image"), ({"mode": "controlnet"}, "control_image"),
+                          ({"mode": "inpaint"}, "mode"), ({"scheduler": "lms"}, "scheduler"), ({"width": 60}, "width"),
+                          ({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"), ({"seed": "7"}, "seed"),
+                          ({"init_image": square()}, "init_image"),
+                          ({"mode": "img2img", "init_image": square(), "strength": 0.0}, "strength"),
+                          ({"mode": "img2img", "init_image": Image.new("RGB", (32, 32))}, "init_image"),
+                          ({"adapters": [("a", "1", 1.0), ("a", "1", 0.5)]}, "adapters")]:
+        with pytest.raises(ValueError, match=field):
+            req(**kwargs)
+
+
+def test_engine_wiring(cache_dir):
+    model = _load(cache_dir)
+    engine = Engine.from_config(model.pipeline, EngineConfig(compile=True, vae_slicing=True))
+    # Compiled in place (nothing runs here): the module and its parameter paths stay the same.
+    assert engine.compiled and model.pipeline.unet._compiled_call_impl is not None
+    assert type(model.pipeline.unet).__name__ == "UNet2DConditionModel"
+    assert model.pipeline.vae.use_slicing
+    with pytest.raises(ValueError, match="no ControlNet"):
+        engine.pipeline("controlnet")
+
+
+# --------------------------------------------------------------------------- adapters: loading
+def test_kohya_file_loads_to_the_same_deltas(loras):
+    diffusers_lora = load_lora_file(loras["a"], name="a")
+    kohya_lora = load_lora_file(loras["a"] / "lora_kohya.safetensors", name="a-kohya")
+    assert set(diffusers_lora.layers) == {"unet", "text_encoder"}
+    assert {c: set(m) for c, m in diffusers_lora.layers.items()} == {c: set(m) for c, m in kohya_lora.layers.items()}
+    conv = [p for p in diffusers_lora.layers["unet"] if p.endswith("conv1")]
+    assert conv and diffusers_lora.layers["unet"][conv[0]].down.ndim == 4  # conv LoRA
+    q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert diffusers_lora.layers["unet"][q].scale == 2.0  # alpha 8 / rank 4, from diffusers' metadata
+    assert all(layer.scale == 0.5 for layer in diffusers_lora.layers["text_encoder"].values())  # alpha 1 / rank 2
+    for component, path, layer in diffusers_lora.items():
+        other = kohya_lora.layers[component][path]
+        torch.testing.assert_close(other.delta(), layer.delta(), rtol=0, atol=1e-6, msg=f"{component}.{path}")
+    assert diffusers_lora.fingerprint != kohya_lora.fingerprint and len(diffusers_lora.fingerprint) == 64
+
+
+def test_only_safetensors_are_read(tmp_path, loras):
+    torch.save({"x": torch.zeros(1)}, tmp_path / "lora.bin")
+    with pytest.raises(LoraError, match="only .safetensors"):
+        load_lora_file(tmp_path / "lora.bin")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(LoraError, match="not a valid safetensors"):
+        load_lora_file(tmp_path / "bad.safetensors", name="bad")
+
+
+# --------------------------------------------------------------------------- adapters: the math
+def test_fused_adapter_matches_diffusers(engine, reference, loras):
+    lora_a = load_lora_file(loras["a"], name="a")
+    base = latents(engine, [req(seed=3)])
+    engine.set_adapters([(lora_a, 1.0)], [("a", "1", 1.0)])
+    fused = latents(engine, [req(seed=3, adapters=[("a", "1", 1.0)])])
+    reference.pipe.set_adapters(["a"], adapter_weights=[1.0])
+    expected = latents(reference, [req(seed=3)])
+    assert (expected - base).abs().max() > 0.05, "the LoRA should change the image"
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-4)
+
+
+def test_two_adapters_with_scales_match_diffusers(engine, reference, loras):
+    lora_a, lora_b = load_lora_file(loras["a"], name="a"), load_lora_file(loras["b"], name="b")
+    # Listed in either order, the fused set is the same (sorted by name) and so is the image.
+    engine.set_adapters([(lora_b, 1.0), (lora_a, 0.5)], [("b", "3", 1.0), ("a", "1", 0.5)])
+    assert engine.adapter_identity == (("a", "1", 0.5), ("b", "3", 1.0))
+    fused = latents(engine, [req(seed=4, adapters=[("a", "1", 0.5), ("b", "3", 1.0)])])
+    reference.pipe.set_adapters(["a", "b"], adapter_weights=[0.5, 1.0])
+    torch.testing.assert_close(fused, latents(reference, [req(seed=4)]), rtol=0, atol=1e-4)
+    assert not engine.set_adapters([(lora_a, 0.5), (lora_b, 1.0)], [("a", "1", 0.5), ("b", "3", 1.0)])  # same set: no-op
+
+
+def test_scale_zero_is_no_adapter_and_restore_is_exact(engine, loras):
+    pipe = engine.pipe
+    lora_a, lora_b = load_lora_file(loras["a"], name="a"), load_lora_file(loras["b"], name="b")
+    before = snapshot(pipe)
+    params = {n: (id(p), p.data_ptr()) for n, p in pipe.unet.named_parameters()}
+    base = latents(engine, [req(seed=5)])
+
+    engine.set_adapters([(lora_a, 0.0)], [("a", "1", 0.0)])
+    assert torch.equal(latents(engine, [req(seed=5, adapters=[("a", "1", 0.0)])]), base)
+
+    for combo in ([(lora_a, 1.0)], [(lora_b, -0.7)], [(lora_a, 0.3), (lora_b, 2.0)], [(lora_a, 1.0)]):
+        engine.set_adapters(combo, [(w.name, "1", s) for w, s in combo])
+    changed = [n for n, p in snapshot(pipe).items() if not torch.equal(p, before[n])]
+    assert any(n.startswith("text_encoder.") for n in changed) and any(n.endswith("conv1.weight") for n in changed)
+    # Parameters were rewritten in place: same objects, same storage (a compiled UNet keeps its graph).
+    assert {n: (id(p), p.data_ptr()) for n, p in pipe.unet.named_parameters()} == params
+    engine.set_adapters([], [])
+    after = snapshot(pipe)
+    assert all(torch.equal(after[n], before[n]) for n in before), "restore must give back the base weights bit for bit"
+    assert torch.equal(latents(engine, [req(seed=5)]), base)
+
+
+def test_adapter_identity_is_enforced(engine, loras):
+    lora_a = load_lora_file(loras["a"], name="a")
+    with pytest.raises(ValueError, match="call set_adapters"):
+        engine.generate([req(adapters=[("a", "1", 1.0)])])
+    engine.set_adapters([(lora_a, 1.0)], [("a", "1", 1.0)])
+    with pytest.raises(ValueError, match="call set_adapters"):
+        engine.generate([req()])
+    with pytest.raises(ValueError, match="scale"):
+        engine.set_adapters([(lora_a, 1.0)], [("a", "1", 0.5)])
+
+
+def test_missing_module_names_adapter_and_module(engine, loras):
+    pipe = engine.pipe
+    before = snapshot(pipe)
+    good = load_lora_file(loras["b"], name="b")
+    bogus = LoraWeights(
+        layers={"unet": {"down_blocks.0.attentions.7.to_q": LoraLayer(torch.zeros(2, 32), torch.zeros(32, 2), 2.0)}},
+        fingerprint="0" * 64, name="broken",
+    )
+    with pytest.raises(LoraError, match=r"adapter 'broken'.*down_blocks\.0\.attentions\.7\.to_q"):
+        engine.set_adapters([(good, 1.0), (bogus, 1.0)], [("b", "1", 1.0), ("broken", "1", 1.0)])
+    wrong_shape = LoraWeights(
+        layers={"unet": {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": LoraLayer(torch.zeros(2, 7), torch.zeros(64, 2), 2.0)}},
+        fingerprint="1" * 64, name="misshapen",
+    )
+    with pytest.raises(LoraError, match="misshapen.*attn1.to_q"):
+        engine.set_adapters([(wrong_shape, 1.0)], [("misshapen", "1", 1.0)])
+    no_te2 = LoraWeights(layers={"text_encoder_2": {"encoder.layers.0.self_attn.q_proj": LoraLayer(torch.zeros(2, 32), torch.zeros(32, 2), 2.0)}},
+                         fingerprint="2" * 64, name="xl-only")
+    with pytest.raises(LoraError, match="no text_encoder_2"):
+        engine.set_adapters([(no_te2, 1.0)], [("xl-only", "1", 1.0)])
+    # Nothing was half-applied.
+    after = snapshot(pipe)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    assert engine.adapter_identity == ()
+
+
+def test_fused_qkv_projections_take_adapters(cache_dir, engine, loras):
+    lora_a = load_lora_file(loras["a"], name="a")
+    engine.set_adapters([(lora_a, 0.8)], [("a", "1", 0.8)])
+    expected = latents(engine, [req(seed=6, adapters=[("a", "1", 0.8)])])
+
+    model = _load(cache_dir)
+    fused_engine = Engine(model.pipeline, fuse_qkv=True)
+    assert model.pipeline.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.fused_projections
+    fused_engine.set_adapters([(lora_a, 0.8)], [("a", "1", 0.8)])
+    got = latents(fused_engine, [req(seed=6, adapters=[("a", "1", 0.8)])])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_textual_inversion(engine, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "learned_embeds.safetensors"
+    save_file({"<shape>": torch.randn(1, 32, generator=torch.Generator().manual_seed(0))}, str(path),
+              metadata={"format": "pt", "placeholder_token": "<shape>"})
+    token = engine.load_textual_inversion(tmp_path, identity=("shape-ti", "1"))
+    assert token == "<shape>"
+    assert engine.load_textual_inversion(path) == token  # same file: no-op
+    with_token = latents(engine, [req(prompt="a <shape> on a table", adapters=[("shape-ti", "1", 1.0)])])
+    without = latents(engine, [req(prompt="a on a table")])
+    assert (with_token - without).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- SDXL
+def test_sdxl_modes_and_adapter_matching_diffusers(cache_dir, tmp_path):
+    lora_dir = make_lora(tmp_path / "xl", "sdxl", 3, rank=4, alpha=4, unet_targets=ATTN, text_targets=TEXT)
+    xl = _load(cache_dir, "rayimg-tiny-sdxl")
+    engine = Engine(xl.pipeline, controlnet=build_tiny_controlnet(xl.pipeline.unet, seed=0), controlnet_id="xl-canny")
+    # The other modes build on the SDXL pipeline too.
+    (i2i,) = engine.generate([req(steps=2, mode="img2img", init_image=square(), strength=0.5)])
+    (cn,) = engine.generate([req(steps=2, mode="controlnet", control_image=canny(square()), controlnet="xl-canny")])
+    assert i2i.size == cn.size == (SIZE, SIZE)
+    assert engine.pipeline("img2img").text_encoder_2 is xl.pipeline.text_encoder_2
+    lora = load_lora_file(lora_dir, name="xl")
+    assert set(lora.layers) == {"unet", "text_encoder", "text_encoder_2"}
+    engine.set_adapters([(lora, 1.0)], [("xl", "1", 1.0)])
+    (pil,) = engine.generate([req(steps=2, adapters=[("xl", "1", 1.0)])])
+    assert pil.size == (SIZE, SIZE)
+    fused = latents(engine, [req(steps=2, adapters=[("xl", "1", 1.0)])])
+    engine.set_adapters([], [])
+    base = latents(engine, [req(steps=2)])
+
+    xl.pipeline.load_lora_weights(str(lora_dir), adapter_name="xl")
+    expected = latents(engine, [req(steps=2)])  # peft layers now active; nothing fused
+    assert (expected - base).abs().max() > 0.05
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- ControlNet helpers
+def test_canny_marks_the_square_border_only():
+    edges = np.asarray(canny(square(), low=100, high=200))
+    assert edges.shape == (SIZE, SIZE, 3) and set(np.unique(edges)) == {0, 255}
+    on = np.argwhere(edges[..., 0] > 0)
+    # Every edge pixel lies within one pixel of the square's border (rows/cols 16 and 47)...
+    near_border = (np.minimum(np.abs(on - 16), np.abs(on - 47)).min(axis=1) <= 1) & (on >= 15).all(1) & (on <= 48).all(1)
+    assert near_border.all()
+    # ...and the border is closed: each side is marked along its whole length.
+    rows, cols = edges[..., 0].any(axis=1), edges[..., 0].any(axis=0)
+    assert rows[16:48].all() and cols[16:48].all()
+    assert not rows[:15].any() and not rows[49:].any()
+    assert not np.asarray(canny(Image.new("RGB", (SIZE, SIZE), (90, 90, 90)))).any()
+    with pytest.raises(ValueError, match="low"):
+        canny(square(), low=200, high=100)
+
+
+def test_controlnet_save_and_load(sd, tmp_path):
+    controlnet = build_tiny_controlnet(sd.pipeline.unet, seed=1)
+    controlnet.save_pretrained(tmp_path / "cn", safe_serialization=True)
+    loaded = load_controlnet(tmp_path / "cn")
+    for (name, a), (_, b) in zip(controlnet.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_controlnet(tmp_path / "missing")
+
+
+def test_canonical_adapters_accepts_dicts_and_tuples():
+    assert canonical_adapters([{"name": "b", "version": 2, "scale": 1}, ("a", "x", 0.25)]) == (("a", "x", 0.25), ("b", "2", 1.0))
+    with pytest.raises(ValueError, match="version"):
+        canonical_adapters([{"name": "a"}])
+
+
+def test_fused_adapters_standalone_chunks_and_identity(sd, loras):
+    """FusedAdapters on its own: identity defaults to the file fingerprints and scales, and
+    fusing module by module (tiny chunks) writes exactly what whole-group chunks write."""
+    pipe = sd.pipeline
+    lora_a, lora_b = load_lora_file(loras["a"], name="a"), load_lora_file(loras["b"], name="b")
+    fused = FusedAdapters(pipe)
+    try:
+        assert fused.apply([(lora_a, 0.7), (lora_b, 1.3)])
+        assert not fused.apply([(lora_a, 0.7), (lora_b, 1.3)])
+        assert fused.identity == ((lora_a.fingerprint, 0.7), (lora_b.fingerprint, 1.3))
+        assert fused.originals_nbytes > 0
+        whole = snapshot(pipe)
+        fused.restore()
+        one_by_one = FusedAdapters(pipe, chunk_bytes=1)
+        one_by_one.apply([(lora_a, 0.7), (lora_b, 1.3)])
+        assert all(torch.equal(p, whole[n]) for n, p in snapshot(pipe).items())
+        one_by_one.restore()
+    finally:
+        fused.restore()
+    assert fused.identity == ()
+
+
+def test_lora_weights_move_packed(loras):
+    lora = load_lora_file(loras["a"], name="a")
+    assert lora.to("cpu") is lora
+    moved = lora.to("meta")
+    assert moved.device.type == "meta" and moved.fingerprint == lora.fingerprint and moved.nbytes == lora.nbytes
+    for (c, p, layer), (_, _, other) in zip(lora.items(), moved.items()):
+        assert other.down.shape == layer.down.shape and other.up.shape == layer.up.shape and other.alpha == layer.alpha, f"{c}.{p}"
+
+
+def test_compiled_module_sees_swaps_without_recompiling():
+    """Adapters change parameters in place, so a compiled module keeps its graph (one
+    compilation) and computes with the new weights."""
+    compilations = []
+
+    def counting_backend(graph_module, example_inputs):
+        compilations.append(graph_module)
+        return graph_module.forward
+
+    class TinyNet(torch.nn.Module):  # defined outside torch, like diffusers' UNet, so dynamo traces it
+        def __init__(self):
+            super().__init__()
+            self.proj_in, self.proj_out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.proj_out(torch.nn.functional.gelu(self.proj_in(x)))
+
+    class Holder:
+        unet = TinyNet()
+
+    holder = Holder()
+    fused = FusedAdapters(holder)
+    holder.unet.compile(backend=counting_backend)
+    g = torch.Generator().manual_seed(0)
+    lora = LoraWeights({"unet": {"proj_in": LoraLayer(torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g), 2.0)}}, "f" * 64, "tiny")
+    x = torch.randn(3, 8, generator=g)
+    with torch.no_grad():
+        base = holder.unet(x)
+        fused.apply([(lora, 1.0)])
+        adapted = holder.unet(x)
+        fused.apply([(lora, 0.5)])
+        half = holder.unet(x)
+        fused.restore()
+        again = holder.unet(x)
+    assert len(compilations) == 1
+    assert not torch.allclose(adapted, base) and not torch.allclose(half, adapted)
+    assert torch.equal(again, base)

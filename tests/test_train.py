@@ -1,0 +1,130 @@
+"""`rayimg train` on Ray Train with 2 CPU workers and tiny models: methods, exports, resume, faults."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rayimg.config import ModelConfig, PrepareJob, TrainJob, from_dict
+from rayimg.models.loader import load_pipeline
+from rayimg.run.prepare import run as prepare
+from rayimg.run.train import run as train
+from rayimg.train.export import file_sha256
+
+from tests import datasets
+
+
+@pytest.fixture(scope="module")
+def cache(ray_cluster, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-cache")
+    src = datasets.imagefolder(root / "ds", 8)
+    prepare(from_dict(PrepareJob, {"data": {"source": str(src)}, "cache": {"output": str(root / "cache")},
+                                   "transforms": {"resolution": 64}, "model": {"device": "cpu"}}))
+    return root
+
+
+def job(tmp_path, **sections) -> TrainJob:
+    data = {
+        "model": {"device": "cpu"},
+        "train": {"resolution": 64, "batch_size": 2, "max_steps": 4, "learning_rate": 1e-3, "mixed_precision": "no",
+                  **sections.pop("train", {})},
+        "scaling": {"num_workers": 2, **sections.pop("scaling", {})},
+        "checkpoint": {"storage_path": str(tmp_path / "runs"), "every_n_steps": 2, **sections.pop("checkpoint", {})},
+        "publish": {"registry": str(tmp_path / "registry"), "name": "test-adapter", **sections.pop("publish", {})},
+    }
+    data.update(sections)
+    return from_dict(TrainJob, data)
+
+
+def render(pipe, prompt="a red circle on a white background", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return np.asarray(pipe(prompt, num_inference_steps=2, width=64, height=64, generator=g, output_type="np").images[0])
+
+
+def test_lora_from_cache_loss_falls_and_exports_load(cache, tmp_path):
+    r = train(job(tmp_path, cache=str(cache / "cache"),
+                  train={"max_steps": 24, "learning_rate": 5e-3, "lr_scheduler": "constant"},
+                  checkpoint={"every_n_steps": 12}, lora={"rank": 4, "target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"]}))
+    losses = r["losses"]
+    assert len(losses) == 24
+    assert np.mean(losses[-8:]) < np.mean(losses[:8]), losses
+    adapter = tmp_path / "registry" / "adapters" / "test-adapter" / "1"
+    meta = json.loads((adapter / "adapter.json").read_text())
+    assert meta["weights"]["pytorch_lora_weights.safetensors"] == file_sha256(adapter / "pytorch_lora_weights.safetensors")
+    assert meta["method"] == "lora" and meta["rank"] == 4 and meta["steps"] == 24
+    base = load_pipeline(ModelConfig(device="cpu"))
+    before = render(base)
+    base.load_lora_weights(str(adapter))  # plain diffusers, unchanged
+    after = render(base)
+    assert np.abs(after - before).mean() > 1e-3
+    kohya = load_pipeline(ModelConfig(device="cpu"))
+    kohya.load_lora_weights(str(adapter), weight_name="lora_kohya.safetensors")
+    np.testing.assert_allclose(render(kohya), after, atol=2e-3)
+
+
+def test_dreambooth_prior_preservation_on_the_fly(ray_cluster, tmp_path):
+    inst, cls = tmp_path / "inst", tmp_path / "cls"
+    inst.mkdir()
+    cls.mkdir()
+    for i in range(4):
+        (inst / f"{i}.png").write_bytes(datasets.shape_image(i)[0])
+        (cls / f"{i}.png").write_bytes(datasets.shape_image(40 + i)[0])
+    r = train(job(tmp_path, data={"source": str(inst), "instance_prompt": "a sks shape", "class_source": str(cls),
+                                  "class_prompt": "a shape"},
+                  transforms={"resolution": 64}, train={"method": "dreambooth"},
+                  dreambooth={"prior_preservation": True, "prior_loss_weight": 1.0}, publish={"trigger_word": "sks"}))
+    meta = json.loads((tmp_path / "registry/adapters/test-adapter/1/adapter.json").read_text())
+    assert meta["method"] == "dreambooth" and meta["trigger_word"] == "sks"
+    assert len(r["losses"]) == 4 and all(np.isfinite(r["losses"]))
+
+
+def test_textual_inversion_loads_in_plain_diffusers(cache, tmp_path):
+    train(job(tmp_path, cache=str(cache / "cache"), train={"method": "textual_inversion", "learning_rate": 5e-2},
+              textual_inversion={"placeholder_token": "<shape>", "initializer_token": "circle"}))
+    adapter = tmp_path / "registry/adapters/test-adapter/1"
+    pipe = load_pipeline(ModelConfig(device="cpu"))
+    plain = render(pipe, "a <shape> on a white background")
+    pipe.load_textual_inversion(str(adapter), token="<shape>")
+    ids = pipe.tokenizer("<shape>", add_special_tokens=False).input_ids
+    assert len(ids) == 1 and ids[0] >= len(pipe.tokenizer) - 1
+    assert np.abs(render(pipe, "a <shape> on a white background") - plain).mean() > 0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_full_finetune_with_deepspeed_on_cpu(cache, tmp_path, stage):
+    r = train(job(tmp_path, cache=str(cache / "cache"), train={"method": "full", "max_steps": 2, "learning_rate": 1e-4},
+                  deepspeed={"enabled": True, "stage": stage}))
+    out = tmp_path / "registry" / "models" / "test-adapter"
+    pipe = load_pipeline(ModelConfig(pretrained=str(out), device="cpu"))
+    base = load_pipeline(ModelConfig(device="cpu"))
+    trained, orig = pipe.unet.state_dict(), base.unet.state_dict()
+    assert trained.keys() == orig.keys()
+    assert all(v.numel() > 0 for v in trained.values())  # no empty ZeRO-3 partitions were saved
+    changed = sum(not torch.equal(trained[k], orig[k]) for k in trained)
+    assert changed > len(trained) // 2
+    assert len(r["losses"]) == 2
+
+
+def test_resume_reproduces_the_uninterrupted_run(cache, tmp_path, monkeypatch):
+    """A run killed mid-way and started again follows the uninterrupted run's losses."""
+    common = dict(cache=str(cache / "cache"), train={"max_steps": 6, "learning_rate": 5e-3})
+    full = train(job(tmp_path, checkpoint={"run_name": "uninterrupted"}, **common))["losses"]
+    monkeypatch.setenv("RAYIMG_FAULT_AT_STEP", "3")
+    monkeypatch.setenv("RAYIMG_FAULT_MARKER", str(tmp_path / "killed"))
+    with pytest.raises(Exception):
+        train(job(tmp_path, checkpoint={"run_name": "interrupted", "max_failures": 0}, **common))
+    assert (tmp_path / "killed").exists()
+    monkeypatch.delenv("RAYIMG_FAULT_AT_STEP")
+    resumed = train(job(tmp_path, checkpoint={"run_name": "interrupted"}, publish={"name": "resumed"}, **common))
+    np.testing.assert_allclose(resumed["losses"], full, rtol=1e-5)
+
+
+def test_killed_worker_is_restarted_from_the_checkpoint(cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYIMG_FAULT_AT_STEP", "3")
+    monkeypatch.setenv("RAYIMG_FAULT_MARKER", str(tmp_path / "killed"))
+    r = train(job(tmp_path, cache=str(cache / "cache"), train={"max_steps": 6}, checkpoint={"max_failures": 1}))
+    assert (tmp_path / "killed").exists()  # a worker really died at step 3
+    assert len(r["losses"]) == 6 and r["steps"] == 6
