@@ -129,10 +129,12 @@ def test_rerun_skips_and_killed_run_resumes_exactly_once(ray_cluster, registry, 
     catalog = write_jsonl(tmp_path / "c.jsonl", rows)
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "render.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "rayimg.cli", "render", f"catalog.source={catalog}", f"output.uri={out}", f"registry={registry}",
-         "model.device=cpu", "defaults.steps=2", "defaults.width=64", "defaults.height=64", "engine.batch_size=2", "cluster.num_cpus=1"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "model.device=cpu", "defaults.steps=2", "defaults.width=64", "defaults.height=64", "defaults.guidance_scale=3.0",
+         "limits.max_width=128", "limits.max_height=128", "limits.max_steps=10", "engine.batch_size=2", "cluster.num_cpus=1"],
+        env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     images = out / "images"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -142,7 +144,8 @@ def test_rerun_skips_and_killed_run_resumes_exactly_once(ray_cluster, registry, 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = len(list(images.glob("*.png")))
-    assert 3 <= before < 16, before
+    log.close()
+    assert 3 <= before < 16, (before, (tmp_path / "render.log").read_text()[-3000:])
     summary = render(job(catalog, str(out), registry))
     assert summary["images"] == 16 and summary["skipped_existing"] >= before - 2
     m = manifest(out)

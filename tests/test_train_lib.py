@@ -612,3 +612,21 @@ def test_deepspeed_config_from_the_job():
     job.deepspeed.stage, job.deepspeed.offload_params = 2, True
     with pytest.raises(ValueError, match=r"deepspeed\.offload_params"):
         build_deepspeed_config(job, world_size=2)
+
+
+def test_cached_batches_use_embeddings_only_when_text_encoders_are_frozen():
+    from rayimg.train.batches import CachedBatches
+
+    g = torch.Generator().manual_seed(0)
+    shard = {"latents": torch.randn(3, 4, 8, 8, generator=g), "prompt_embeds": torch.randn(3, 77, 32, generator=g),
+             "pooled_prompt_embeds": torch.randn(3, 32, generator=g)}
+    records = [{"shard": "s0", "index": i, "caption": f"c{i}", "width": 64, "height": 64, "original_size": [64, 64],
+                "crop_top_left": [0, 0], "target_size": [64, 64]} for i in range(3)]
+    frozen = CachedBatches(records, lambda sid: shard, "sdxl").batch([2, 0], "cpu")
+    assert "captions" not in frozen
+    assert torch.equal(frozen["prompt_embeds"], shard["prompt_embeds"][[2, 0]])
+    assert torch.equal(frozen["pooled_prompt_embeds"], shard["pooled_prompt_embeds"][[2, 0]])
+    training = CachedBatches(records, lambda sid: shard, "sdxl", use_embeddings=False).batch([2, 0], "cpu")
+    assert training["captions"] == ["c2", "c0"] and "prompt_embeds" not in training
+    no_embeds = CachedBatches(records, lambda sid: {"latents": shard["latents"]}, "sd").batch([1], "cpu")
+    assert no_embeds["captions"] == ["c1"]

@@ -252,23 +252,25 @@ def run(job: RenderJob) -> dict:
     print(f"[render] catalog {job.catalog.source} -> {job.output.uri} ({len(adapters)} adapter(s) in {job.registry})", flush=True)
     # stateless tasks: an actor here could hold the CPUs the catalog readers need
     ds = ds.map_batches(Validate(job, adapters), batch_size=VALIDATE_BATCH, batch_format="numpy")
-    ds = ds.sort("group")
+    # sorted and materialised before any render actor exists: the actors can never hold the CPUs
+    # that the sort needs, and the row count gives the ETA
+    ds = ds.sort("group").materialize()
+    total = ds.count()
+    print(f"[render] {total} valid row(s) to render or skip", flush=True)
     gpu = job.num_gpus_per_actor
     ds = ds.map_batches(RenderRows, fn_constructor_args=(job,), batch_size=max(job.engine.batch_size, 8), batch_format="numpy",
                         concurrency=job.concurrency, num_gpus=gpu if gpu > 0 else None)
     rendered = skipped = 0
-    last = time.perf_counter()
-    first_at = None
+    started = last = time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        first_at = first_at or time.perf_counter()
         n_new = int(np.sum(batch["rendered"])) if len(batch["rendered"]) else 0
         rendered += n_new
         skipped += len(batch["rendered"]) - n_new
         now = time.perf_counter()
         if now - last >= 5.0:
             last = now
-            _progress(rendered, skipped, now - t0)
-    _progress(rendered, skipped, time.perf_counter() - t0)
+            _progress(rendered, skipped, total, now - started)
+    _progress(rendered, skipped, total, time.perf_counter() - started)
     summary = finalize(storage, job.output.uri)
     summary.update(rendered=rendered, skipped_existing=skipped, seconds=round(time.perf_counter() - t0, 2))
     print(f"[render] done: {summary['images']} image(s) ({rendered} rendered, {skipped} already there), "
@@ -276,6 +278,9 @@ def run(job: RenderJob) -> dict:
     return summary
 
 
-def _progress(rendered: int, skipped: int, elapsed: float) -> None:
+def _progress(rendered: int, skipped: int, total: int, elapsed: float) -> None:
     rate = rendered / elapsed if elapsed > 0 else 0.0
-    print(f"[render] {rendered + skipped} rows done: {rendered} rendered, {skipped} already there, {rate:.2f} images/s", flush=True)
+    left = max(total - rendered - skipped, 0)
+    eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+    print(f"[render] {rendered + skipped}/{total} rows done: {rendered} rendered, {skipped} already there, "
+          f"{rate:.2f} images/s, ETA {eta}", flush=True)

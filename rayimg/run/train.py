@@ -262,7 +262,8 @@ def train_loop(config: dict) -> None:
     records = list(ray.train.get_dataset_shard("items").iter_rows())
     if config["from_cache"]:
         reader_root = job.cache
-        data = CachedBatches(records, lambda sid: CacheReader.load_shard_from(storage, reader_root, sid), config["family"])
+        data = CachedBatches(records, lambda sid: CacheReader.load_shard_from(storage, reader_root, sid), config["family"],
+                             use_embeddings=not trainee.train_text_encoders)
     else:
         data = PixelBatches(_load_pixel_items(job, records, f"{config['model_id']}@{config['model_hash'][:16]}"), config["family"])
     buckets = data.buckets()

@@ -17,10 +17,17 @@ def time_ids(record: dict) -> list[int]:
 
 
 class CachedBatches:
-    """Batches from cache records; shard tensors are loaded on demand and kept in a small LRU."""
+    """Batches from cache records; shard tensors are loaded on demand and kept in a small LRU.
 
-    def __init__(self, records: list[dict], load_shard: Callable[[str], dict[str, torch.Tensor]], family: str, max_shards: int = 16):
+    With ``use_embeddings`` (the text encoders are frozen) a cache holding text embeddings gives
+    ``prompt_embeds`` and no captions, so no text encoder runs in the training step; otherwise
+    the captions are passed and encoded in the step.
+    """
+
+    def __init__(self, records: list[dict], load_shard: Callable[[str], dict[str, torch.Tensor]], family: str,
+                 max_shards: int = 16, use_embeddings: bool = True):
         self.records = records
+        self.use_embeddings = use_embeddings
         self.load_shard = load_shard
         self.family = family
         self.max_shards = max_shards
@@ -42,11 +49,12 @@ class CachedBatches:
         recs = [self.records[i] for i in indices]
         rows = [self._shard(r["shard"]) for r in recs]
         out = {"latents": torch.stack([s["latents"][r["index"]] for s, r in zip(rows, recs)]).to(device)}
-        if "prompt_embeds" in rows[0]:
+        if self.use_embeddings and "prompt_embeds" in rows[0]:
             out["prompt_embeds"] = torch.stack([s["prompt_embeds"][r["index"]] for s, r in zip(rows, recs)]).to(device)
             if "pooled_prompt_embeds" in rows[0]:
                 out["pooled_prompt_embeds"] = torch.stack([s["pooled_prompt_embeds"][r["index"]] for s, r in zip(rows, recs)]).to(device)
-        out["captions"] = [r["caption"] for r in recs]
+        else:
+            out["captions"] = [r["caption"] for r in recs]
         if self.family == "sdxl":
             out["time_ids"] = torch.tensor([time_ids(r) for r in recs], dtype=torch.float32, device=device)
         out["is_class"] = torch.tensor([r.get("kind") == "class" for r in recs], device=device)
