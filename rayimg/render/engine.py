@@ -207,6 +207,7 @@ class Engine:
         controlnet_id: str = "",
         compile: bool = False,
         fuse_qkv: bool = False,
+        channels_last: bool = False,
         originals_device: torch.device | str | None = None,
         batch_invariant: bool = True,
     ):
@@ -222,6 +223,9 @@ class Engine:
             pipe.enable_attention_slicing()
         if fuse_qkv:
             pipe.fuse_qkv_projections()
+        if channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
         if compile:
             # In place (nn.Module.compile): the module keeps its identity and parameter paths,
             # so FusedAdapters and the img2img/controlnet pipelines share the compiled UNet.
@@ -242,7 +246,7 @@ class Engine:
     def from_config(cls, pipe, cfg, **kwargs) -> "Engine":
         """An engine with the memory and compile options of an EngineConfig."""
         return cls(pipe, vae_slicing=cfg.vae_slicing, vae_tiling=cfg.vae_tiling, attention_slicing=cfg.attention_slicing,
-                   compile=cfg.compile, fuse_qkv=cfg.fuse_qkv, batch_invariant=cfg.batch_invariant, **kwargs)
+                   compile=cfg.compile, fuse_qkv=cfg.fuse_qkv, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -24,8 +24,19 @@ class Renderer:
 
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig | None = None, storage=None, adapter_store=None):
         loaded = load_model(model_cfg, storage)
-        self.model_id, self.model_hash, self.family = loaded.model_id, loaded.model_hash, loaded.family
-        self.pipe = loaded.pipeline
+        self._setup(loaded.pipeline, loaded.model_id, loaded.model_hash, loaded.family, engine_cfg, adapter_store)
+
+    @classmethod
+    def from_pipeline(cls, pipe, model_id: str, model_hash: str, family: str, engine_cfg: EngineConfig | None = None,
+                      adapter_store=None) -> "Renderer":
+        """A renderer over a pipeline already in memory (benchmarks; the loader is skipped)."""
+        self = cls.__new__(cls)
+        self._setup(pipe, model_id, model_hash, family, engine_cfg, adapter_store)
+        return self
+
+    def _setup(self, pipe, model_id, model_hash, family, engine_cfg, adapter_store) -> None:
+        self.model_id, self.model_hash, self.family = model_id, model_hash, family
+        self.pipe = pipe
         self.engine = Engine.from_config(self.pipe, engine_cfg or EngineConfig())
         self.adapter_store = adapter_store
 

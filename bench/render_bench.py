@@ -1,0 +1,264 @@
+"""Render throughput (issue 5): the real-size SDXL architecture (random init, bf16) at 1024²,
+30 steps, CFG — OUR engine (`rayimg.render.renderer.Renderer`, the class the render job's actors
+run) side by side, in the same process and on the same weights, with a plain diffusers
+``StableDiffusionXLPipeline`` call loop.
+
+Rows (one ``RESULT`` line each; ``$OUT/render_bench.json`` rewritten after each):
+
+- ``diffusers b1`` / ``diffusers bN``: ``StableDiffusionXLPipeline(**components)(prompt=[...])``,
+  eager, as the diffusers docs show it (bf16, SDPA attention), Euler;
+- ``ours b1`` / ``ours bN``: ``Renderer`` with the engine options in ``--options`` (default fused
+  QKV + channels-last + ``torch.compile`` of the UNet), same scheduler, steps, guidance and size;
+  the first call at each batch size (compile) is reported apart and not timed;
+- ``ours bN 20 adapters``: a catalog spread over ``--adapters`` rank-16 LoRAs (to_q/to_k/to_v/
+  to_out.0 of every attention, published to a local registry and read back through the
+  AdapterStore), sorted by adapter set as the render job sorts it, rendered at batch N;
+  compared with ``ours bN`` (no adapter). Adapter swaps (fuse in place) are inside the timing;
+  the cold (from storage) and warm (from CPU) swap times are reported too.
+
+    python bench/render_bench.py                          # GPU, real size
+    python bench/render_bench.py --tiny --device cpu --resolution 64 --steps 2 --no-compile   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS: dict = {"rows": [], "notes": {}}
+
+
+def out_dir() -> Path:
+    p = Path(os.environ.get("OUT", "outputs/bench"))
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def record(row: dict) -> None:
+    RESULTS["rows"].append(row)
+    print("RESULT " + json.dumps(row), flush=True)
+    (out_dir() / "render_bench.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def prompts(n: int, start: int = 0) -> list[str]:
+    subjects = ["a lighthouse at dusk", "a red fox in snow", "a bowl of ramen", "a city street in rain", "an old sailing ship"]
+    return [f"{subjects[(start + i) % len(subjects)]}, photo {start + i}" for i in range(n)]
+
+
+def lora_state_dict(unet, rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """A peft-format rank-``rank`` LoRA on to_q/to_k/to_v/to_out.0 of every attention module."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and (name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0")):
+            sd[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=g) / module.in_features ** 0.5
+            sd[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=g) * 0.01
+    return sd
+
+
+def publish_adapters(pipe, registry: str, count: int, rank: int, model_id: str, model_hash: str) -> list[str]:
+    from rayimg.storage import Storage
+    from rayimg.train.export import save_lora
+    from rayimg.train.registry import publish_adapter
+
+    names = []
+    storage = Storage()
+    for i in range(count):
+        name = f"style-{i:02d}"
+        with tempfile.TemporaryDirectory() as d:
+            save_lora(d, "sdxl", lora_state_dict(pipe.unet, rank, 1000 + i))
+            publish_adapter(storage, registry, name, None, d, {"base_model": {"id": model_id, "hash": model_hash}, "method": "lora", "rank": rank})
+        names.append(name)
+    return names
+
+
+def build(args):
+    if args.tiny:
+        from rayimg.models.tiny import build_tiny_sdxl
+
+        pipe = build_tiny_sdxl(0).to(args.device)
+    else:
+        from rayimg.models.real_size import build_sdxl_pipeline
+
+        pipe = build_sdxl_pipeline(torch.bfloat16, args.device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def time_calls(fn, calls: int, device) -> list[float]:
+    times = []
+    for _ in range(calls):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--batch", type=int, default=4, help="the bulk batch size")
+    ap.add_argument("--b1-images", type=int, default=4)
+    ap.add_argument("--bulk-calls", type=int, default=3)
+    ap.add_argument("--adapters", type=int, default=20)
+    ap.add_argument("--rows-per-adapter", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--options", default="fuse_qkv,channels_last,compile")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--skip-reference", action="store_true")
+    args = ap.parse_args()
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from rayimg.config import EngineConfig
+    from rayimg.render.adapter_store import AdapterStore
+    from rayimg.render.engine import GenerationRequest
+    from rayimg.render.renderer import Renderer
+    from rayimg.render.schedulers import make_scheduler
+    from rayimg.storage import Storage
+
+    device = args.device
+    if torch.device(device).type == "cuda":
+        RESULTS["notes"]["gpu"] = torch.cuda.get_device_name()
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # one static graph per batch size (the render job and server use a few fixed sizes)
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.cache_size_limit = 64
+    torch._inductor.config.conv_1x1_as_mm = True
+    RESULTS["notes"].update(vars(args))
+    t0 = time.perf_counter()
+    pipe = build(args)
+    sync(device)
+    print(f"[bench] built {'tiny' if args.tiny else 'real-size'} SDXL in {time.perf_counter() - t0:.1f}s", flush=True)
+    R, B, S = args.resolution, args.batch, args.steps
+    px = R * R
+
+    # ---------------------------------------------------------------- reference: plain diffusers
+    if not args.skip_reference:
+        ref = StableDiffusionXLPipeline(**pipe.components)
+        ref.set_progress_bar_config(disable=True)
+        ref.scheduler = make_scheduler("euler", pipe.scheduler.config)
+
+        def ref_call(n, start):
+            gens = [torch.Generator("cpu").manual_seed(start + i) for i in range(n)]
+            ref(prompt=prompts(n, start), negative_prompt=[""] * n, num_inference_steps=S, guidance_scale=args.guidance,
+                width=R, height=R, generator=gens, output_type="pil")
+
+        for n, calls in ((1, args.b1_images), (B, args.bulk_calls)):
+            ref_call(n, 0)  # warm-up
+            times = time_calls(lambda: ref_call(n, 100), calls, device)
+            per_call = statistics.median(times)
+            record({"name": f"diffusers b{n}", "batch": n, "s_per_call": round(per_call, 4), "s_per_image": round(per_call / n, 4),
+                    "images_per_s": round(n / per_call, 3), "calls": [round(t, 4) for t in times]})
+
+    # ---------------------------------------------------------------- ours
+    opts = {o for o in args.options.split(",") if o}
+    if args.no_compile:
+        opts.discard("compile")
+    cfg = EngineConfig(batch_size=B, compile="compile" in opts, fuse_qkv="fuse_qkv" in opts, channels_last="channels_last" in opts,
+                       batch_invariant=False)
+    registry = tempfile.mkdtemp(prefix="rayimg-bench-registry-")
+    t = time.perf_counter()
+    names = publish_adapters(pipe, registry, args.adapters, args.rank, "bench/sdxl-random", "0" * 64) if args.adapters else []
+    print(f"[bench] published {len(names)} adapter(s) in {time.perf_counter() - t:.1f}s", flush=True)
+    store = AdapterStore(Storage(), registry, disk_dir=tempfile.mkdtemp(prefix="rayimg-bench-adapters-"), refresh_s=1e9,
+                         unet_config=pipe.unet.config)
+    renderer = Renderer.from_pipeline(pipe, "bench/sdxl-random", "0" * 64, "sdxl", cfg, adapter_store=store)
+    RESULTS["notes"]["engine"] = {k: getattr(cfg, k) for k in ("compile", "fuse_qkv", "channels_last", "batch_invariant")}
+
+    def requests(n, start, adapters=()):
+        return [GenerationRequest(prompt=p, negative_prompt="", steps=S, guidance_scale=args.guidance, width=R, height=R,
+                                  scheduler="euler", seed=start + i, adapters=tuple(adapters)) for i, p in enumerate(prompts(n, start))]
+
+    for n, calls in ((1, args.b1_images), (B, args.bulk_calls)):
+        sync(device)
+        t = time.perf_counter()
+        renderer.render(requests(n, 0))  # warm-up (compiles at this batch size)
+        sync(device)
+        warm = time.perf_counter() - t
+        print(f"[bench] ours b{n}: first call {warm:.1f}s", flush=True)
+        times = time_calls(lambda: renderer.render(requests(n, 100)), calls, device)
+        per_call = statistics.median(times)
+        record({"name": f"ours b{n}", "batch": n, "first_call_s": round(warm, 2), "s_per_call": round(per_call, 4),
+                "s_per_image": round(per_call / n, 4), "images_per_s": round(n / per_call, 3), "calls": [round(t, 4) for t in times]})
+
+    if names:
+        # swap times: cold = registry -> disk -> CPU -> fused; warm = CPU -> fused
+        cold, warm = [], []
+        for name in names[:3]:
+            sync(device)
+            t = time.perf_counter()
+            renderer.use_adapters(((name, "1", 1.0),))
+            sync(device)
+            cold.append(time.perf_counter() - t)
+        for name in names[:3]:
+            sync(device)
+            t = time.perf_counter()
+            renderer.use_adapters(((name, "1", 0.8),))
+            sync(device)
+            warm.append(time.perf_counter() - t)
+        renderer.use_adapters(())
+        record({"name": "adapter swap", "rank": args.rank, "cold_s": [round(x, 4) for x in cold], "warm_s": [round(x, 4) for x in warm]})
+        store.clear_cpu() if hasattr(store, "clear_cpu") else None
+        # the catalog: rows_per_adapter rows per adapter, grouped by adapter set as the job sorts them
+        rows = [(names[i % len(names)], i) for i in range(len(names) * args.rows_per_adapter)]
+        rows.sort()
+        batches = []
+        for name in names:
+            mine = [seed for n_, seed in rows if n_ == name]
+            for s in range(0, len(mine), B):
+                batches.append([GenerationRequest(prompt=prompts(1, seed)[0], negative_prompt="", steps=S, guidance_scale=args.guidance,
+                                                  width=R, height=R, scheduler="euler", seed=seed, adapters=((name, "1", 1.0),))
+                                for seed in mine[s:s + B]])
+        images = sum(len(b) for b in batches)
+        sync(device)
+        t = time.perf_counter()
+        for batch in batches:
+            renderer.render(batch)
+        sync(device)
+        with_adapters = time.perf_counter() - t
+        renderer.use_adapters(())
+        base = next(r for r in RESULTS["rows"] if r["name"] == f"ours b{B}")
+        ips = images / with_adapters
+        record({"name": f"ours b{B} {len(names)} adapters", "batch": B, "images": images, "seconds": round(with_adapters, 3),
+                "images_per_s": round(ips, 3), "no_adapter_images_per_s": base["images_per_s"],
+                "ratio_to_no_adapter": round(ips / base["images_per_s"], 4), "store": store.stats.as_dict() if hasattr(store, "stats") else None})
+
+    if torch.device(device).type == "cuda":
+        RESULTS["notes"]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    by = {r["name"]: r for r in RESULTS["rows"]}
+    summary = {}
+    if "diffusers b1" in by:
+        summary["b1_speedup"] = round(by["diffusers b1"]["s_per_image"] / by["ours b1"]["s_per_image"], 3)
+        summary[f"b{B}_speedup"] = round(by[f"ours b{B}"]["images_per_s"] / by[f"diffusers b{B}"]["images_per_s"], 3)
+    summary["ours_b1_s_per_image"] = by["ours b1"]["s_per_image"]
+    summary[f"ours_b{B}_images_per_s"] = by[f"ours b{B}"]["images_per_s"]
+    RESULTS["summary"] = summary
+    print("SUMMARY " + json.dumps(summary), flush=True)
+    (out_dir() / "render_bench.json").write_text(json.dumps(RESULTS, indent=1))
+
+
+if __name__ == "__main__":
+    main()
