@@ -1,0 +1,73 @@
+"""Prompt adherence of a shapes model: render a fixed grid of prompts x seeds through the
+project's renderer and let the judge (:mod:`rayimg.demo.judge`) say whether each picture shows
+the colour and the shape its prompt asks for."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from rayimg.demo.judge import judge
+from rayimg.demo.shapes import BASE_SHAPES, COLORS
+
+__all__ = ["GRID_BACKGROUNDS", "GRID_SEEDS", "GridSettings", "adherence_grid", "measure_adherence"]
+
+GRID_BACKGROUNDS = ("white", "black")
+GRID_SEEDS = (0, 1)
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """How the grid is rendered (what the committed model's figures were measured with)."""
+
+    steps: int = 20
+    guidance_scale: float = 5.0
+    scheduler: str = "dpmpp_2m"
+    resolution: int = 64
+
+
+def adherence_grid(colors=tuple(COLORS), shapes=BASE_SHAPES, backgrounds=GRID_BACKGROUNDS, seeds=GRID_SEEDS) -> list[dict]:
+    """The fixed grid: one row per (colour, shape, background, seed) with its prompt."""
+    return [
+        {"prompt": f"a {c} {s} on a {b} background", "color": c, "shape": s, "background": b, "seed": seed}
+        for c, s, b, seed in itertools.product(colors, shapes, backgrounds, seeds)
+    ]
+
+
+def measure_adherence(model: str, settings: GridSettings = GridSettings(), grid: list[dict] | None = None,
+                      renderer=None, adapters: tuple = ()) -> dict:
+    """Render ``grid`` (default :func:`adherence_grid`) with ``model`` (a name or dir for the
+    model loader, or an existing ``renderer``) and judge each picture. Returns the colour and
+    shape accuracies, the count and the per-picture rows (with the judge's verdict)."""
+    from rayimg.config import ModelConfig
+    from rayimg.render.engine import GenerationRequest
+    from rayimg.render.renderer import Renderer
+
+    grid = grid if grid is not None else adherence_grid()
+    if renderer is None:
+        renderer = Renderer(ModelConfig(pretrained=model, family="sd", dtype="float32", device="cpu"))
+    rows = []
+    for row in grid:
+        request = GenerationRequest(
+            prompt=row["prompt"], steps=settings.steps, guidance_scale=settings.guidance_scale, width=settings.resolution,
+            height=settings.resolution, scheduler=settings.scheduler, seed=row["seed"], adapters=adapters,
+        )
+        image = renderer.engine.generate([request])[0] if not adapters else _render_with(renderer, request)
+        verdict = judge(image)
+        rows.append({**row, "judged_color": verdict.color, "judged_shape": verdict.shape, "image": image})
+    n = len(rows)
+    return {
+        "count": n,
+        "color_accuracy": sum(r["judged_color"] == r["color"] for r in rows) / n,
+        "shape_accuracy": sum(r["judged_shape"] == r["shape"] for r in rows) / n,
+        "settings": settings.__dict__,
+        "rows": rows,
+    }
+
+
+def _render_with(renderer, request):
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(renderer.render([request])[0].png)).convert("RGB")
