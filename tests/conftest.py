@@ -77,3 +77,41 @@ def ray_cluster(s3_server, tmp_path_factory):
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def publish_tiny_lora():
+    """``publish(registry, name, seed, version=None) -> version``: publish a random rank-4 LoRA for
+    the tiny SD model through the project's own trainee, export and registry (the model and
+    trainee are built once per session; each adapter gets its own seeded up-weights)."""
+    import tempfile
+
+    import torch
+
+    from rayimg.config import ModelConfig, TrainJob, from_dict
+    from rayimg.models.loader import load_model
+    from rayimg.storage import Storage
+    from rayimg.train.export import lora_state_dicts, save_lora
+    from rayimg.train.registry import publish_adapter
+    from rayimg.train.trainee import build_trainee
+
+    state = {}
+
+    def publish(registry: str, name: str, seed: int, version=None) -> str:
+        if not state:
+            loaded = load_model(ModelConfig(device="cpu"))
+            tj = from_dict(TrainJob, {"cache": "unused", "train": {"mixed_precision": "no"}, "lora": {"rank": 4}})
+            state.update(loaded=loaded, trainee=build_trainee(loaded, tj))
+        loaded, trainee = state["loaded"], state["trainee"]
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in trainee.unet.named_parameters():
+                if "lora_B" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        with tempfile.TemporaryDirectory() as d:
+            save_lora(d, "sd", lora_state_dicts(trainee)["unet"])
+            _uri, version = publish_adapter(Storage(), registry, name, version, d,
+                                            {"base_model": {"id": loaded.model_id, "hash": loaded.model_hash}, "method": "lora", "rank": 4})
+        return version
+
+    return publish

@@ -1,8 +1,9 @@
-"""Adapters from the registry, through bounded cache tiers: object storage -> local disk -> CPU.
+"""Adapters from the registry, through bounded cache tiers: object storage -> local disk -> CPU
+-> device (GPU).
 
-(The GPU tier is the engine's: the adapter set fused into the weights, plus Serve's multiplexed
-models per replica.) Each tier is LRU-bounded by count and bytes. Concurrent requests for the
-same adapter share one download and one load. The file's sha256 must equal the one in
+Each tier is LRU-bounded by count and bytes. The device tier holds copies of the CPU weights on
+the accelerator (packed, one transfer; what makes a warm swap fast); it is skipped when the
+device is the CPU. Concurrent requests for the same adapter share one download and one load. The file's sha256 must equal the one in
 ``adapter.json``; only safetensors is ever read. ``latest`` is re-resolved every ``refresh_s``
 seconds, so newly published versions are picked up without a restart.
 """
@@ -46,23 +47,31 @@ class StoreStats:
     loads: int = 0
     disk: TierStats = field(default_factory=TierStats)
     cpu: TierStats = field(default_factory=TierStats)
+    device: TierStats = field(default_factory=TierStats)
+    downloads_by_adapter: dict = field(default_factory=dict)  # "name@version" -> downloads
 
     def as_dict(self) -> dict:
-        return {"downloads": self.downloads, "loads": self.loads, "disk": vars(self.disk), "cpu": vars(self.cpu)}
+        return {"downloads": self.downloads, "loads": self.loads, "disk": vars(self.disk).copy(), "cpu": vars(self.cpu).copy(),
+                "device": vars(self.device).copy(), "downloads_by_adapter": dict(self.downloads_by_adapter)}
 
 
 class AdapterStore:
     """Resolve and load adapters by (name, version); thread-safe."""
 
     def __init__(self, storage: Storage, registry: str, *, disk_dir: str | None = None, disk_max_bytes: int = 20 * 2**30,
-                 cpu_max_adapters: int = 32, cpu_max_bytes: int = 8 * 2**30, refresh_s: float = 30.0, unet_config=None):
+                 cpu_max_adapters: int = 32, cpu_max_bytes: int = 8 * 2**30, refresh_s: float = 30.0, unet_config=None,
+                 disk_max_adapters: int = 1000, device_max_adapters: int = 8, device_max_bytes: int = 2 * 2**30):
         self.storage = storage
         self.registry = registry
         root = disk_dir or os.path.join(os.environ.get("RAYIMG_CACHE") or os.path.expanduser("~/.cache/rayimg"), "adapters")
         self.disk_dir = Path(root)
+        self.disk_max_adapters = disk_max_adapters
         self.disk_max_bytes = disk_max_bytes
         self.cpu_max_adapters = cpu_max_adapters
         self.cpu_max_bytes = cpu_max_bytes
+        self.device_max_adapters = device_max_adapters
+        self.device_max_bytes = device_max_bytes
+        self._device: OrderedDict[tuple[str, str, str], LoraWeights] = OrderedDict()
         self.refresh_s = refresh_s
         self.unet_config = unet_config
         self.stats = StoreStats()
@@ -72,6 +81,13 @@ class AdapterStore:
         self._disk: OrderedDict[tuple[str, str], tuple[Path, int]] = OrderedDict()
         self._latest: dict[str, tuple[str, float]] = {}
         self._metadata: dict[tuple[str, str], dict] = {}
+
+    @classmethod
+    def from_config(cls, storage: Storage, registry: str, cfg, unet_config=None) -> "AdapterStore":
+        """A store bounded by an :class:`~rayimg.config.AdapterCacheConfig`."""
+        return cls(storage, registry, disk_dir=cfg.disk_dir, disk_max_adapters=cfg.disk_max_adapters, disk_max_bytes=cfg.disk_max_bytes,
+                   cpu_max_adapters=cfg.cpu_max_adapters, cpu_max_bytes=cfg.cpu_max_bytes, device_max_adapters=cfg.gpu_max_adapters,
+                   device_max_bytes=cfg.gpu_max_bytes, refresh_s=cfg.refresh_s, unet_config=unet_config)
 
     # ------------------------------------------------------------------ versions
     def resolve(self, name: str, version: str | None = None) -> str:
@@ -109,31 +125,67 @@ class AdapterStore:
     # ------------------------------------------------------------------ loading
     def get(self, name: str, version: str | None = None) -> tuple[str, LoraWeights]:
         """(version, CPU weights) of an adapter, through the tiers."""
+        version, weights, _tier = self._get(name, version)
+        return version, weights
+
+    def _get(self, name: str, version: str | None) -> tuple[str, LoraWeights, str]:
         version = self.resolve(name, version)
         key = (name, version)
         with self._lock:
             if key in self._cpu:
                 self._cpu.move_to_end(key)
                 self.stats.cpu.hits += 1
-                return version, self._cpu[key]
+                return version, self._cpu[key], "cpu"
             gate = self._inflight.setdefault(key, threading.Lock())
         with gate:  # one download and one load per adapter, however many ask at once
             with self._lock:
                 if key in self._cpu:
                     self._cpu.move_to_end(key)
                     self.stats.cpu.hits += 1
-                    return version, self._cpu[key]
+                    return version, self._cpu[key], "cpu"
                 self.stats.cpu.misses += 1
-            path = self._on_disk(name, version)
-            weights = load_lora_file(path, name=f"{name}@{version}", unet_config=self.unet_config)
+            try:
+                path, tier = self._on_disk(name, version)
+                weights = load_lora_file(path, name=f"{name}@{version}", unet_config=self.unet_config)
+            finally:
+                with self._lock:
+                    self._inflight.pop(key, None)
             with self._lock:
                 self.stats.loads += 1
                 self._cpu[key] = weights
                 self._evict_cpu()
-                self._inflight.pop(key, None)
-        return version, weights
+        return version, weights, tier
 
-    def _on_disk(self, name: str, version: str) -> Path:
+    def get_on(self, name: str, version: str | None, device) -> tuple[str, LoraWeights, str]:
+        """(version, weights on ``device``, tier it came from: 'device', 'cpu', 'disk' or
+        'storage'). On the CPU the device tier is the CPU tier."""
+        import torch
+
+        device = torch.device(device)
+        version = self.resolve(name, version)
+        key = (name, version, str(device))
+        if device.type != "cpu":
+            with self._lock:
+                if key in self._device:
+                    self._device.move_to_end(key)
+                    self.stats.device.hits += 1
+                    return version, self._device[key], "device"
+                self.stats.device.misses += 1
+        version, weights, tier = self._get(name, version)
+        if device.type == "cpu":
+            return version, weights, tier
+        weights = weights.to(device)
+        with self._lock:
+            self._device[key] = weights
+            self._device.move_to_end(key)
+            while len(self._device) > 1 and (len(self._device) > self.device_max_adapters
+                                             or sum(w.nbytes for w in self._device.values()) > self.device_max_bytes):
+                self._device.popitem(last=False)
+                self.stats.device.evictions += 1
+        return version, weights, tier
+
+    def _on_disk(self, name: str, version: str) -> tuple[Path, str]:
+        """The verified local file and where it came from ('disk' or 'storage')."""
         key = (name, version)
         meta = self.metadata(name, version)
         expected = (meta.get("weights") or {}).get(WEIGHT_FILE)
@@ -148,7 +200,7 @@ class AdapterStore:
                     self.stats.disk.hits += 1
                     self._disk[key] = (path, path.stat().st_size)
                     self._disk.move_to_end(key)
-                return path
+                return path, "disk"
         with self._lock:
             self.stats.disk.misses += 1
         uri = join(self.registry, "adapters", name, version, WEIGHT_FILE)
@@ -160,6 +212,8 @@ class AdapterStore:
             raise AdapterNotFound(f"adapter {name!r} version {version!r}: {uri} is missing") from None
         with self._lock:
             self.stats.downloads += 1
+            tag = f"{name}@{version}"
+            self.stats.downloads_by_adapter[tag] = self.stats.downloads_by_adapter.get(tag, 0) + 1
         actual = _sha256(tmp)
         if actual != expected:
             tmp.unlink(missing_ok=True)
@@ -169,7 +223,7 @@ class AdapterStore:
         with self._lock:
             self._disk[key] = (path, path.stat().st_size)
             self._evict_disk()
-        return path
+        return path, "storage"
 
     # ------------------------------------------------------------------ bounds
     def _evict_cpu(self) -> None:
@@ -180,7 +234,8 @@ class AdapterStore:
             self.stats.cpu.evictions += 1
 
     def _evict_disk(self) -> None:
-        while len(self._disk) > 1 and sum(size for _, size in self._disk.values()) > self.disk_max_bytes:
+        while len(self._disk) > 1 and (len(self._disk) > self.disk_max_adapters
+                                       or sum(size for _, size in self._disk.values()) > self.disk_max_bytes):
             (name, version), (path, _size) = self._disk.popitem(last=False)
             shutil.rmtree(path.parent, ignore_errors=True)
             self.stats.disk.evictions += 1
@@ -188,6 +243,17 @@ class AdapterStore:
     def cpu_keys(self) -> list[tuple[str, str]]:
         with self._lock:
             return list(self._cpu)
+
+    def disk_keys(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._disk)
+
+    def tier_sizes(self) -> dict:
+        """Adapters and bytes held in each tier now."""
+        with self._lock:
+            return {"disk": (len(self._disk), sum(size for _, size in self._disk.values())),
+                    "cpu": (len(self._cpu), sum(w.nbytes for w in self._cpu.values())),
+                    "device": (len(self._device), sum(w.nbytes for w in self._device.values()))}
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,1 @@
+"""Ray Serve wiring of rayimg (see serving/app.py)."""

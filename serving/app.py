@@ -1,0 +1,505 @@
+"""The Ray Serve application: a FastAPI ingress in front of multiplexed, batched generator replicas.
+
+    HTTP -> Ingress (FastAPI; auth, body checks, limits, adapter versions resolved, timeout)
+         -> Generator (model + engine; multiplexed by adapter set, @serve.batch, autoscaled)
+
+Routes: POST /v1/generate, POST /v1/img2img, GET /v1/adapters, GET /healthz, GET /metrics,
+GET / (a small web page), GET /openapi.json (and /docs).
+
+The ingress routes each request with ``multiplexed_model_id`` = its adapter set
+(``name@version,...``), so requests go to replicas that already hold those adapters. A replica
+keeps ``adapter_cache.gpu_max_adapters`` sets resident (Serve's LRU over ``adapter_set``) on top
+of the AdapterStore tiers storage -> disk -> CPU -> device. Compatible requests (same adapter
+set; then grouped by mode, size, steps, guidance and scheduler) are batched with
+``@serve.batch``.
+
+Three ways to run it:
+
+- ``rayimg serve --config jobs/configs/serve.yaml`` (blocks until Ctrl-C);
+- in-process: ``base_url = serving.app.start(job)`` (see :func:`start`);
+- ``serve deploy serving/config.yaml`` on a running cluster (:func:`app_builder`).
+"""
+
+
+# No `from __future__ import annotations` here: Serve rewrites the ingress methods, and FastAPI
+# could then no longer resolve string annotations (a body model would turn into a query param).
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rayimg.config import ServeJob, absolute_paths, load_job
+from rayimg.serve.errors import ApiError
+from rayimg.serve.schema import GenerateBody, Img2ImgBody
+
+logger = logging.getLogger("ray.serve")
+
+import rayimg.serve
+
+PAGE = Path(rayimg.serve.__file__).with_name("page.html")
+
+
+# --------------------------------------------------------------------------- generator replicas
+class AdapterSet:
+    """The adapters of one multiplexed set, on the engine's device."""
+
+    def __init__(self, set_id: str, weights: dict, tiers: dict, seconds: float):
+        self.set_id = set_id
+        self.weights = weights  # (name, version) -> LoraWeights on the device
+        self.tiers = tiers  # "name@version" -> tier it came from: storage, disk, cpu or device
+        self.seconds = seconds
+        self.uses = 0
+
+
+class GeneratorBase:
+    """Holds the model; renders batches of compatible requests. Subclassed by
+    :func:`generator_deployment` to add the multiplexed ``adapter_set`` loader (its bound comes
+    from config)."""
+
+    def __init__(self, job: ServeJob):
+        from rayimg.render.adapter_store import AdapterStore
+        from rayimg.render.renderer import Renderer
+        from rayimg.serve.image_cache import ImageStore
+        from rayimg.storage import Storage
+
+        self.job = job
+        self.storage = Storage(job.storage)
+        self.store = AdapterStore.from_config(self.storage, job.registry, job.adapter_cache)
+        self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=self.store)
+        self.store.unet_config = self.renderer.pipe.unet.config
+        self.images = ImageStore(self.storage, job.image_cache.uri)
+        self.device = self.renderer.engine.device
+        self.render_lock = threading.Lock()  # one engine: sub-batches of different sets take turns
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside Serve (never in the app)
+            self.replica = uuid.uuid4().hex[:8]
+        self.counters = {"seq": 0, "images_rendered": 0, "image_cache_hits": 0, "batches": 0, "batched_images": 0,
+                         "swaps": 0, "swap_seconds": 0.0, "set_loads": 0}
+        self.render_batch.set_max_batch_size(job.http.max_batch_size)
+        self.render_batch.set_batch_wait_timeout_s(job.http.batch_wait_timeout_s)
+
+    # ------------------------------------------------------------------ adapters
+    def _load_set(self, set_id: str) -> AdapterSet:
+        from rayimg.serve.schema import parse_adapter_set_id
+
+        start = time.perf_counter()
+        weights, tiers = {}, {}
+        for name, version in parse_adapter_set_id(set_id):
+            _v, w, tier = self.store.get_on(name, version, self.device)
+            weights[(name, version)] = w
+            tiers[f"{name}@{version}"] = tier
+        self.counters["set_loads"] += 1
+        return AdapterSet(set_id, weights, tiers, time.perf_counter() - start)
+
+    async def adapter_set(self, set_id: str) -> AdapterSet:  # replaced by the multiplexed loader
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, payload: dict) -> dict:
+        """One request: ``payload`` holds the checked settings with resolved adapter versions.
+        Returns ``{"images": [...], ...}`` or ``{"error": ApiError.as_dict()}``."""
+        try:
+            return await self._generate(payload)
+        except ApiError as e:
+            return {"error": e.as_dict(), "stats": self.snapshot()}
+
+    async def _generate(self, payload: dict) -> dict:
+        from rayimg.render.adapter_store import AdapterCorrupt, AdapterNotFound
+        from rayimg.render.adapters import LoraError
+        from rayimg.render.engine import GenerationRequest
+        from rayimg.serve.schema import adapter_set_id
+
+        started = time.perf_counter()
+        s = payload["settings"]
+        try:
+            requests = [GenerationRequest(
+                prompt=s["prompt"], negative_prompt=s["negative_prompt"], steps=s["steps"], guidance_scale=s["guidance_scale"],
+                width=s["width"], height=s["height"], scheduler=s["scheduler"], seed=s["seed"] + i, mode=s["mode"],
+                init_image=s.get("init_image"), strength=s.get("strength", 0.8),
+                adapters=[(a["name"], a["version"], a["scale"]) for a in s["adapters"]]) for i in range(s["num_images"])]
+        except ValueError as e:  # the ingress checked everything; this names what it missed
+            field, _, message = str(e).partition(": ")
+            raise ApiError(422, "invalid_request", str(e), field=field if message else None) from None
+        keys = [self.renderer.key(r) for r in requests]
+        out: list[dict | None] = [None] * len(requests)
+        want_uri = payload["response_format"] == "uri"
+        if self.job.image_cache.enabled:
+            cached = await asyncio.gather(*(asyncio.to_thread(self.images.get, k) for k in keys))
+            for i, png in enumerate(cached):
+                if png is not None:
+                    out[i] = {"png": png, "cached": True}
+                    self.counters["image_cache_hits"] += 1
+        todo = [i for i in range(len(requests)) if out[i] is None]
+        info = {"adapter_tiers": {}, "adapter_load_s": 0.0, "batch_sizes": [], "swap_s": 0.0, "render_s": 0.0}
+        if todo:
+            set_id = adapter_set_id(s["adapters"])
+            aset = None
+            if set_id:
+                try:
+                    aset = await self.adapter_set(set_id)
+                except AdapterNotFound as e:
+                    raise ApiError(404, "adapter_not_found", str(e)) from None
+                except AdapterCorrupt as e:
+                    raise ApiError(500, "adapter_corrupt", str(e)) from None
+                except LoraError as e:
+                    raise ApiError(422, "adapter_incompatible", str(e), field="adapters") from None
+                first_use = aset.uses == 0
+                aset.uses += 1
+                info["adapter_tiers"] = aset.tiers if first_use else {k: "resident" for k in aset.tiers}
+                info["adapter_load_s"] = aset.seconds if first_use else 0.0
+            results = await asyncio.gather(*(self.render_batch((requests[i], aset)) for i in todo))
+            for i, r in zip(todo, results):
+                if isinstance(r, ApiError):
+                    raise r
+                out[i] = {"png": r["png"], "cached": False}
+                info["batch_sizes"].append(r["batch_size"])
+                info["swap_s"] = max(info["swap_s"], r["swap_s"])
+                info["render_s"] = max(info["render_s"], r["render_s"])
+            if self.job.image_cache.enabled or want_uri:
+                await asyncio.gather(*(asyncio.to_thread(self.images.put, keys[i], out[i]["png"]) for i in todo))
+        images = []
+        for i, (request, key, item) in enumerate(zip(requests, keys, out)):
+            image = {"key": key, "seed": request.seed, "cached": item["cached"]}
+            if want_uri:
+                if item["cached"] or i in todo:
+                    image["uri"] = self.images.uri_of(key)
+            else:
+                image["b64_json"] = base64.b64encode(item["png"]).decode("ascii")
+            images.append(image)
+        info["generator_s"] = time.perf_counter() - started
+        return {"images": images, "model": self.renderer.model_id, "replica": self.replica, "timings": info, "stats": self.snapshot()}
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def render_batch(self, items: list) -> list:
+        """One engine pass per group of compatible requests (one adapter set per batch: Serve
+        splits batches by multiplexed model id)."""
+        return await asyncio.to_thread(self._render_items, items)
+
+    def _render_items(self, items: list) -> list:
+        from rayimg.render.adapters import LoraError
+
+        groups: dict = {}
+        for i, (request, aset) in enumerate(items):
+            groups.setdefault(request.batch_key(), []).append(i)
+        results: list = [None] * len(items)
+        for indices in groups.values():
+            requests = [items[i][0] for i in indices]
+            aset = items[indices[0]][1]
+            try:
+                with self.render_lock:
+                    swap_s = self._use_adapters(requests[0].adapters, aset)
+                    start = time.perf_counter()
+                    rendered = self.renderer.render(requests)
+                    render_s = time.perf_counter() - start
+            except LoraError as e:
+                for i in indices:
+                    results[i] = ApiError(422, "adapter_incompatible", str(e), field="adapters")
+                continue
+            self.counters["batches"] += 1
+            self.counters["batched_images"] += len(requests)
+            self.counters["images_rendered"] += len(requests)
+            for i, image in zip(indices, rendered):
+                results[i] = {"png": image.png, "batch_size": len(requests), "swap_s": swap_s, "render_s": render_s}
+        return results
+
+    def _use_adapters(self, identity: tuple, aset: AdapterSet | None) -> float:
+        """Fuse the adapter set (device-resident weights) at the requested scales."""
+        engine = self.renderer.engine
+        if tuple(identity) == engine.adapter_identity:
+            return 0.0
+        start = time.perf_counter()
+        pairs = [(aset.weights[(name, version)], scale) for name, version, scale in identity]
+        engine.set_adapters(pairs, identity)
+        seconds = time.perf_counter() - start
+        self.counters["swaps"] += 1
+        self.counters["swap_seconds"] += seconds
+        return seconds
+
+    def snapshot(self) -> dict:
+        """Counters for the ingress's /metrics, numbered so the newest wins."""
+        self.counters["seq"] += 1
+        return {"replica": self.replica, "store": self.store.stats.as_dict(), "tiers": self.store.tier_sizes(), **self.counters}
+
+
+def generator_deployment(job: ServeJob):
+    """The Generator deployment of ``job``: resources, autoscaling and queue bounds from config."""
+
+    class Generator(GeneratorBase):
+        @serve.multiplexed(max_num_models_per_replica=job.adapter_cache.gpu_max_adapters)
+        async def adapter_set(self, set_id: str) -> AdapterSet:
+            return await asyncio.to_thread(self._load_set, set_id)
+
+    Generator.__qualname__ = Generator.__name__ = "Generator"
+    return serve.deployment(Generator, **generator_options(job))
+
+
+def generator_options(job: ServeJob) -> dict:
+    """``serve.deployment`` options of the generator (also what serving/config.yaml spells out)."""
+    a = job.autoscaling
+    actor = {"num_cpus": job.num_cpus_per_replica}
+    if job.num_gpus_per_replica:
+        actor["num_gpus"] = job.num_gpus_per_replica
+    return {
+        "name": "Generator",
+        "ray_actor_options": actor,
+        "max_ongoing_requests": job.http.max_ongoing_requests,
+        "max_queued_requests": job.http.max_queued_requests,
+        "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
+                               "initial_replicas": max(a.min_replicas, 1) if a.min_replicas == 0 else a.min_replicas,
+                               "target_ongoing_requests": a.target_ongoing_requests},
+        # Loading a real-size model takes a while; do not count it as a failed health check.
+        "health_check_timeout_s": 120.0,
+    }
+
+
+# --------------------------------------------------------------------------- ingress
+def _build_fastapi(job: ServeJob):
+    api = FastAPI(title="rayimg", version="1", description="Text-to-image and image-to-image with LoRA adapters from a registry.",
+                  docs_url="/docs", redoc_url=None)
+
+    def error_response(e: ApiError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @api.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return error_response(e)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        field = ".".join(loc) if loc else None
+        message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
+        if first.get("type") == "json_invalid":
+            field, message = None, "the body is not valid JSON"
+        return error_response(ApiError(422, "invalid_request", message, field=field))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return error_response(ApiError(e.status_code, code, str(e.detail)))
+
+    @api.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):
+        ref = uuid.uuid4().hex[:12]
+        logger.exception("rayimg: internal error %s on %s", ref, request.url.path)
+        return error_response(ApiError(500, "internal", f"internal error (reference {ref}; details are in the server log)"))
+
+    return api
+
+
+def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
+    api = _build_fastapi(job)
+    bearer = HTTPBearer(auto_error=False, description="API key (when the server sets http.api_key_env)")
+
+    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if api_key_sha256 is None:
+            return
+        if credentials is None or credentials.scheme.lower() != "bearer":
+            raise ApiError(401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+        given = hashlib.sha256(credentials.credentials.encode()).hexdigest()
+        if not hmac.compare_digest(given, api_key_sha256):
+            raise ApiError(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+
+    @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": job.num_cpus_ingress}, max_ongoing_requests=1000,
+                      num_replicas=1)
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, generator, job: ServeJob):
+            from rayimg.render.adapter_store import AdapterStore
+            from rayimg.serve.metrics import ServeMetrics
+            from rayimg.storage import Storage
+
+            self.generator = generator
+            self.job = job
+            self.storage = Storage(job.storage)
+            self.registry = AdapterStore.from_config(self.storage, job.registry, job.adapter_cache)  # resolves versions only
+            self.metrics = ServeMetrics()
+
+        async def _resolve(self, adapters: list[dict]) -> list[dict]:
+            from rayimg.render.adapter_store import AdapterNotFound
+
+            out = []
+            for a in adapters:
+                try:
+                    version = await asyncio.to_thread(self.registry.resolve, a["name"], a["version"])
+                except AdapterNotFound as e:
+                    raise ApiError(404, "adapter_not_found", str(e)) from None
+                out.append({"name": a["name"], "version": version, "scale": a["scale"]})
+            return out
+
+        async def _run(self, route: str, body) -> dict:
+            from ray.serve.exceptions import BackPressureError
+
+            from rayimg.serve.schema import adapter_set_id, settings_for
+
+            settings = settings_for(body, self.job.defaults, self.job.limits, max_timeout_s=self.job.http.request_timeout_s)
+            settings["adapters"] = await self._resolve(settings["adapters"])
+            set_id = adapter_set_id(settings["adapters"])
+            timeout = min(body.timeout_s or self.job.http.request_timeout_s, self.job.http.request_timeout_s)
+            response = self.generator.options(multiplexed_model_id=set_id).generate.remote(
+                {"settings": settings, "response_format": body.response_format})
+            try:
+                result = await asyncio.wait_for(response, timeout=timeout)
+            except BackPressureError:
+                raise ApiError(503, "overloaded", "the server's queue is full; retry later",
+                               headers={"Retry-After": str(self.job.http.retry_after_s)}) from None
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise ApiError(504, "timeout", f"the request took longer than {timeout:g} s") from None
+            self.metrics.replicas.update(result.pop("stats", None))
+            if "error" in result:
+                raise ApiError.from_dict(result["error"])
+            for image in result["images"]:
+                self.metrics.images.labels("image_cache" if image["cached"] else "rendered").inc()
+            result["adapters"] = settings["adapters"]
+            return result
+
+        async def _measured(self, route: str, fn):
+            self.metrics.in_flight.inc()
+            start = time.perf_counter()
+            status = 500
+            try:
+                result = await fn()
+                status = 200
+                return result
+            except ApiError as e:
+                status = e.status
+                raise
+            finally:
+                self.metrics.in_flight.dec()
+                self.metrics.requests.labels(route, str(status)).inc()
+                self.metrics.latency.labels(route).observe(time.perf_counter() - start)
+
+        @api.post("/v1/generate", dependencies=[Depends(authorize)], summary="Text to image")
+        async def generate(self, body: GenerateBody) -> dict:
+            return await self._measured("/v1/generate", lambda: self._run("/v1/generate", body))
+
+        @api.post("/v1/img2img", dependencies=[Depends(authorize)], summary="Image to image")
+        async def img2img(self, body: Img2ImgBody) -> dict:
+            return await self._measured("/v1/img2img", lambda: self._run("/v1/img2img", body))
+
+        @api.get("/v1/adapters", dependencies=[Depends(authorize)], summary="Published adapters")
+        async def adapters(self) -> dict:
+            return await self._measured("/v1/adapters", lambda: asyncio.to_thread(self._list_adapters))
+
+        def _list_adapters(self) -> dict:
+            from rayimg.train.registry import list_adapters
+
+            out = []
+            for name, versions in list_adapters(self.storage, self.job.registry).items():
+                meta = self.registry.metadata(name, versions[-1])
+                base = meta.get("base_model") or {}
+                out.append({"name": name, "versions": versions, "latest": versions[-1], "method": meta.get("method"),
+                            "rank": meta.get("rank"), "trigger_word": meta.get("trigger_word"),
+                            "base_model": base.get("id"), "created": meta.get("created")})
+            return {"adapters": out}
+
+        @api.get("/healthz", summary="Liveness (does not wake generator replicas)")
+        async def healthz(self) -> dict:
+            return {"status": "ok", "model": self.job.model.pretrained, "registry": self.job.registry}
+
+        @api.get("/metrics", summary="Prometheus metrics", response_class=Response)
+        async def metrics(self) -> Response:
+            from rayimg.serve.metrics import CONTENT_TYPE
+
+            return Response(self.metrics.text(), media_type=CONTENT_TYPE)
+
+        @api.get("/", summary="Web page", response_class=HTMLResponse, include_in_schema=False)
+        async def page(self) -> HTMLResponse:
+            return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    return Ingress
+
+
+# --------------------------------------------------------------------------- building and running
+def _api_key_sha256(job: ServeJob) -> str | None:
+    name = job.http.api_key_env
+    if not name:
+        return None
+    key = os.environ.get(name)
+    if not key:
+        from rayimg.config import ConfigError
+
+        raise ConfigError("http.api_key_env", f"names {name}, but that environment variable is not set (unset api_key_env to disable auth)")
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def build_app(job: ServeJob):
+    """The Serve application of ``job`` (not started). Paths in ``job`` are made absolute, and
+    the API key (``http.api_key_env``) is read from this process's environment now: the
+    replicas receive only its sha256."""
+    job = absolute_paths(job)
+    generator = generator_deployment(job).bind(job)
+    return ingress_deployment(job, _api_key_sha256(job)).bind(generator, job)
+
+
+def app_builder(args: dict):
+    """For ``serve deploy serving/config.yaml``: ``args`` = ``{"config": "jobs/configs/serve.yaml",
+    "overrides": ["limits.max_steps=40", ...]}``; a relative config path is looked up in the
+    working dir, then in the repo this module belongs to."""
+    config = args.get("config")
+    if config and "://" not in config and not Path(config).is_absolute() and not Path(config).exists():
+        config = str(Path(__file__).resolve().parents[1] / config)  # relative to the repo the app is installed from
+    job = load_job("serve", config, list(args.get("overrides") or []))
+    return build_app(job)
+
+
+def start(job: ServeJob) -> str:
+    """Start the app in this process's Ray cluster and return its base URL once every replica
+    has loaded the model.
+
+    Connects to Ray as every job does (``cluster.address``, RAY_ADDRESS, or a local cluster
+    started in-process), starts Serve's HTTP proxy on ``http.host:http.port`` (a proxy already
+    running keeps its own host and port) and deploys the app as ``app_name`` at
+    ``http.route_prefix``. Returns e.g. ``"http://127.0.0.1:8000"``; then
+    ``POST {base_url}/v1/generate`` with ``{"prompt": "..."}``. The app serves until
+    ``serve.delete(job.app_name)`` or ``serve.shutdown()``.
+    """
+    from rayimg.cluster import connect
+
+    connect(job.cluster)
+    serve.start(http_options={"host": job.http.host, "port": job.http.port})
+    serve.run(build_app(job), name=job.app_name, route_prefix=job.http.route_prefix, blocking=False)
+    return base_url(job)
+
+
+def base_url(job: ServeJob) -> str:
+    """The URL the app answers at (the running proxy's host and port)."""
+    host, port = job.http.host, job.http.port
+    try:
+        from ray.serve.context import _get_global_client
+
+        options = _get_global_client().http_config
+        host, port = options.host, options.port
+    except Exception:
+        pass
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{host}:{port}{job.http.route_prefix.rstrip('/')}"
+
+
+def run(job: ServeJob) -> None:
+    """``rayimg serve``: start the app and serve until Ctrl-C."""
+    url = start(job)
+    print(f"[serve] {job.model.pretrained} with adapters from {job.registry}", flush=True)
+    print(f"[serve] listening on {url}  (web page {url}/, API docs {url}/docs, metrics {url}/metrics); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("[serve] stopping", flush=True)
+        serve.shutdown()
