@@ -69,7 +69,7 @@ class GeneratorBase:
     :func:`generator_deployment` to add the multiplexed ``adapter_set`` loader (its bound comes
     from config)."""
 
-    def __init__(self, job: ServeJob):
+    def __init__(self, job: ServeJob, renderer_factory=None):
         from rayimg.render.adapter_store import AdapterStore
         from rayimg.render.renderer import Renderer
         from rayimg.serve.image_cache import ImageStore
@@ -78,7 +78,10 @@ class GeneratorBase:
         self.job = job
         self.storage = Storage(job.storage)
         self.store = AdapterStore.from_config(self.storage, job.registry, job.adapter_cache)
-        self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=self.store)
+        if renderer_factory is not None:  # benchmarks: e.g. random-init real-size weights built on the GPU
+            self.renderer = renderer_factory(job, self.store)
+        else:
+            self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=self.store)
         self.store.unet_config = self.renderer.pipe.unet.config
         self.images = ImageStore(self.storage, job.image_cache.uri)
         self.device = self.renderer.engine.device
@@ -144,7 +147,7 @@ class GeneratorBase:
                     out[i] = {"png": png, "cached": True}
                     self.counters["image_cache_hits"] += 1
         todo = [i for i in range(len(requests)) if out[i] is None]
-        info = {"adapter_tiers": {}, "adapter_load_s": 0.0, "batch_sizes": [], "swap_s": 0.0, "render_s": 0.0}
+        info = {"adapter_tiers": {}, "adapter_load_s": 0.0, "batch_sizes": [], "swap_s": 0.0, "engine_s": 0.0}
         if todo:
             set_id = adapter_set_id(s["adapters"])
             aset = None
@@ -168,7 +171,7 @@ class GeneratorBase:
                 out[i] = {"png": r["png"], "cached": False}
                 info["batch_sizes"].append(r["batch_size"])
                 info["swap_s"] = max(info["swap_s"], r["swap_s"])
-                info["render_s"] = max(info["render_s"], r["render_s"])
+                info["engine_s"] = max(info["engine_s"], r["engine_s"])
             if self.job.image_cache.enabled or want_uri:
                 await asyncio.gather(*(asyncio.to_thread(self.images.put, keys[i], out[i]["png"]) for i in todo))
         images = []
@@ -203,8 +206,12 @@ class GeneratorBase:
                 with self.render_lock:
                     swap_s = self._use_adapters(requests[0].adapters, aset)
                     start = time.perf_counter()
-                    rendered = self.renderer.render(requests)
-                    render_s = time.perf_counter() - start
+                    images = self.renderer.engine.generate(requests)
+                    if self.device.type == "cuda":
+                        import torch
+
+                        torch.cuda.synchronize()
+                    engine_s = time.perf_counter() - start
             except LoraError as e:
                 for i in indices:
                     results[i] = ApiError(422, "adapter_incompatible", str(e), field="adapters")
@@ -212,9 +219,16 @@ class GeneratorBase:
             self.counters["batches"] += 1
             self.counters["batched_images"] += len(requests)
             self.counters["images_rendered"] += len(requests)
-            for i, image in zip(indices, rendered):
-                results[i] = {"png": image.png, "batch_size": len(requests), "swap_s": swap_s, "render_s": render_s}
+            for i, request, image in zip(indices, requests, images):
+                results[i] = {"png": self._png(request, image), "batch_size": len(requests), "swap_s": swap_s, "engine_s": engine_s}
         return results
+
+    def _png(self, request, image) -> bytes:
+        """PNG with the same metadata the render job writes (Renderer.render)."""
+        from rayimg.render.output import png_bytes
+
+        key = self.renderer.key(request)
+        return png_bytes(image, {"rayimg:key": key, "rayimg:model": self.renderer.model_id, "parameters": request.params()})
 
     def _use_adapters(self, identity: tuple, aset: AdapterSet | None) -> float:
         """Fuse the adapter set (device-resident weights) at the requested scales."""
@@ -439,12 +453,13 @@ def _api_key_sha256(job: ServeJob) -> str | None:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def build_app(job: ServeJob):
+def build_app(job: ServeJob, renderer_factory=None):
     """The Serve application of ``job`` (not started). Paths in ``job`` are made absolute, and
     the API key (``http.api_key_env``) is read from this process's environment now: the
-    replicas receive only its sha256."""
+    replicas receive only its sha256. ``renderer_factory(job, adapter_store) -> Renderer``
+    (benchmarks) replaces loading ``job.model`` in each generator replica."""
     job = absolute_paths(job)
-    generator = generator_deployment(job).bind(job)
+    generator = generator_deployment(job).bind(job, renderer_factory)
     return ingress_deployment(job, _api_key_sha256(job)).bind(generator, job)
 
 
@@ -459,7 +474,7 @@ def app_builder(args: dict):
     return build_app(job)
 
 
-def start(job: ServeJob) -> str:
+def start(job: ServeJob, renderer_factory=None) -> str:
     """Start the app in this process's Ray cluster and return its base URL once every replica
     has loaded the model.
 
@@ -474,7 +489,7 @@ def start(job: ServeJob) -> str:
 
     connect(job.cluster)
     serve.start(http_options={"host": job.http.host, "port": job.http.port})
-    serve.run(build_app(job), name=job.app_name, route_prefix=job.http.route_prefix, blocking=False)
+    serve.run(build_app(job, renderer_factory), name=job.app_name, route_prefix=job.http.route_prefix, blocking=False)
     return base_url(job)
 
 
