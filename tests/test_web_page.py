@@ -84,7 +84,8 @@ class DevTools:
             if value:
                 return value
             time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {expression}; status: {self.js('document.getElementById(\"status\").textContent')!r}")
+        status = self.js("document.getElementById('status').textContent")
+        raise AssertionError(f"timed out waiting for {expression}; page status: {status!r}")
 
 
 @pytest.fixture
