@@ -509,10 +509,10 @@ def base_url(job: ServeJob) -> str:
 
 def run(job: ServeJob) -> None:
     """``rayimg serve``: start the app and serve until Ctrl-C."""
-    url = start(job)
-    print(f"[serve] {job.model.pretrained} with adapters from {job.registry}", flush=True)
-    print(f"[serve] listening on {url}  (web page {url}/, API docs {url}/docs, metrics {url}/metrics); Ctrl-C stops", flush=True)
+    print(f"[serve] starting {job.model.pretrained} with adapters from {job.registry}", flush=True)
     try:
+        url = start(job)
+        print(f"[serve] listening on {url}  (web page {url}/, API docs {url}/docs, metrics {url}/metrics); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -225,14 +225,15 @@ def test_adapter_store_single_flight_across_threads(s3_registry, tmp_path):
     from rayimg.render.adapter_store import AdapterStore
 
     store = AdapterStore(Storage(), s3_registry, disk_dir=str(tmp_path))
-    barrier = threading.Barrier(4)
+    store.metadata("style-c", "1")  # adapter.json read: every thread goes straight for the weights
+    barrier = threading.Barrier(8)
 
     def get(_):
         barrier.wait()
-        return store.get("style-c", None)
+        return store.get("style-c", "1")
 
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(get, range(4)))
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(get, range(8)))
     assert {v for v, _ in results} == {"1"} and len({id(w) for _, w in results}) == 1
     assert store.stats.downloads == 1 and store.stats.loads == 1
 
