@@ -148,7 +148,8 @@ def synthetic_cache(dims: dict, items: int, resolution: int):
 class Runner:
     """Trainee + optimizer + scheduler + batches, stepping exactly as train.py's worker loop."""
 
-    def __init__(self, args, method: str, *, trainable_dtype: torch.dtype, optimizer: str = "adamw", batch: int = 1):
+    def __init__(self, args, method: str, *, trainable_dtype: torch.dtype, optimizer: str = "adamw", batch: int = 1,
+                 full_bf16: bool = False):
         from rayimg.train.optim import build_lr_scheduler, build_optimizer
         from rayimg.train.trainee import build_trainee
 
@@ -164,14 +165,15 @@ class Runner:
         self.dims = unet_dims(unet, args.resolution)
         loaded = make_loaded(args, unet, self.device, unet_dtype)
         torch.manual_seed(0)
-        self.trainee = build_trainee(loaded, self.job, trainable_dtype=trainable_dtype)
+        # full_bf16 (train.full_bf16): bf16 LoRA params and no autocast anywhere, as train.py runs it
+        self.trainee = build_trainee(loaded, self.job, trainable_dtype=trainable_dtype, autocast=not full_bf16)
         self.trainee.to(self.device)  # ray.train.torch.prepare_model(trainee) with one worker
         self.params = self.trainee.trainable_parameters()
         self.optimizer = build_optimizer(self.params, self.job)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.job, self.job.train.max_steps)
         self.model = self.trainee
         self.amp_dtype = torch.bfloat16
-        self.use_amp = True
+        self.use_amp = not full_bf16
         self.step_no = 0
         self.losses: list[float] = []
         self.trainable = sum(p.numel() for p in self.params)
@@ -527,6 +529,8 @@ def parse_args(argv=None):
     ap.add_argument("--best-options", default=None, help="comma list: skip the option search, use these for lora+best")
     ap.add_argument("--best-from", default=None,
                     help="--compile-only: take the best options and batch from this train_bench.json (default $OUT/train_bench.json if present)")
+    ap.add_argument("--full-bf16", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+                    help="--compile-only: bf16 everywhere without autocast (default: whatever was faster in train_bench.json)")
     ap.add_argument("--json-lines", action="store_true", help="print each result as a full JSON line")
     ap.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS_H100_BF16)
     ap.add_argument("--budget-s", type=float, default=None, help="skip configurations that would start after this many seconds")
@@ -551,7 +555,7 @@ def parse_args(argv=None):
     return args
 
 
-def run_compile(bench: Bench, runner: Runner, mode: str, batch: int, options) -> None:
+def run_compile(bench: Bench, runner: Runner, mode: str, batch: int, options, tag: str = "") -> None:
     """Compile the UNet in place (the module object and its state_dict keys stay the same, so
     export code is unaffected) and time it; the probe loss before/after shows the math kept."""
     with speed_options(runner, options):
@@ -582,7 +586,7 @@ def run_compile(bench: Bench, runner: Runner, mode: str, batch: int, options) ->
     compile_s = time.perf_counter() - t
     log(f"first compiled forward after {compile_s:.1f}s; {check}")
     free_memory()
-    bench.run(runner, f"lora+best+compile_{mode}", [batch], options,
+    bench.run(runner, f"lora+best{tag}+compile_{mode}", [batch], options,
               extra={"compile": mode, "compile_first_forward_s": round(compile_s, 1), "math_check": check})
 
 
@@ -610,9 +614,11 @@ def main(argv=None) -> int:
         batch = args.compile_batch or (notes.get("best_lora") or {}).get("batch") or 8
         log(f"compile {args.compile_only} at batch {batch} with options {options or 'none'}"
             + (f" (from {best_from})" if notes else ""))
-        runner = Runner(args, "lora", trainable_dtype=torch.bfloat16, batch=batch)
+        fb16 = args.full_bf16 if args.full_bf16 is not None else bool(notes.get("full_bf16_faster"))
+        log(f"compile with full_bf16={fb16}")
+        runner = Runner(args, "lora", trainable_dtype=torch.bfloat16, batch=batch, full_bf16=fb16)
         bench.measure_flops(runner, "lora")
-        run_compile(bench, runner, args.compile_only, batch, options)
+        run_compile(bench, runner, args.compile_only, batch, options, tag="+full_bf16" if fb16 else "")
         print_table(bench.results)
         return 0
 
@@ -670,6 +676,15 @@ def main(argv=None) -> int:
                 runner.drop_captions = False
         del runner
         free_memory()
+        # 4. train.full_bf16: bf16 LoRA params and no autocast (norms and softmax in bf16 too)
+        if best_batch and not bench.over_budget():
+            runner = Runner(args, "lora", trainable_dtype=torch.bfloat16, batch=best_batch, full_bf16=True)
+            rows = bench.run(runner, "lora+full_bf16+best", [best_batch], best_options,
+                             extra={"full_bf16": True, "math_note": "no autocast: a different (bf16) numerics recipe, not checked bit-for-bit"})
+            ok16 = [r for r in rows if r.get("status") == "ok"]
+            bench.notes["full_bf16_faster"] = bool(ok16 and ok16[0]["images_per_s"] > bench.notes["best_lora"]["images_per_s"])
+            del runner
+            free_memory()
 
     if "full" in args.method_list and not bench.over_budget():
         optimizers = ["adamw"]

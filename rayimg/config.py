@@ -20,7 +20,7 @@ __all__ = [
     "TextualInversionConfig", "DeepSpeedConfig", "ScalingConfig", "CheckpointConfig",
     "ValidationConfig", "PublishConfig", "GenerationConfig", "EngineConfig", "CatalogConfig",
     "RenderOutputConfig", "LimitsConfig", "AutoscalingConfig", "AdapterCacheConfig",
-    "ImageCacheConfig", "HttpConfig", "PrepareJob", "TrainJob", "RenderJob", "ServeJob", "DemoJob",
+    "ImageCacheConfig", "HttpConfig", "PrepareJob", "TrainJob", "RenderJob", "ServeJob", "DemoConceptConfig", "DemoJob",
     "JOBS", "load_job", "absolute_paths", "describe", "to_dict", "from_dict", "ADAPTER_NAME_RE", "SCHEDULERS",
 ]
 
@@ -206,6 +206,8 @@ class TrainConfig:
     max_grad_norm: float = field(1.0, doc="gradient clipping norm (0 disables)")
     mixed_precision: Literal["no", "fp16", "bf16"] = field("bf16", doc="autocast precision")
     gradient_checkpointing: bool = field(False, doc="trade compute for memory in the UNet")
+    full_bf16: bool = field(False, doc="LoRA/DreamBooth: bf16 trainable weights and no autocast, so the whole step (norms included) runs in bf16 (kohya's --full_bf16; faster, slightly less precise updates)")
+    compile: Literal["none", "regional", "full"] = field("none", doc="torch.compile the UNet: 'regional' compiles the repeated transformer blocks (quick to compile), 'full' the whole UNet (minutes cold)")
     snr_gamma: Optional[float] = field(None, doc="min-SNR loss weighting gamma (5.0 is typical); null disables")
     noise_offset: float = field(0.0, doc="noise offset (0.05-0.1 helps very dark/bright images)")
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = field(None, doc="override the scheduler's prediction type")
@@ -229,6 +231,8 @@ class TrainConfig:
         check(0.0 <= self.noise_offset <= 1.0, "noise_offset", "must be in [0, 1]")
         check(0.0 <= self.caption_dropout < 1.0, "caption_dropout", "must be in [0, 1)")
         check(0.0 < self.ema_decay < 1.0, "ema_decay", "must be in (0, 1)")
+        check(not self.full_bf16 or self.mixed_precision == "bf16", "full_bf16", f"needs mixed_precision 'bf16', got {self.mixed_precision!r}")
+        check(not self.full_bf16 or self.method in ("lora", "dreambooth"), "full_bf16", f"applies to the lora and dreambooth methods, not {self.method!r}")
 
 
 @dataclass
@@ -596,18 +600,54 @@ class ServeJob:
 
 # --------------------------------------------------------------------------- demo
 @dataclass
+class DemoConceptConfig:
+    """The new concept `rayimg demo` teaches the base model: a shape it never saw, named by a trigger token."""
+
+    shape: Literal["cross"] = field("cross", doc="the shape drawn in the instance pictures (kept out of the base model's data)")
+    trigger: str = field("sks", doc="trigger token that stands for the concept in captions and prompts")
+    num_images: int = field(24, doc="instance pictures generated")
+    seed: int = field(0, doc="seed of the generated pictures")
+
+    def validate(self) -> None:
+        check(bool(re.match(r"^[a-z]+$", self.trigger)), "trigger", f"must be one lowercase word, got {self.trigger!r}")
+        check(self.num_images >= 1, "num_images", "must be >= 1")
+
+
+@dataclass
 class DemoJob:
-    """`rayimg demo`: the whole flow on a laptop CPU with the project's tiny model."""
+    """`rayimg demo`: the whole flow on a laptop CPU with the project's tiny shapes model: generate a
+    DreamBooth-style set of a new concept, prepare it, train a LoRA on Ray Train, publish it, render a
+    catalog with and without it, serve one request, and write a contact sheet."""
 
     output_dir: str = field("outputs/demo", doc="where the demo writes everything", path=True)
-    model: ModelConfig = field(default_factory=ModelConfig, doc="base model (the project's tiny model by default)")
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(pretrained="rayimg-tiny-shapes", family="sd", dtype="float32", device="cpu"),
+                               doc="base model (the project's trained tiny shapes model by default)")
     cluster: ClusterConfig = field(default_factory=ClusterConfig, doc="Ray cluster")
-    prompts: list[str] = field(default_factory=lambda: ["a red circle on a white background", "a blue square on a black background"], doc="prompts rendered by the demo")
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(steps=4, width=64, height=64, guidance_scale=5.0), doc="generation settings")
+    concept: DemoConceptConfig = field(default_factory=DemoConceptConfig, doc="the concept the LoRA learns")
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(method="lora", resolution=64, batch_size=4, learning_rate=3e-3, lr_scheduler="constant",
+                                                                   max_steps=120, mixed_precision="no", seed=0),
+                               doc="LoRA training loop (batch_size is per worker)")
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]),
+                             doc="LoRA shape")
+    num_workers: int = field(2, doc="Ray Train workers (one CPU each)")
+    adapter_name: str = field("demo-cross", doc="name of the adapter in the demo's registry")
+    prompts: list[str] = field(default_factory=lambda: [
+        "a red {trigger} on a white background", "a blue {trigger} on a black background",
+        "a yellow {trigger} on a gray background", "a green {trigger} on a white background",
+        "a purple {trigger} on a black background", "a blue circle on a white background",
+    ], doc="catalog prompts, rendered with and without the adapter; {trigger} becomes concept.trigger")
+    seeds: list[int] = field(default_factory=lambda: [0, 1], doc="seeds each prompt is rendered with")
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(steps=20, width=64, height=64, guidance_scale=5.0, scheduler="dpmpp_2m"),
+                                         doc="generation settings of the catalog and the served request")
+    serve: bool = field(True, doc="start the Serve app and make one HTTP request")
 
     def validate(self) -> None:
         _check_uri(self.output_dir, "output_dir")
         check(len(self.prompts) >= 1, "prompts", "must hold at least one prompt")
+        check(len(self.seeds) >= 1, "seeds", "must hold at least one seed")
+        check(self.num_workers >= 1, "num_workers", "must be >= 1")
+        check(self.train.method == "lora", "train.method", "the demo trains a LoRA ('lora')")
+        check(bool(ADAPTER_NAME_RE.match(self.adapter_name)), "adapter_name", f"{self.adapter_name!r} must match {ADAPTER_NAME_RE.pattern}")
 
 
 JOBS: dict[str, type] = {

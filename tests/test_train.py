@@ -128,3 +128,20 @@ def test_killed_worker_is_restarted_from_the_checkpoint(cache, tmp_path, monkeyp
     r = train(job(tmp_path, cache=str(cache / "cache"), train={"max_steps": 6}, checkpoint={"max_failures": 1}))
     assert (tmp_path / "killed").exists()  # a worker really died at step 3
     assert len(r["losses"]) == 6 and r["steps"] == 6
+
+
+def test_lora_full_bf16_with_regional_compile(cache, tmp_path):
+    """train.full_bf16 (bf16 LoRA weights, no autocast) with the transformer blocks compiled: the
+    loss stays finite and the exported adapter is trained (not the zero init) and loads."""
+    train(job(tmp_path, cache=str(cache / "cache"), scaling={"num_workers": 1},
+              train={"max_steps": 2, "mixed_precision": "bf16", "full_bf16": True, "compile": "regional"},
+              lora={"rank": 4}))
+    from safetensors.torch import load_file
+
+    adapter = tmp_path / "registry" / "adapters" / "test-adapter" / "1"
+    weights = load_file(str(adapter / "pytorch_lora_weights.safetensors"))
+    assert any(float(v.abs().max()) > 0 for k, v in weights.items() if ".up." in k or "lora_B" in k)
+    pipe = load_pipeline(ModelConfig(device="cpu"))
+    pipe.load_lora_weights(str(adapter))
+    meta = json.loads((adapter / "adapter.json").read_text())
+    assert meta["training_config"]["train"]["full_bf16"] is True

@@ -630,3 +630,14 @@ def test_cached_batches_use_embeddings_only_when_text_encoders_are_frozen():
     assert training["captions"] == ["c2", "c0"] and "prompt_embeds" not in training
     no_embeds = CachedBatches(records, lambda sid: {"latents": shard["latents"]}, "sd").batch([1], "cpu")
     assert no_embeds["captions"] == ["c1"]
+
+
+@pytest.mark.parametrize("train, match", [
+    ({"full_bf16": True, "mixed_precision": "no"}, "full_bf16.*bf16"),
+    ({"full_bf16": True, "method": "full"}, "full_bf16.*lora"),
+])
+def test_full_bf16_is_checked_naming_the_field(train, match):
+    from rayimg.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=match):
+        from_dict(TrainJob, {"cache": "unused", "train": train})

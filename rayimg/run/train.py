@@ -256,7 +256,12 @@ def train_loop(config: dict) -> None:
                                              "dtype": "float32"})
     storage = Storage(job.storage)
     loaded = load_model(model_cfg, storage)
-    trainee = build_trainee(loaded, job)
+    full_bf16 = job.train.full_bf16
+    trainee = build_trainee(loaded, job, trainable_dtype=torch.bfloat16 if full_bf16 else torch.float32, autocast=not full_bf16)
+    if job.train.compile == "regional":
+        trainee.unet.compile_repeated_blocks()  # in place: parameter names and exports are unchanged
+    elif job.train.compile == "full":
+        trainee.unet.compile()
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     records = list(ray.train.get_dataset_shard("items").iter_rows())
@@ -299,7 +304,7 @@ def train_loop(config: dict) -> None:
             print(f"[train] resumed at step {step} from {ckpt.path}", flush=True)
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(job.train.mixed_precision)
-    use_amp = amp_dtype is not None and not use_ds
+    use_amp = amp_dtype is not None and not use_ds and not full_bf16
     scaler = torch.amp.GradScaler(device.type) if (use_amp and amp_dtype == torch.float16) else None
     t_last, imgs_since = time.perf_counter(), 0
     model.train()
