@@ -224,8 +224,9 @@ class Engine:
         if fuse_qkv:
             pipe.fuse_qkv_projections()
         if channels_last:
+            # UNet only: the VAE runs eager, and eager CUDA GroupNorm returns contiguous outputs
+            # (pytorch#111824), so a channels-last VAE converts layouts around every norm.
             pipe.unet.to(memory_format=torch.channels_last)
-            pipe.vae.to(memory_format=torch.channels_last)
         if compile:
             # In place (nn.Module.compile): the module keeps its identity and parameter paths,
             # so FusedAdapters and the img2img/controlnet pipelines share the compiled UNet.
