@@ -474,6 +474,14 @@ def test_lora_weights_move_packed(loras):
     assert moved.device.type == "meta" and moved.fingerprint == lora.fingerprint and moved.nbytes == lora.nbytes
     for (c, p, layer), (_, _, other) in zip(lora.items(), moved.items()):
         assert other.down.shape == layer.down.shape and other.up.shape == layer.up.shape and other.alpha == layer.alpha, f"{c}.{p}"
+    packed = lora.packed()
+    assert packed.flat and sum(f.numel() * f.element_size() for f in packed.flat.values()) == lora.nbytes
+    for (c, p, layer), (_, _, other) in zip(lora.items(), packed.items()):
+        assert torch.equal(other.down, layer.down) and torch.equal(other.up, layer.up), f"{c}.{p}"
+        assert any(other.down.untyped_storage().data_ptr() == f.untyped_storage().data_ptr() for f in packed.flat.values())
+    again = packed.to("meta")  # from the flat buffers: same layout on the other side
+    assert again.flat and all(f.device.type == "meta" for f in again.flat.values())
+    assert [tuple(l.up.shape) for _, _, l in again.items()] == [tuple(l.up.shape) for _, _, l in lora.items()]
 
 
 def test_compiled_module_sees_swaps_without_recompiling():

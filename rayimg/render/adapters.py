@@ -99,6 +99,8 @@ class LoraWeights:
     layers: dict[str, dict[str, LoraLayer]]
     fingerprint: str
     name: str = ""
+    # dtype -> one flat buffer the tensors are views of (set by packed()/to()): moved in one copy
+    flat: dict[torch.dtype, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def items(self) -> Iterator[tuple[str, str, LoraLayer]]:
         for component, modules in self.layers.items():
@@ -125,17 +127,35 @@ class LoraWeights:
         entries = list(self.items())
         if all(layer.down.device == device and layer.up.device == device for _, _, layer in entries):
             return self
+        if self.flat is None:
+            return self._packed_copy(lambda flat: flat.to(device, non_blocking=non_blocking))
+        # already packed (e.g. pinned in the CPU tier): one copy per buffer, no concatenation
+        pinned = all(f.is_pinned() for f in self.flat.values()) if device.type == "cuda" else False
+        return self._packed_copy(lambda flat: flat.to(device, non_blocking=non_blocking or pinned))
+
+    def packed(self, pin: bool = False) -> "LoraWeights":
+        """A copy whose tensors are views of one flat buffer per dtype, in pinned (page-locked)
+        memory with ``pin``: a CPU cache tier of these moves to a GPU in one fast copy."""
+        return self._packed_copy(lambda flat: flat.pin_memory() if pin else flat)
+
+    def _packed_copy(self, place) -> "LoraWeights":
+        entries = list(self.items())
         tensors = [t for _, _, layer in entries for t in (layer.down, layer.up)]
         moved: list[torch.Tensor | None] = [None] * len(tensors)
-        for dtype in {t.dtype for t in tensors}:
+        flats: dict[torch.dtype, torch.Tensor] = {}
+        for dtype in sorted({t.dtype for t in tensors}, key=str):
             index = [i for i, t in enumerate(tensors) if t.dtype == dtype]
-            flat = torch.cat([tensors[i].reshape(-1) for i in index]).to(device, non_blocking=non_blocking)
+            if self.flat is not None and dtype in self.flat:
+                source = self.flat[dtype]
+            else:
+                source = torch.cat([tensors[i].reshape(-1) for i in index])
+            flats[dtype] = flat = place(source)
             for i, part in zip(index, flat.split([tensors[i].numel() for i in index])):
                 moved[i] = part.view(tensors[i].shape)
         layers: dict[str, dict[str, LoraLayer]] = {}
         for n, (component, path, layer) in enumerate(entries):
             layers.setdefault(component, {})[path] = LoraLayer(moved[2 * n], moved[2 * n + 1], layer.alpha)
-        return LoraWeights(layers=layers, fingerprint=self.fingerprint, name=self.name)
+        return LoraWeights(layers=layers, fingerprint=self.fingerprint, name=self.name, flat=flats)
 
 
 # --------------------------------------------------------------------------- reading files
