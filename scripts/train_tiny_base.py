@@ -36,8 +36,11 @@ def log(msg: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(Path(__file__).with_suffix(".yaml")))
-    ap.add_argument("--phase", choices=("all", "vae", "denoiser"), default="all")
+    ap.add_argument("--phase", choices=("all", "vae", "denoiser", "decoder", "assemble", "continue"), default="all",
+                    help="vae: phase 1; denoiser: phase 2; decoder: phase 2b, the VAE decoder alone (may run beside "
+                         "phase 2; writes <out_dir>/vae-decoder); assemble: put the fine-tuned decoder into <out_dir>/model")
     ap.add_argument("--checkpoint-every", type=int, default=0, help="save and judge the model every N denoiser steps")
+    ap.add_argument("--install", action="store_true", help="copy the result to rayimg/models/pretrained/rayimg-tiny-shapes")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     job = load(bm.BaseModelJob, args.config, args.overrides)
@@ -69,6 +72,21 @@ def main(argv=None) -> int:
 
     from diffusers import AutoencoderKL
 
+    if args.phase == "decoder":
+        vae = AutoencoderKL.from_pretrained(out / "vae").eval()
+        log(f"phase 2b: VAE decoder, {job.decoder_train.steps} steps")
+        t = time.perf_counter()
+        bm.finetune_decoder(vae, pixels[: job.vae_images], job.decoder_train, seed=job.seed + 2, log=log)
+        vae.save_pretrained(out / "vae-decoder", safe_serialization=True)
+        times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
+        times["decoder_s"] = round(time.perf_counter() - t)
+        (out / "times.json").write_text(json.dumps(times))
+        return 0
+    if args.phase == "assemble":
+        return assemble(job, out, args.install)
+    if args.phase == "continue":
+        return continue_denoiser(job, out, pixels, captions, args.install)
+
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
     t = time.perf_counter()
     latents = bm.encode_latents(vae, pixels)
@@ -95,17 +113,82 @@ def main(argv=None) -> int:
     (out / "times.json").write_text(json.dumps(times))
     path = bm.save_pipeline(pipe, out / "model")
     log(f"saved {path} (training: VAE {times.get('vae_s', '?')}s, UNet + text encoder {times['denoiser_s']}s)")
-    report(path, job.denoiser_train.steps)
+    if (out / "vae-decoder").is_dir():
+        return assemble(job, out, args.install)
+    return finish(job, out, path, times, args.install)
+
+
+def continue_denoiser(job, out: Path, pixels, captions, install: bool) -> int:
+    """Phase 2c: more UNet + text-encoder steps (``continue_train``) from <out_dir>/model, on the
+    first ``continue_images`` pictures; the fine-tuned decoder goes in first when there is one."""
+    from diffusers import StableDiffusionPipeline
+
+    if (out / "vae-decoder").is_dir():
+        assemble(job, out, install=False, measure=False)
+    path = out / "model"
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+    n = job.continue_images
+    t = time.perf_counter()
+    latents = bm.encode_latents(pipe.vae, pixels[:n]) * pipe.vae.config.scaling_factor
+    log(f"phase 2c: {job.continue_train.steps} more steps on {n} pictures' latents (encoded in {time.perf_counter() - t:.0f}s)")
+    t = time.perf_counter()
+    bm.train_denoiser(pipe, latents, captions[:n], job.continue_train, seed=job.seed + 3, log=log)
+    times = json.loads((out / "times.json").read_text())
+    times["continue_s"] = round(time.perf_counter() - t)
+    (out / "times.json").write_text(json.dumps(times))
+    bm.save_pipeline(pipe, path)
+    return finish(job, out, path, times, install)
+
+
+def assemble(job, out: Path, install: bool, measure: bool = True) -> int:
+    """<out_dir>/model with the decoder of <out_dir>/vae-decoder (same encoder, same latents)."""
+    from diffusers import AutoencoderKL
+
+    path = out / "model"
+    vae = AutoencoderKL.from_pretrained(path / "vae")
+    tuned = AutoencoderKL.from_pretrained(out / "vae-decoder")
+    for a, b in zip(vae.encoder.state_dict().values(), tuned.encoder.state_dict().values()):
+        if not torch.equal(a.float(), b.half().float()):  # the model dir holds float16 weights
+            raise SystemExit("assemble: vae-decoder has another encoder than the model's VAE; retrain phase 2b from <out_dir>/vae")
+    vae.decoder.load_state_dict(tuned.decoder.state_dict())
+    vae.post_quant_conv.load_state_dict(tuned.post_quant_conv.state_dict())
+    vae.to(torch.float16).save_pretrained(path / "vae", safe_serialization=True)
+    times = json.loads((out / "times.json").read_text())
+    log(f"assembled {path} with the fine-tuned decoder of {out / 'vae-decoder'}")
+    return finish(job, out, path, times, install) if measure else 0
+
+
+def finish(job, out: Path, path: Path, times: dict, install: bool) -> int:
+    factor = json.loads((path / "vae" / "config.json").read_text())["scaling_factor"]
+    adherence = report(path, job.denoiser_train.steps)
+    import diffusers
+    import transformers
+
+    record = {"config": to_dict(job), "times_s": times, "threads": job.threads, "scaling_factor": factor,
+              "adherence": {k: v for k, v in adherence.items() if k != "rows"},
+              "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}}
+    (path / "training.json").write_text(json.dumps(record, indent=2))
+    if install:
+        import shutil
+
+        from rayimg.models.tiny import PRETRAINED_MODELS
+
+        target = PRETRAINED_MODELS["rayimg-tiny-shapes"]
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(path, target)
+        log(f"installed as rayimg-tiny-shapes: {target}")
     return 0
 
 
-def report(model_dir: Path, step: int) -> None:
+def report(model_dir: Path, step: int) -> dict:
     from rayimg.demo.adherence import measure_adherence
 
     result = measure_adherence(str(model_dir))
     log(f"adherence at step {step}: colour {result['color_accuracy']:.1%}, shape {result['shape_accuracy']:.1%} "
         f"over {result['count']} renders")
-    (Path(model_dir) / "adherence.json").write_text(json.dumps(result, indent=2))
+    rows = [{k: v for k, v in r.items() if k != "image"} for r in result["rows"]]
+    (Path(model_dir) / "adherence.json").write_text(json.dumps({**result, "rows": rows}, indent=2))
+    return result
 
 
 if __name__ == "__main__":

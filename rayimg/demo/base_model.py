@@ -30,7 +30,7 @@ from rayimg.configbase import check, field
 __all__ = [
     "VaeConfig", "TextEncoderConfig", "UnetConfig", "PhaseConfig", "BaseModelJob", "build_vae", "build_text_encoder",
     "build_unet", "build_pipeline", "load_pixels", "train_vae", "set_scaling_factor", "encode_latents",
-    "train_denoiser", "save_pipeline",
+    "train_denoiser", "finetune_decoder", "save_pipeline",
 ]
 
 
@@ -83,7 +83,7 @@ class PhaseConfig:
     ema_decay: float = field(0.999, doc="denoiser only: EMA decay of the UNet weights")
 
     def validate(self) -> None:
-        check(self.steps >= 1, "steps", "must be >= 1")
+        check(self.steps >= 0, "steps", "must be >= 0")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
 
 
@@ -102,6 +102,9 @@ class BaseModelJob:
     unet: UnetConfig = field(default_factory=UnetConfig, doc="UNet architecture")
     vae_train: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=3000, batch_size=16, learning_rate=1e-3), doc="phase 1: the VAE")
     denoiser_train: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=8000, batch_size=64, learning_rate=1e-3), doc="phase 2: UNet + text encoder")
+    continue_train: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=0, batch_size=32, learning_rate=5e-4), doc="phase 2c: more UNet + text-encoder steps from the saved model")
+    continue_images: int = field(8000, doc="phase 2c: how many pictures' latents it trains on")
+    decoder_train: PhaseConfig = field(default_factory=lambda: PhaseConfig(steps=0, batch_size=16, learning_rate=5e-4), doc="phase 2b (may run beside phase 2): the VAE decoder alone, encoder frozen")
 
     def validate(self) -> None:
         check(1 <= self.vae_images <= self.num_images, "vae_images", "must be in [1, num_images]")
@@ -210,6 +213,39 @@ def train_vae(vae, pixels: torch.Tensor, phase: PhaseConfig, *, seed: int = 0, l
         if (step + 1) % every == 0 or step + 1 == phase.steps:
             history.append(float(np.mean(window)))
             log(f"vae step {step + 1}/{phase.steps} recon {history[-1]:.4f} lr {sched.get_last_lr()[0]:.2e} ({time.perf_counter() - t0:.0f}s)")
+            window = []
+    vae.eval().requires_grad_(False)
+    return history
+
+
+def finetune_decoder(vae, pixels: torch.Tensor, phase: PhaseConfig, *, seed: int = 0, log=print) -> list[float]:
+    """Train only the VAE's decoder (and post-quant conv) on reconstruction, the encoder frozen:
+    the latents, and so a UNet trained on them, stay valid while the pictures get sharper."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vae.eval().requires_grad_(False)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    vae.decoder.train()
+    opt = torch.optim.AdamW(params, lr=phase.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(phase))
+    every, window, history, t0 = _log_every(phase.steps), [], [], time.perf_counter()
+    for step in range(phase.steps):
+        x = pixels[torch.randint(0, len(pixels), (phase.batch_size,), generator=gen)]
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        window.append(loss.item())
+        if (step + 1) % every == 0 or step + 1 == phase.steps:
+            history.append(float(np.mean(window)))
+            log(f"decoder step {step + 1}/{phase.steps} recon {history[-1]:.4f} lr {sched.get_last_lr()[0]:.2e} ({time.perf_counter() - t0:.0f}s)")
             window = []
     vae.eval().requires_grad_(False)
     return history

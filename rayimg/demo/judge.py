@@ -66,9 +66,13 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 def foreground_mask(image: Image.Image) -> np.ndarray:
-    """Boolean (H, W): the largest region of saturated pixels."""
+    """Boolean (H, W): the largest region of saturated pixels. The threshold is half the
+    picture's peak saturation (at least :data:`SATURATION_THRESHOLD`), so a soft-edged shape is
+    cut at its half-way edge, as a crisp one is."""
     rgb = np.asarray(image.convert("RGB")).astype(np.int16)
-    saturated = (rgb.max(axis=2) - rgb.min(axis=2)) > SATURATION_THRESHOLD
+    saturation = rgb.max(axis=2) - rgb.min(axis=2)
+    threshold = max(SATURATION_THRESHOLD, 0.5 * float(np.percentile(saturation, 99)))
+    saturated = saturation > threshold
     return _largest_component(saturated) if saturated.any() else saturated
 
 
