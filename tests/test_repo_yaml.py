@@ -178,11 +178,24 @@ def check_serve_config(path: Path, root: Path) -> None:
 
 # --------------------------------------------------------------------------- the rules
 Rule = tuple[str, Callable[[Path, Path], None]]
+def check_base_model_recipe(path: Path, root: Path) -> None:
+    """The recipe of the committed tiny shapes model (scripts/train_tiny_base.py): a BaseModelJob."""
+    from rayimg.configbase import load
+    from rayimg.demo.base_model import BaseModelJob
+
+    job = load(BaseModelJob, path)
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp, "resolved.yaml")
+        resolved.write_text(yaml.safe_dump(to_dict(job), sort_keys=False), encoding="utf-8")
+        assert load(BaseModelJob, resolved) == job
+
+
 RULES: list[Rule] = [
     ("jobs/configs/*.yaml", check_job_config),
     ("jobs/configs/*.yml", check_job_config),
     ("cluster.yaml", check_cluster_config),
     ("serving/config.yaml", check_serve_config),
+    ("scripts/train_tiny_base.yaml", check_base_model_recipe),
 ]
 
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rayimg.models.tiny import TINY_MODELS, ensure_tiny
+from rayimg.models.tiny import PRETRAINED_MODELS, TINY_MODELS, ensure_tiny, pretrained_dir
 
 if TYPE_CHECKING:
     from rayimg.config import ModelConfig, StorageConfig
@@ -91,6 +91,7 @@ def resolve_model_dir(cfg: "ModelConfig", storage: "Storage | StorageConfig | No
     """The local diffusers-format dir of ``cfg.pretrained``, fetching or building it if needed.
 
     - ``rayimg-tiny-sd`` / ``rayimg-tiny-sdxl``: built once into the cache;
+    - ``rayimg-tiny-shapes``: the trained shapes model committed under ``rayimg/models/pretrained/``;
     - a local dir or ``file://`` URI: that dir;
     - ``s3://bucket/prefix``: downloaded once per URI and content into the cache;
     - anything else is a Hugging Face hub id (refused when the hub is offline).
@@ -100,6 +101,11 @@ def resolve_model_dir(cfg: "ModelConfig", storage: "Storage | StorageConfig | No
         raise ModelLoadError("model.pretrained: empty; name a model dir, s3:// URI or hub id")
     if source in TINY_MODELS:
         return ensure_tiny(source, models_cache_dir(cfg))
+    if source in PRETRAINED_MODELS:
+        try:
+            return pretrained_dir(source)
+        except FileNotFoundError as e:
+            raise ModelLoadError(f"model.pretrained: {e}") from e
     if source.startswith("file://"):
         return _local_model_dir(Path(source[len("file://"):]).expanduser(), source)
     if source.startswith("s3://"):
@@ -324,7 +330,7 @@ def _model_id(cfg: "ModelConfig") -> str:
     """A stable name for the model source: the tiny name, the s3:// URI, the hub id (with
     @revision) or the local dir's absolute path; ``#variant`` when a variant is chosen."""
     source = cfg.pretrained.strip()
-    if source in TINY_MODELS:
+    if source in TINY_MODELS or source in PRETRAINED_MODELS:
         out = source
     elif source.startswith("s3://"):
         out = source.rstrip("/")

@@ -22,6 +22,10 @@ from pathlib import Path
 import torch
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
+# Trained models committed with the repo (diffusers format), loaded by name like the tiny ones:
+# rayimg-tiny-shapes draws coloured shapes from prompts (rayimg/demo/base_model.py, docs/DEMO_MODEL.md).
+PRETRAINED_ROOT = Path(__file__).resolve().parent / "pretrained"
+PRETRAINED_MODELS = {"rayimg-tiny-shapes": PRETRAINED_ROOT / "rayimg-tiny-shapes"}
 # Bump when the architecture or init changes: cached tiny models live in a dir named by it.
 TINY_VERSION = "v1"
 TINY_MODELS = {"rayimg-tiny-sd": "sd", "rayimg-tiny-sdxl": "sdxl"}
@@ -186,6 +190,16 @@ def save_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
     out = Path(out_dir)
     BUILDERS[family](seed).save_pretrained(out, safe_serialization=True)
     return out
+
+
+def pretrained_dir(name: str) -> Path:
+    """The committed dir of the trained model ``name`` (one of :data:`PRETRAINED_MODELS`)."""
+    if name not in PRETRAINED_MODELS:
+        raise ValueError(f"unknown committed model {name!r}; one of {', '.join(PRETRAINED_MODELS)}")
+    path = PRETRAINED_MODELS[name]
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"{path} holds no model_index.json; the committed model {name!r} is missing from this checkout")
+    return path
 
 
 def ensure_tiny(name: str, cache_root: str | os.PathLike) -> Path:

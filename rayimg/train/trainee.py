@@ -458,8 +458,15 @@ class Trainee(nn.Module):
 
 
 # --------------------------------------------------------------------------- set-up per method
-def build_trainee(loaded, job, *, trainable_dtype: torch.dtype = torch.float32, autocast: bool = True) -> Trainee:
-    """Set up ``job.train.method`` on the loaded pipeline's modules and wrap them in a Trainee."""
+def build_trainee(
+    loaded, job, *, trainable_dtype: torch.dtype = torch.float32, autocast: bool = True, train_text_encoders: bool = False
+) -> Trainee:
+    """Set up ``job.train.method`` on the loaded pipeline's modules and wrap them in a Trainee.
+
+    ``train_text_encoders`` (method ``full`` only) trains the text encoders with the UNet, as when
+    a model is trained from scratch (:mod:`rayimg.demo.base_model`); batches then need captions."""
+    if train_text_encoders and job.train.method != "full":
+        raise ValueError(f"train_text_encoders: only method 'full' trains whole text encoders (method is {job.train.method!r}); LoRA uses lora.train_text_encoder")
     pipe = loaded.pipeline
     family = loaded.family
     method = job.train.method
@@ -477,6 +484,7 @@ def build_trainee(loaded, job, *, trainable_dtype: torch.dtype = torch.float32, 
     vae_dtype = torch.float32 if weight_dtype == torch.float16 and getattr(vae.config, "force_upcast", False) else weight_dtype
     _to_dtype(vae, vae_dtype)
 
+    full_text_encoders = train_text_encoders
     train_text_encoders = False
     placeholder_ids = None
     if method in ("lora", "dreambooth"):
@@ -501,7 +509,10 @@ def build_trainee(loaded, job, *, trainable_dtype: torch.dtype = torch.float32, 
             encoder.get_input_embeddings().weight.requires_grad_(True)
     elif method == "full":
         for encoder in text_encoders:
-            _to_dtype(encoder, weight_dtype)
+            # Trained text encoders keep float32 weights, like the UNet (cast_training_params).
+            _to_dtype(encoder, torch.float32 if full_text_encoders else weight_dtype)
+            encoder.requires_grad_(full_text_encoders)
+        train_text_encoders = full_text_encoders
         unet.requires_grad_(True)
     else:
         raise ValueError(f"train.method: unknown method {method!r}")
