@@ -624,10 +624,10 @@ class DemoJob:
                                doc="base model (the project's trained tiny shapes model by default)")
     cluster: ClusterConfig = field(default_factory=ClusterConfig, doc="Ray cluster")
     concept: DemoConceptConfig = field(default_factory=DemoConceptConfig, doc="the concept the LoRA learns")
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(method="lora", resolution=64, batch_size=4, learning_rate=3e-3, lr_scheduler="constant",
-                                                                   max_steps=120, mixed_precision="no", seed=0),
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(method="lora", resolution=64, batch_size=4, learning_rate=5e-3, lr_scheduler="constant",
+                                                                   max_steps=300, mixed_precision="no", seed=0),
                                doc="LoRA training loop (batch_size is per worker)")
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=8, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]),
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=16, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]),
                              doc="LoRA shape")
     num_workers: int = field(2, doc="Ray Train workers (one CPU each)")
     adapter_name: str = field("demo-cross", doc="name of the adapter in the demo's registry")
