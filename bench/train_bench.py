@@ -19,7 +19,7 @@ Configurations (one RESULT line each — full JSON with ``--json-lines`` — a t
                       loads them; AdamW fused, and AdamW8bit when bitsandbytes is installed);
                       ``full+best`` with the LoRA-best options;
 - ``--compile full|regional`` (last; cold compile takes minutes): ``lora+best`` with
-  ``unet.compile()`` (whole UNet) or ``unet.compile_repeated_blocks()`` (transformer blocks).
+  ``rayimg.train.trainee.compile_unet``: ``full`` (whole UNet) or ``regional`` (each transformer/ResNet block and sampler).
 
 Real size, the Trainee gets the published SDXL text encoders (random init, bf16): CachedBatches
 puts the captions in every batch and the Trainee encodes captions when present, so train.py runs
@@ -565,13 +565,9 @@ def run_compile(bench: Bench, runner: Runner, mode: str, batch: int, options, ta
     try:
         import torch._dynamo
 
-        if mode == "regional":
-            for name in ("recompile_limit", "cache_size_limit"):
-                if hasattr(torch._dynamo.config, name):
-                    setattr(torch._dynamo.config, name, 64)
-            runner.trainee.unet.compile_repeated_blocks()
-        else:
-            runner.trainee.unet.compile()
+        from rayimg.train.trainee import compile_unet
+
+        compile_unet(runner.trainee.unet, mode)  # what train.py runs for train.compile
     except Exception as e:  # noqa: BLE001
         bench.record({"config": f"lora+best+compile_{mode}", "method": "lora", "batch": batch,
                       "status": f"error: {type(e).__name__}: {str(e)[:300]}"})

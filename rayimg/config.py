@@ -207,7 +207,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = field("bf16", doc="autocast precision")
     gradient_checkpointing: bool = field(False, doc="trade compute for memory in the UNet")
     full_bf16: bool = field(False, doc="LoRA/DreamBooth: bf16 trainable weights and no autocast, so the whole step (norms included) runs in bf16 (kohya's --full_bf16; faster, slightly less precise updates)")
-    compile: Literal["none", "regional", "full"] = field("none", doc="torch.compile the UNet: 'regional' compiles the repeated transformer blocks (quick to compile), 'full' the whole UNet (minutes cold)")
+    compile: Literal["none", "regional", "full"] = field("none", doc="torch.compile the UNet: 'regional' compiles each repeated block (transformer and ResNet blocks, samplers; quick to compile), 'full' the whole UNet (minutes cold)")
     snr_gamma: Optional[float] = field(None, doc="min-SNR loss weighting gamma (5.0 is typical); null disables")
     noise_offset: float = field(0.0, doc="noise offset (0.05-0.1 helps very dark/bright images)")
     prediction_type: Optional[Literal["epsilon", "v_prediction"]] = field(None, doc="override the scheduler's prediction type")

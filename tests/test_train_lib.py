@@ -641,3 +641,19 @@ def test_full_bf16_is_checked_naming_the_field(train, match):
 
     with pytest.raises(ConfigError, match=match):
         from_dict(TrainJob, {"cache": "unused", "train": train})
+
+
+def test_compile_unet_regional_compiles_the_repeated_blocks_in_place():
+    from rayimg.train.trainee import REGIONAL_BLOCKS, compile_unet
+
+    unet = load(SD).pipeline.unet
+    names = [n for n, _ in unet.named_parameters()]
+    expected = sum(type(m).__name__ in REGIONAL_BLOCKS for m in unet.modules())
+    assert expected > 0
+    assert compile_unet(unet, "regional") == expected
+    compiled = [m for m in unet.modules() if type(m).__name__ in REGIONAL_BLOCKS]
+    assert all(m._compiled_call_impl is not None for m in compiled)
+    assert [n for n, _ in unet.named_parameters()] == names  # exports see the same parameter names
+    assert compile_unet(unet, "none") == 0
+    with pytest.raises(ValueError, match="compile: unknown mode 'fast'"):
+        compile_unet(unet, "fast")

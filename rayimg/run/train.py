@@ -244,7 +244,7 @@ def train_loop(config: dict) -> None:
     from rayimg.train.export import lora_state_dicts, save_full, save_lora, save_textual_inversion
     from rayimg.train.optim import build_lr_scheduler, build_optimizer
     from rayimg.train.sampler import batches_per_epoch, epoch_batches, position
-    from rayimg.train.trainee import build_trainee
+    from rayimg.train.trainee import build_trainee, compile_unet
 
     job: TrainJob = config["job"]
     ctx = ray.train.get_context()
@@ -258,10 +258,7 @@ def train_loop(config: dict) -> None:
     loaded = load_model(model_cfg, storage)
     full_bf16 = job.train.full_bf16
     trainee = build_trainee(loaded, job, trainable_dtype=torch.bfloat16 if full_bf16 else torch.float32, autocast=not full_bf16)
-    if job.train.compile == "regional":
-        trainee.unet.compile_repeated_blocks()  # in place: parameter names and exports are unchanged
-    elif job.train.compile == "full":
-        trainee.unet.compile()
+    compile_unet(trainee.unet, job.train.compile)  # in place: parameter names and exports are unchanged
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     records = list(ray.train.get_dataset_shard("items").iter_rows())
