@@ -144,6 +144,11 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         sub = f"{path}.{name}" if path else name
+        factory = fields[name].default_factory
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[name]) and factory is not dataclasses.MISSING:
+            # a partial section fills its gaps from the field's own default (DemoJob's 64x64
+            # generation settings), not from the section class's defaults
+            value = _merge(to_dict(factory()), value)
         kwargs[name] = _convert(value, hints[name], sub)
     for name, f in fields.items():
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
@@ -152,6 +157,14 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     obj = cls(**kwargs)
     validate_tree(obj, path)
     return obj
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, mappings merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def validate_tree(obj: Any, path: str = "") -> None:

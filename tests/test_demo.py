@@ -89,3 +89,16 @@ def test_demo_yaml_spells_out_the_default():
     from rayimg.config import DemoJob, load_job
 
     assert load_job("demo", Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo_tiny.yaml") == DemoJob()
+
+
+def test_demo_overrides_keep_the_demo_defaults():
+    """`rayimg demo generation.guidance_scale=7.5` changes that one field: the rest of the section
+    stays the demo's (64x64, 20 steps), not GenerationConfig's class defaults (512x512)."""
+    from rayimg.config import DemoJob, load_job
+
+    job = load_job("demo", None, ["generation.guidance_scale=9.0", "train.max_steps=10"])
+    assert job.generation.guidance_scale == 9.0 and job.train.max_steps == 10
+    default = DemoJob()
+    assert (job.generation.width, job.generation.steps, job.generation.scheduler) == (
+        default.generation.width, default.generation.steps, default.generation.scheduler)
+    assert (job.train.resolution, job.train.learning_rate) == (default.train.resolution, default.train.learning_rate)
