@@ -23,6 +23,7 @@ Rows (one ``RESULT`` line each; ``$OUT/render_bench.json`` rewritten after each)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -124,7 +125,8 @@ def main() -> None:
     ap.add_argument("--adapters", type=int, default=20)
     ap.add_argument("--rows-per-adapter", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--options", default="fuse_qkv,channels_last,compile")
+    ap.add_argument("--options", default="fuse_qkv,channels_last,compile,compile_vae")
+    ap.add_argument("--png-level", type=int, default=1, help="engine.png_compress_level")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-reference", action="store_true")
     args = ap.parse_args()
@@ -134,6 +136,7 @@ def main() -> None:
     from rayimg.config import EngineConfig
     from rayimg.render.adapter_store import AdapterStore
     from rayimg.render.engine import GenerationRequest
+    from rayimg.render.output import png_bytes
     from rayimg.render.renderer import Renderer
     from rayimg.render.schedulers import make_scheduler
     from rayimg.storage import Storage
@@ -177,8 +180,8 @@ def main() -> None:
     opts = {o for o in args.options.split(",") if o}
     if args.no_compile:
         opts.discard("compile")
-    cfg = EngineConfig(batch_size=B, compile="compile" in opts, fuse_qkv="fuse_qkv" in opts, channels_last="channels_last" in opts,
-                       batch_invariant=False)
+    cfg = EngineConfig(batch_size=B, compile="compile" in opts, compile_vae="compile_vae" in opts, fuse_qkv="fuse_qkv" in opts,
+                       channels_last="channels_last" in opts, batch_invariant=False, png_compress_level=args.png_level)
     registry = tempfile.mkdtemp(prefix="rayimg-bench-registry-")
     t = time.perf_counter()
     names = publish_adapters(pipe, registry, args.adapters, args.rank, "bench/sdxl-random", "0" * 64) if args.adapters else []
@@ -186,7 +189,8 @@ def main() -> None:
     store = AdapterStore(Storage(), registry, disk_dir=tempfile.mkdtemp(prefix="rayimg-bench-adapters-"), refresh_s=1e9,
                          unet_config=pipe.unet.config)
     renderer = Renderer.from_pipeline(pipe, "bench/sdxl-random", "0" * 64, "sdxl", cfg, adapter_store=store)
-    RESULTS["notes"]["engine"] = {k: getattr(cfg, k) for k in ("compile", "fuse_qkv", "channels_last", "batch_invariant")}
+    RESULTS["notes"]["engine"] = {k: getattr(cfg, k) for k in ("compile", "compile_vae", "fuse_qkv", "channels_last", "batch_invariant",
+                                                                "png_compress_level")}
 
     def requests(n, start, adapters=()):
         return [GenerationRequest(prompt=p, negative_prompt="", steps=S, guidance_scale=args.guidance, width=R, height=R,
@@ -199,10 +203,36 @@ def main() -> None:
         sync(device)
         warm = time.perf_counter() - t
         print(f"[bench] ours b{n}: first call {warm:.1f}s", flush=True)
+        # one render() call at a time, PNGs encoded in the call: a request's latency
         times = time_calls(lambda: renderer.render(requests(n, 100)), calls, device)
-        per_call = statistics.median(times)
+        latency = statistics.median(times)
+        # a stream of calls as the render job's actors run them (render_stream: each batch's PNG
+        # encoding overlaps the next batch's generation): the job's throughput
+        streamed = max(calls, 3)
+        sync(device)
+        t = time.perf_counter()
+        for _ in renderer.render_stream([requests(n, 200 + c * n) for c in range(streamed)]):
+            pass
+        sync(device)
+        per_call = (time.perf_counter() - t) / streamed
+        # where the time goes: generation at S and at 2 steps (no PNG) -> per-step and fixed cost;
+        # the VAE decode alone; one PNG encode
+        gen = {}
+        for steps in (S, 2):
+            reqs = [dataclasses.replace(r, steps=steps) for r in requests(n, 300)]
+            gen[steps] = statistics.median(time_calls(lambda: renderer.engine.generate(reqs), 2, device))
+        step_s = (gen[S] - gen[2]) / (S - 2)
+        latents = torch.randn(n, 4, R // 8, R // 8, device=device, dtype=pipe.vae.dtype)
+        with torch.no_grad():
+            vae_s = statistics.median(time_calls(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor), 3, device))
+        image = renderer.engine.generate(requests(1, 400))[0]
+        png_s = statistics.median(time_calls(lambda: png_bytes(image, {"k": "v"}, args.png_level), 3, "cpu"))
         record({"name": f"ours b{n}", "batch": n, "first_call_s": round(warm, 2), "s_per_call": round(per_call, 4),
-                "s_per_image": round(per_call / n, 4), "images_per_s": round(n / per_call, 3), "calls": [round(t, 4) for t in times]})
+                "s_per_image": round(per_call / n, 4), "images_per_s": round(n / per_call, 3), "streamed_calls": streamed,
+                "latency_s_per_call": round(latency, 4), "latency_calls": [round(t, 4) for t in times],
+                "breakdown": {"generate_s": round(gen[S], 4), "unet_step_s": round(step_s, 5),
+                              "fixed_s": round(gen[2] - 2 * step_s, 4), "vae_decode_s": round(vae_s, 4),
+                              "png_encode_s_per_image": round(png_s, 4)}})
 
     if names:
         # swap times: cold = registry -> disk -> CPU -> fused; warm = CPU -> fused

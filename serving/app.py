@@ -228,7 +228,8 @@ class GeneratorBase:
         from rayimg.render.output import png_bytes
 
         key = self.renderer.key(request)
-        return png_bytes(image, {"rayimg:key": key, "rayimg:model": self.renderer.model_id, "parameters": request.params()})
+        return png_bytes(image, {"rayimg:key": key, "rayimg:model": self.renderer.model_id, "parameters": request.params()},
+                         self.renderer.png_compress_level)
 
     def _use_adapters(self, identity: tuple, aset: AdapterSet | None) -> float:
         """Fuse the adapter set (device-resident weights) at the requested scales."""

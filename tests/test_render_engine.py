@@ -8,6 +8,7 @@ random decoder squashes differences, latents do not.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -23,7 +24,7 @@ from rayimg.render.adapters import FusedAdapters, LoraError, LoraLayer, LoraWeig
 from rayimg.render.controlnet import build_tiny_controlnet, canny, load_controlnet
 from rayimg.render.engine import Engine, GenerationRequest, canonical_adapters
 from rayimg.render.output import output_key, png_bytes
-from rayimg.render.schedulers import SCHEDULER_TABLE
+from rayimg.render.schedulers import SCHEDULER_TABLE, make_scheduler
 
 SIZE = 64
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -521,3 +522,37 @@ def test_compiled_module_sees_swaps_without_recompiling():
     assert len(compilations) == 1
     assert not torch.allclose(adapted, base) and not torch.allclose(half, adapted)
     assert torch.equal(again, base)
+
+
+def test_pil_output_has_diffusers_own_rounding(engine):
+    """The engine rounds pixels on the device; the bytes equal diffusers' own "pil" output."""
+    r = req(seed=11)
+    (ours,) = engine.generate([r])
+    pipe = engine.pipe
+    pipe.scheduler = make_scheduler(r.scheduler, engine.base_scheduler_config)
+    (theirs,) = pipe(prompt=[r.prompt], negative_prompt=[r.negative_prompt], num_inference_steps=r.steps,
+                     guidance_scale=r.guidance_scale, width=r.width, height=r.height,
+                     generator=[torch.Generator("cpu").manual_seed(r.seed)], output_type="pil").images
+    assert ours.mode == theirs.mode == "RGB" and ours.size == theirs.size
+    assert ours.tobytes() == theirs.tobytes()
+    assert np.asarray(ours).std() > 0  # a real picture, not a constant
+
+
+def test_render_stream_equals_render_and_sinks_in_order(cache_dir):
+    from rayimg.config import EngineConfig
+    from rayimg.render.renderer import Renderer
+
+    model = _load(cache_dir)
+    renderer = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family,
+                                      EngineConfig(batch_invariant=False, png_compress_level=9))
+    batches = [[req(seed=s, steps=2) for s in (1, 2)], [], [req(seed=3, steps=2)]]
+    sunk = []
+    streamed = list(renderer.render_stream(batches, sink=lambda r, image: sunk.append((r.seed, image.key)) or r.seed))
+    assert [[seed for _, seed in batch] for batch in streamed] == [[1, 2], [3]]
+    assert sunk == [(seed, image.key) for batch in streamed for image, seed in batch]
+    direct = renderer.render(batches[0]) + renderer.render(batches[2])
+    assert [image.png for batch in streamed for image, _ in batch] == [image.png for image in direct]
+    level1 = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family,
+                                    EngineConfig(batch_invariant=False, png_compress_level=1)).render(batches[2])[0]
+    assert level1.key == direct[-1].key
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(level1.png))), np.asarray(Image.open(io.BytesIO(direct[-1].png))))

@@ -184,7 +184,7 @@ class Engine:
 
     ``controlnet``: a ControlNetModel for mode ``controlnet`` (named ``controlnet_id`` in
     requests). ``compile``: ``torch.compile`` the UNet in place (adapter swaps keep the
-    compiled graph). ``fuse_qkv``: fuse the attention QKV projections (adapters still apply).
+    compiled graph); ``compile_vae`` the VAE decoder. ``fuse_qkv``: fuse the attention QKV projections (adapters still apply).
     ``originals_device``: where the base copies of adapted weights live (default: with the
     weights; ``"cpu"`` saves GPU memory at the cost of slower swaps).
 
@@ -206,6 +206,7 @@ class Engine:
         controlnet=None,
         controlnet_id: str = "",
         compile: bool = False,
+        compile_vae: bool = False,
         fuse_qkv: bool = False,
         channels_last: bool = False,
         originals_device: torch.device | str | None = None,
@@ -231,6 +232,9 @@ class Engine:
             # In place (nn.Module.compile): the module keeps its identity and parameter paths,
             # so FusedAdapters and the img2img/controlnet pipelines share the compiled UNet.
             pipe.unet.compile()
+        if compile_vae:
+            # the decoder alone (adapters never touch it): one graph per batch size and image size
+            pipe.vae.decoder.compile()
         self.compiled = bool(compile)
         pipe.set_progress_bar_config(disable=True)
         if controlnet is not None:
@@ -247,7 +251,7 @@ class Engine:
     def from_config(cls, pipe, cfg, **kwargs) -> "Engine":
         """An engine with the memory and compile options of an EngineConfig."""
         return cls(pipe, vae_slicing=cfg.vae_slicing, vae_tiling=cfg.vae_tiling, attention_slicing=cfg.attention_slicing,
-                   compile=cfg.compile, fuse_qkv=cfg.fuse_qkv, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
+                   compile=cfg.compile, compile_vae=cfg.compile_vae, fuse_qkv=cfg.fuse_qkv, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -416,4 +420,17 @@ class Engine:
             kwargs.update(width=first.width, height=first.height)
         if first.mode == "controlnet":
             kwargs.update(image=[r.control_image.convert("RGB") for r in requests], controlnet_conditioning_scale=first.controlnet_scale)
-        return list(pipe(**kwargs).images)
+        if output_type != "pil":
+            return list(pipe(**kwargs).images)
+        # PIL through device-side rounding: the same math as diffusers' "pil" output
+        # ((x * 255).round() in float32 after its denormalisation), but the float image never
+        # crosses to the CPU: only uint8 pixels do (a quarter of the bytes, no numpy passes).
+        kwargs["output_type"] = "pt"
+        return _to_pil(pipe(**kwargs).images)
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """``(B, 3, H, W)`` images in [0, 1] (any float dtype, any device) as RGB PIL images, rounded
+    exactly as diffusers' ``numpy_to_pil`` rounds."""
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]

@@ -24,14 +24,15 @@ def output_key(model_id: str, model_hash: str, adapters: list[dict], params: dic
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def png_bytes(image: Image.Image, metadata: dict) -> bytes:
-    """Encode ``image`` as PNG with ``metadata`` in text chunks (parameters as JSON).
+def png_bytes(image: Image.Image, metadata: dict, compress_level: int = 6) -> bytes:
+    """Encode ``image`` as PNG with ``metadata`` in text chunks (parameters as JSON), at zlib
+    ``compress_level`` (PIL's default 6).
 
-    Encoding is deterministic: the same pixels and metadata give the same bytes.
+    Encoding is deterministic: the same pixels, metadata and level give the same bytes.
     """
     info = PngImagePlugin.PngInfo()
     for key, value in metadata.items():
         info.add_text(key, value if isinstance(value, str) else json.dumps(value, sort_keys=True))
     buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info, optimize=False)
+    image.save(buf, format="PNG", pnginfo=info, optimize=False, compress_level=compress_level)
     return buf.getvalue()

@@ -156,12 +156,17 @@ class RenderRows:
                 else:
                     todo.append((rid, req, key, path))
             bs = self.job.engine.batch_size
-            for start in range(0, len(todo), bs):
-                chunk = todo[start:start + bs]
-                images = self.renderer.render([req for _, req, _, _ in chunk])
-                for (rid, req, key, path), image in zip(chunk, images):
-                    assert image.key == key
-                    self.storage.write_bytes(path, image.png)
+            chunks = [todo[start:start + bs] for start in range(0, len(todo), bs)]
+            paths = {id(req): (rid, key, path) for rid, req, key, path in todo}
+
+            def write(req, image):  # in the renderer's encoder thread, beside the next batch
+                rid, key, path = paths[id(req)]
+                assert image.key == key
+                self.storage.write_bytes(path, image.png)
+                return rid, key, path, req
+
+            for results in self.renderer.render_stream([[req for _, req, _, _ in chunk] for chunk in chunks], sink=write):
+                for image, (rid, key, path, req) in results:
                     manifest.append(_manifest_row(rid, key, path, req, image.seconds))
                     out["row_id"].append(rid)
                     out["rendered"].append(True)
