@@ -135,7 +135,7 @@ def main() -> None:
 
     from rayimg.config import EngineConfig
     from rayimg.render.adapter_store import AdapterStore
-    from rayimg.render.engine import GenerationRequest
+    from rayimg.render.engine import Engine, GenerationRequest
     from rayimg.render.output import png_bytes
     from rayimg.render.renderer import Renderer
     from rayimg.render.schedulers import make_scheduler
@@ -181,7 +181,14 @@ def main() -> None:
     if args.no_compile:
         opts.discard("compile")
     cfg = EngineConfig(batch_size=B, compile="compile" in opts, compile_vae="compile_vae" in opts, fuse_qkv="fuse_qkv" in opts,
-                       channels_last="channels_last" in opts, batch_invariant=False, png_compress_level=args.png_level)
+                       channels_last="channels_last" in opts, fp8="fp8" in opts, batch_invariant=False,
+                       png_compress_level=args.png_level)
+    probe = GenerationRequest(prompt=prompts(1, 7)[0], negative_prompt="", steps=S, guidance_scale=args.guidance, width=R, height=R,
+                              scheduler="euler", seed=7)
+    exact_latent = None
+    if cfg.fp8:
+        # the final latents of one request with the exact (bf16) engine, before the UNet is converted
+        exact_latent = Engine(pipe, batch_invariant=False).generate([probe], output_type="latent")[0].float()
     registry = tempfile.mkdtemp(prefix="rayimg-bench-registry-")
     t = time.perf_counter()
     names = publish_adapters(pipe, registry, args.adapters, args.rank, "bench/sdxl-random", "0" * 64) if args.adapters else []
@@ -189,8 +196,12 @@ def main() -> None:
     store = AdapterStore(Storage(), registry, disk_dir=tempfile.mkdtemp(prefix="rayimg-bench-adapters-"), refresh_s=1e9,
                          unet_config=pipe.unet.config)
     renderer = Renderer.from_pipeline(pipe, "bench/sdxl-random", "0" * 64, "sdxl", cfg, adapter_store=store)
-    RESULTS["notes"]["engine"] = {k: getattr(cfg, k) for k in ("compile", "compile_vae", "fuse_qkv", "channels_last", "batch_invariant",
+    RESULTS["notes"]["engine"] = {k: getattr(cfg, k) for k in ("compile", "compile_vae", "fuse_qkv", "channels_last", "fp8", "batch_invariant",
                                                                 "png_compress_level")}
+    if exact_latent is not None:
+        fp8_latent = renderer.engine.generate([probe], output_type="latent")[0].float()
+        RESULTS["notes"]["fp8_final_latent_rel_diff"] = round(float((fp8_latent - exact_latent).norm() / exact_latent.norm()), 5)
+        print(f"[bench] fp8 vs bf16 final latents: relative difference {RESULTS['notes']['fp8_final_latent_rel_diff']}", flush=True)
 
     def requests(n, start, adapters=()):
         return [GenerationRequest(prompt=p, negative_prompt="", steps=S, guidance_scale=args.guidance, width=R, height=R,

@@ -443,6 +443,7 @@ class EngineConfig:
     attention_slicing: bool = field(False, doc="compute attention in slices (less memory)")
     compile: bool = field(False, doc="torch.compile the UNet (adapters swap without recompiling)")
     compile_vae: bool = field(False, doc="torch.compile the VAE decoder (one graph per batch and image size)")
+    fp8: bool = field(False, doc="float8 matmuls for the UNet's attention and feed-forward linears (H100/Ada GPUs with a bfloat16 model, or CPU): faster, pixels differ from bf16 (recorded in the output key)")
     fuse_qkv: bool = field(False, doc="fuse attention QKV projections")
     channels_last: bool = field(False, doc="UNet in channels-last memory format (faster convolutions on GPUs, with compile)")
     batch_invariant: bool = field(True, doc="render each image in its own pipeline call so it is byte-identical whatever batch it lands in (GPU kernels pick algorithms by batch size); false batches for throughput")

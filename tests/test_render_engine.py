@@ -556,3 +556,37 @@ def test_render_stream_equals_render_and_sinks_in_order(cache_dir):
                                     EngineConfig(batch_invariant=False, png_compress_level=1)).render(batches[2])[0]
     assert level1.key == direct[-1].key
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(level1.png))), np.asarray(Image.open(io.BytesIO(direct[-1].png))))
+
+
+def test_fp8_engine_stays_close_follows_swaps_and_changes_the_key(cache_dir, sd, loras):
+    from rayimg.render.fp8 import Float8Linear, fp8_unavailable
+    from rayimg.render.renderer import Renderer
+
+    model = _load(cache_dir)  # its own copy: the conversion is in place
+    keys_before = list(model.pipeline.unet.state_dict())
+    engine = Engine(model.pipeline, fp8=True)
+    converted = [m for m in model.pipeline.unet.modules() if isinstance(m, Float8Linear)]
+    assert converted and list(model.pipeline.unet.state_dict()) == keys_before
+    exact = Engine(sd.pipeline)
+    base8, base = latents(engine, [req(seed=5)]), latents(exact, [req(seed=5)])
+    rel = float((base8 - base).norm() / base.norm())
+    assert 0 < rel < 0.1, rel  # float8 products: close to the exact engine, not equal
+
+    lora_a = load_lora_file(loras["a"], name="a")
+    engine.set_adapters([(lora_a, 1.0)], [("a", "1", 1.0)])
+    for m in converted:  # the float8 copies follow the fused weights
+        deq, w = m.w8.float() * m.w_scale.t(), m.weight.detach().float()
+        assert float((deq - w).abs().max()) <= float(w.abs().max()) / 8
+    adapted = latents(engine, [req(seed=5, adapters=[("a", "1", 1.0)])])
+    exact.set_adapters([(lora_a, 1.0)], [("a", "1", 1.0)])
+    adapted_exact = latents(exact, [req(seed=5, adapters=[("a", "1", 1.0)])])
+    exact.set_adapters([], [])
+    assert float((adapted - base8).norm()) > 0.5 * float((adapted_exact - base).norm())  # the adapter shows
+    engine.set_adapters([], [])
+    assert torch.equal(latents(engine, [req(seed=5)]), base8)  # restore and requantize: bit for bit
+
+    r8 = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family, EngineConfig(fp8=True))
+    plain = Renderer.from_pipeline(sd.pipeline, sd.model_id, sd.model_hash, sd.family)
+    assert r8.key(req()) != plain.key(req())
+    assert "compute capability" not in (fp8_unavailable(torch.device("cpu"), torch.float32) or "")
+    assert "not available on meta" in fp8_unavailable(torch.device("meta"), torch.bfloat16)

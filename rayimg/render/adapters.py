@@ -446,6 +446,11 @@ class FusedAdapters:
         self._identity = identity
         return True
 
+    def touched_parameters(self) -> set[int]:
+        """``id()`` of every weight Parameter an adapter has ever been fused into (what a cache
+        derived from the weights, such as float8 copies, must refresh after a swap)."""
+        return {id(self._targets[key].param) for key in self._originals}
+
     def restore(self) -> None:
         """Put the base weights back (bit-exact copies of the originals)."""
         keys = sorted(self._modified)

@@ -184,7 +184,9 @@ class Engine:
 
     ``controlnet``: a ControlNetModel for mode ``controlnet`` (named ``controlnet_id`` in
     requests). ``compile``: ``torch.compile`` the UNet in place (adapter swaps keep the
-    compiled graph); ``compile_vae`` the VAE decoder. ``fuse_qkv``: fuse the attention QKV projections (adapters still apply).
+    compiled graph); ``compile_vae`` the VAE decoder. ``fp8``: the UNet's attention and
+    feed-forward linears multiply in float8 (:mod:`rayimg.render.fp8`; H100/Ada or CPU; pixels
+    differ from bf16, and :meth:`Renderer.key` records it). ``fuse_qkv``: fuse the attention QKV projections (adapters still apply).
     ``originals_device``: where the base copies of adapted weights live (default: with the
     weights; ``"cpu"`` saves GPU memory at the cost of slower swaps).
 
@@ -208,6 +210,7 @@ class Engine:
         compile: bool = False,
         compile_vae: bool = False,
         fuse_qkv: bool = False,
+        fp8: bool = False,
         channels_last: bool = False,
         originals_device: torch.device | str | None = None,
         batch_invariant: bool = True,
@@ -228,6 +231,14 @@ class Engine:
             # UNet only: the VAE runs eager, and eager CUDA GroupNorm returns contiguous outputs
             # (pytorch#111824), so a channels-last VAE converts layouts around every norm.
             pipe.unet.to(memory_format=torch.channels_last)
+        self.fp8 = bool(fp8)
+        if fp8:
+            from rayimg.render.fp8 import convert_unet, fp8_unavailable
+
+            why = fp8_unavailable(pipe.unet.device, pipe.unet.dtype)
+            if why:
+                raise ValueError(f"engine.fp8: {why}")
+            convert_unet(pipe.unet)  # after fuse_qkv: the fused projections are converted too
         if compile:
             # In place (nn.Module.compile): the module keeps its identity and parameter paths,
             # so FusedAdapters and the img2img/controlnet pipelines share the compiled UNet.
@@ -251,7 +262,7 @@ class Engine:
     def from_config(cls, pipe, cfg, **kwargs) -> "Engine":
         """An engine with the memory and compile options of an EngineConfig."""
         return cls(pipe, vae_slicing=cfg.vae_slicing, vae_tiling=cfg.vae_tiling, attention_slicing=cfg.attention_slicing,
-                   compile=cfg.compile, compile_vae=cfg.compile_vae, fuse_qkv=cfg.fuse_qkv, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
+                   compile=cfg.compile, compile_vae=cfg.compile_vae, fuse_qkv=cfg.fuse_qkv, fp8=cfg.fp8, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -280,8 +291,13 @@ class Engine:
         if not adapters:
             changed = bool(self.fused.identity)
             self.fused.restore()
-            return changed
-        return self.fused.apply([pair for _, pair in named], identity=canonical)
+        else:
+            changed = self.fused.apply([pair for _, pair in named], identity=canonical)
+        if changed and self.fp8:
+            from rayimg.render.fp8 import requantize
+
+            requantize(self.pipe.unet, self.fused.touched_parameters())
+        return changed
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None, identity: Any = None) -> str:
         """Load a textual-inversion embedding (safetensors only: the registry's

@@ -47,7 +47,10 @@ class Renderer:
 
     def key(self, request: GenerationRequest) -> str:
         adapters = [{"name": n, "version": v, "scale": s} for n, v, s in request.adapters]
-        return output_key(self.model_id, self.model_hash, adapters, request.params())
+        params = request.params()
+        if self.engine.fp8:
+            params["numerics"] = "fp8"  # other pixels than the bf16 engine's: another key (absent otherwise, so keys stay)
+        return output_key(self.model_id, self.model_hash, adapters, params)
 
     def use_adapters(self, identity) -> float:
         """Fuse the adapters ``((name, version, scale), ...)`` (versions resolved); returns seconds spent."""

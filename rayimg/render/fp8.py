@@ -1,0 +1,104 @@
+"""FP8 matmuls for the UNet's attention and feed-forward linears (``engine.fp8``).
+
+Each converted ``nn.Linear`` keeps its bf16 ``weight`` Parameter (the one adapters are fused
+into, the one ``state_dict`` shows) and a cached float8 (e4m3) copy with one scale per output
+row. At each call the activations are scaled per row (per token) to float8 on the fly and the
+product runs in ``torch._scaled_mm`` (float8 tensor cores: twice the bf16 rate on H100),
+accumulated in float32 and written in the activations' dtype. Under ``torch.compile`` the
+activation scaling fuses into the op that produces them.
+
+The cached copy must follow the weight: :func:`requantize` rewrites it in place (same storage,
+so a compiled UNet keeps its graph) and the engine calls it after every adapter swap.
+
+Pixels differ from bf16 (about 3 significant bits less in each product's inputs), so the render
+output key records it (see ``Renderer.key``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["FP8_MAX", "Float8Linear", "fp8_unavailable", "convert_unet", "requantize"]
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
+# the linears of the attention blocks: to_q/k/v (or the fused to_qkv/to_kv), to_out.0, the
+# feed-forward (GEGLU proj and ff.net.2) and the blocks' proj_in/proj_out
+_ATTENTION_PART = re.compile(r"(^|\.)attentions\.\d+\.")
+
+
+def fp8_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why float8 matmuls cannot run for weights on ``device`` in ``dtype`` (None: they can)."""
+    if not hasattr(torch, "_scaled_mm"):
+        return f"this torch ({torch.__version__}) has no torch._scaled_mm"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            return (f"float8 matmuls need an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                    f"{torch.cuda.get_device_name(device)} is {major}.{minor}")
+        if dtype != torch.bfloat16:
+            return f"on CUDA the model must be bfloat16 (model.dtype), not {str(dtype).replace('torch.', '')}"
+    elif device.type != "cpu":
+        return f"float8 matmuls are not available on {device.type}"
+    return None
+
+
+class Float8Linear(nn.Linear):
+    """An ``nn.Linear`` (converted in place by :func:`convert_unet`) whose product runs in float8."""
+
+    w8: torch.Tensor
+    w_scale: torch.Tensor
+
+    def quantize_weight(self) -> None:
+        """(Re)build the float8 copy of ``weight``: in place when it exists."""
+        with torch.no_grad():
+            w = self.weight.detach().float()
+            scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # (out, 1)
+            q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+            if getattr(self, "w8", None) is None:
+                self.register_buffer("w8", q, persistent=False)  # (out, in): .t() is the column-major mat2
+                self.register_buffer("w_scale", scale.t().contiguous(), persistent=False)  # (1, out)
+            else:
+                self.w8.copy_(q)
+                self.w_scale.copy_(scale.t())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # (M, 1), per token
+        x8 = (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+        y = torch._scaled_mm(x8, self.w8.t(), scale_a=scale, scale_b=self.w_scale, out_dtype=x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def convert_unet(unet: nn.Module) -> int:
+    """Convert the UNet's attention-block linears to :class:`Float8Linear` in place (module
+    identity, parameter names and state dict unchanged); returns how many. Linears whose sizes
+    are not multiples of 16 (a float8 GEMM requirement) stay as they are."""
+    model = getattr(unet, "_orig_mod", unet)
+    count = 0
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and _ATTENTION_PART.search(name) and module.in_features % 16 == 0 and module.out_features % 16 == 0:
+            module.__class__ = Float8Linear
+            module.quantize_weight()
+            count += 1
+    return count
+
+
+def requantize(modules: Iterable[nn.Module] | nn.Module, weights: set[int] | None = None) -> int:
+    """Refresh the float8 copies of the :class:`Float8Linear` modules (of a model, or an iterable of
+    modules) after their weights changed; ``weights``: only those whose ``id(weight)`` is in it."""
+    if isinstance(modules, nn.Module):
+        modules = getattr(modules, "_orig_mod", modules).modules()
+    count = 0
+    for module in modules:
+        if isinstance(module, Float8Linear) and (weights is None or id(module.weight) in weights):
+            module.quantize_weight()
+            count += 1
+    return count
