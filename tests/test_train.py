@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from rayimg.config import ModelConfig, PrepareJob, TrainJob, from_dict
 from rayimg.models.loader import load_pipeline
 from rayimg.run.prepare import run as prepare
-from rayimg.run.train import run as train
+from rayimg.run.train import run as train, weights_sha256
 from rayimg.train.export import file_sha256
 
 from tests import datasets
@@ -106,6 +107,12 @@ def test_full_finetune_with_deepspeed_on_cpu(cache, tmp_path, stage):
     changed = sum(not torch.equal(trained[k], orig[k]) for k in trained)
     assert changed > len(trained) // 2
     assert len(r["losses"]) == 2
+    # both ranks digested the weights they would save (gathered under ZeRO-3): equal, and the
+    # very weights rank 0 exported
+    digests = r["metrics"]["weights_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1], digests
+    saved = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert weights_sha256({f"unet.{k}": v for k, v in saved.items()}) == digests[0]
 
 
 def test_resume_reproduces_the_uninterrupted_run(cache, tmp_path, monkeypatch):

@@ -428,6 +428,7 @@ def _checkpoint(job, trainee, engine, optimizer, lr_scheduler, step, losses, ran
             engine.save_checkpoint(str(d / "deepspeed"), tag="zero")
             if final:
                 weights = _trainable_state(trainee, engine)  # every rank joins the ZeRO-3 gather
+                digests = _same_weights_on_every_rank(weights, rank, engine.device)  # fails before any export
         else:
             weights = _trainable_state(trainee, None)
         if rank == 0:
@@ -442,7 +443,51 @@ def _checkpoint(job, trainee, engine, optimizer, lr_scheduler, step, losses, ran
             if final:
                 _export(job, trainee, weights, loaded, d / "export")
         metrics = {"step": step, "loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}
+        if final and engine is not None:
+            metrics["weights_sha256"] = digests
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of ``weights`` in name order."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _same_weights_on_every_rank(weights: dict[str, torch.Tensor], rank: int, device) -> list[str]:
+    """Every rank's digest of the weights it would save (under ZeRO-3 the gathered ones), in rank
+    order. Raises on every rank unless each rank's weights are non-empty and all digests are equal:
+    rank 0 exports its copy, so a rank that trained different weights, or an empty ZeRO-3
+    placeholder, would otherwise go unnoticed."""
+    import torch.distributed as dist
+
+    empty = [n for n, t in weights.items() if t.numel() == 0]
+    problem = "no trainable weights" if not weights else (f"{len(empty)} empty tensor(s), e.g. {empty[:3]}" if empty else None)
+    mine = torch.zeros(33, dtype=torch.uint8)
+    if problem is None:
+        mine[0] = 1
+        mine[1:] = torch.frombuffer(bytearray.fromhex(weights_sha256(weights)), dtype=torch.uint8)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # every rank reaches the gather, also one with a problem, so none is left waiting
+        gathered = [torch.zeros(33, dtype=torch.uint8, device=device) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine.to(device))
+        gathered = [g.cpu() for g in gathered]
+    else:
+        gathered = [mine]
+    if problem is not None:
+        raise RuntimeError(f"rank {rank}: the weights to save hold {problem}")
+    bad = [r for r, g in enumerate(gathered) if g[0] != 1]
+    if bad:
+        raise RuntimeError(f"rank(s) {bad}: the weights to save are empty (see that rank's error)")
+    digests = [bytes(g[1:].tolist()).hex() for g in gathered]
+    if len(set(digests)) > 1:
+        raise RuntimeError("the weights to save differ across ranks: "
+                           + ", ".join(f"rank {r} sha256 {d[:16]}" for r, d in enumerate(digests)))
+    return digests
 
 
 def _export(job: TrainJob, trainee, weights: dict, loaded, out: Path) -> None:
