@@ -16,7 +16,7 @@ prompt_embeds 77×2048, pooled 1280, SDXL time ids), as in train_bench.py.
 
 Timing: ``--warmup`` steps, a barrier, then ``--steps`` timed steps on every rank;
 images/s = micro batch × world × steps / the slowest rank's time. Per rank: peak GPU memory
-(allocated and reserved, whole run). One ``RESULT`` line per row, a table at the end, and
+(allocated and reserved, whole run; and allocated during the timed steps). One ``RESULT`` line per row, a table at the end, and
 ``$OUT/zero_bench.json`` rewritten after every row (a kill loses only the row in flight).
 
     python bench/zero_bench.py                          # GPU: zero2x1, zero2x2, zero3x2 at batch 8 per GPU
@@ -124,6 +124,10 @@ def worker_loop(cfg: dict) -> None:
     losses = [train_step(s) for s in range(warmup)]
     if world > 1:
         dist.barrier()
+    peak_alloc = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0  # build + init + warm-up
+    peak_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else 0.0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     step_times = []
     t_start = time.perf_counter()
     for s in range(warmup, warmup + steps):
@@ -132,9 +136,10 @@ def worker_loop(cfg: dict) -> None:
         step_times.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - t_start
 
-    peak_alloc = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
-    peak_reserved = torch.cuda.max_memory_reserved(device) / 2**30 if cuda else 0.0
-    mine = torch.tensor([elapsed, peak_alloc, peak_reserved, build_s], dtype=torch.float64, device=device)
+    steps_alloc = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else 0.0
+    peak_alloc = max(peak_alloc, steps_alloc)
+    peak_reserved = max(peak_reserved, torch.cuda.max_memory_reserved(device) / 2**30 if cuda else 0.0)
+    mine = torch.tensor([elapsed, peak_alloc, peak_reserved, build_s, steps_alloc], dtype=torch.float64, device=device)
     every = [torch.zeros_like(mine) for _ in range(world)]
     if world > 1:
         dist.all_gather(every, mine)
@@ -151,6 +156,7 @@ def worker_loop(cfg: dict) -> None:
         "step_s_rank0": [round(x, 4) for x in step_times],
         "peak_mem_gb": [round(e[1], 2) for e in every],
         "peak_reserved_gb": [round(e[2], 2) for e in every],
+        "peak_mem_timed_steps_gb": [round(e[4], 2) for e in every],
         "build_s": [round(e[3], 1) for e in every],
         "losses": [round(x, 5) for x in losses],
         "trainable_params": sum(p.numel() for p in params),
@@ -259,7 +265,7 @@ def main() -> int:
             write(rows, args, out_dir)
             brief = {k: row.get(k) for k in ("name", "stage", "workers", "batch_per_gpu", "images_per_s",
                                                "images_per_s_per_gpu", "s_per_step", "peak_mem_gb", "peak_reserved_gb",
-                                               "build_s", "fit_s", "error")}
+                                               "peak_mem_timed_steps_gb", "build_s", "fit_s", "error")}
             print("RESULT " + json.dumps(brief), flush=True)
     summary = summarise(rows, args)
     print(f"\n| row | ZeRO | GPUs | batch/GPU | images/s | images/s/GPU | s/step | peak alloc GB (per rank) |")
