@@ -2,6 +2,9 @@
 
     python scripts/train_tiny_base.py --config scripts/train_tiny_base.yaml [field=value ...]
     python scripts/train_tiny_base.py --phase denoiser   # reuse the trained VAE in <out_dir>/vae
+    python scripts/train_tiny_base.py --phase continue --device cuda continue_from=rayimg-tiny-shapes \
+        continue_train.batch_size=512 continue_train.max_seconds=200   # more steps from the committed model, on a GPU
+    python scripts/train_tiny_base.py --phase continue --install out_dir=DIR   # ship DIR/model (adherence re-measured here)
 
 Phase 1 trains the VAE on synthetic shape pictures (rayimg.demo.shapes), phase 2 the UNet and
 text encoder on the VAE's latents; the pipeline is saved in diffusers format (float16
@@ -40,16 +43,23 @@ def main(argv=None) -> int:
                     help="vae: phase 1; denoiser: phase 2; decoder: phase 2b, the VAE decoder alone (may run beside "
                          "phase 2; writes <out_dir>/vae-decoder); assemble: put the fine-tuned decoder into <out_dir>/model")
     ap.add_argument("--checkpoint-every", type=int, default=0, help="save and judge the model every N denoiser steps")
-    ap.add_argument("--install", action="store_true", help="copy the result to rayimg/models/pretrained/rayimg-tiny-shapes")
+    ap.add_argument("--install", action="store_true", help="copy the result to rayimg/models/pretrained/rayimg-tiny-shapes "
+                    "(with --phase continue and continue_train.steps=0: measure and install <out_dir>/model as it is)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), help="shorthand for the override device=...")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
-    job = load(bm.BaseModelJob, args.config, args.overrides)
+    job = load(bm.BaseModelJob, args.config, args.overrides + ([f"device={args.device}"] if args.device else []))
     torch.set_num_threads(job.threads)
+    if job.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(to_dict(job), indent=2))
     times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
 
+    if args.phase == "continue" and job.continue_train.steps == 0:  # measure and install only
+        return continue_denoiser(job, out, None, None, args.install)
     data_dir = out / "data"
     if not (data_dir / "metadata.jsonl").is_file() or sum(1 for _ in open(data_dir / "metadata.jsonl")) != job.num_images:
         log(f"writing {job.num_images} synthetic pictures to {data_dir}")
@@ -108,7 +118,8 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     bm.train_denoiser(pipe, latents, captions, job.denoiser_train, seed=job.seed, log=log,
-                      checkpoint=checkpoint if args.checkpoint_every else None, checkpoint_every=args.checkpoint_every)
+                      checkpoint=checkpoint if args.checkpoint_every else None, checkpoint_every=args.checkpoint_every,
+                      device=job.device)
     times["denoiser_s"] = round(time.perf_counter() - t)
     (out / "times.json").write_text(json.dumps(times))
     path = bm.save_pipeline(pipe, out / "model")
@@ -121,22 +132,44 @@ def main(argv=None) -> int:
 def continue_denoiser(job, out: Path, pixels, captions, install: bool) -> int:
     """Phase 2c: more UNet + text-encoder steps (``continue_train``) from <out_dir>/model, on the
     first ``continue_images`` pictures; the fine-tuned decoder goes in first when there is one."""
+    import shutil
+
     from diffusers import StableDiffusionPipeline
 
-    if (out / "vae-decoder").is_dir():
-        assemble(job, out, install=False, measure=False)
+    from rayimg.config import ModelConfig
+    from rayimg.models.loader import resolve_model_dir
+
     path = out / "model"
+    if job.continue_from:
+        source = resolve_model_dir(ModelConfig(pretrained=job.continue_from))
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.copytree(source, path)
+        log(f"phase 2c starts from {source}")
+    elif (out / "vae-decoder").is_dir():
+        assemble(job, out, install=False, measure=False)
+    if not (path / "model_index.json").is_file():
+        raise SystemExit(f"continue: no model in {path}; run the earlier phases or set continue_from=rayimg-tiny-shapes")
+    times = json.loads((out / "times.json").read_text()) if (out / "times.json").is_file() else {}
+    if job.continue_from and (path / "training.json").is_file():  # carry the earlier phases' record on
+        times = json.loads((path / "training.json").read_text()).get("times_s", {})
+        (out / "times.json").write_text(json.dumps(times))
+    if job.continue_train.steps == 0:  # the model as it is, with the record of the run that trained it
+        recorded = json.loads((path / "training.json").read_text()) if (path / "training.json").is_file() else {}
+        return finish(job, out, path, times, install, config=recorded.get("config"))
     pipe = StableDiffusionPipeline.from_pretrained(path, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+    pipe.to(job.device)
     n = job.continue_images
     t = time.perf_counter()
     latents = bm.encode_latents(pipe.vae, pixels[:n]) * pipe.vae.config.scaling_factor
-    log(f"phase 2c: {job.continue_train.steps} more steps on {n} pictures' latents (encoded in {time.perf_counter() - t:.0f}s)")
+    log(f"phase 2c: up to {job.continue_train.steps} more steps of batch {job.continue_train.batch_size} on {n} pictures' "
+        f"latents, on {job.device} (encoded in {time.perf_counter() - t:.0f}s)")
     t = time.perf_counter()
-    bm.train_denoiser(pipe, latents, captions[:n], job.continue_train, seed=job.seed + 3, log=log)
-    times = json.loads((out / "times.json").read_text())
-    times["continue_s"] = round(time.perf_counter() - t)
+    bm.train_denoiser(pipe, latents, captions[:n], job.continue_train, seed=job.seed + 3, log=log, device=job.device)
+    times["continue_s"] = times.get("continue_s", 0) + round(time.perf_counter() - t)
+    times.setdefault("continue_runs", []).append({"device": job.device, "max_steps": job.continue_train.steps,
+                                                  "batch_size": job.continue_train.batch_size, "seconds": round(time.perf_counter() - t)})
     (out / "times.json").write_text(json.dumps(times))
-    bm.save_pipeline(pipe, path)
+    bm.save_pipeline(pipe.to("cpu"), path)
     return finish(job, out, path, times, install)
 
 
@@ -158,13 +191,13 @@ def assemble(job, out: Path, install: bool, measure: bool = True) -> int:
     return finish(job, out, path, times, install) if measure else 0
 
 
-def finish(job, out: Path, path: Path, times: dict, install: bool) -> int:
+def finish(job, out: Path, path: Path, times: dict, install: bool, config: dict | None = None) -> int:
     factor = json.loads((path / "vae" / "config.json").read_text())["scaling_factor"]
-    adherence = report(path, job.denoiser_train.steps)
+    adherence = report(path)
     import diffusers
     import transformers
 
-    record = {"config": to_dict(job), "times_s": times, "threads": job.threads, "scaling_factor": factor,
+    record = {"config": config or to_dict(job), "times_s": times, "threads": job.threads, "scaling_factor": factor,
               "adherence": {k: v for k, v in adherence.items() if k != "rows"},
               "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}}
     (path / "training.json").write_text(json.dumps(record, indent=2))
@@ -180,11 +213,11 @@ def finish(job, out: Path, path: Path, times: dict, install: bool) -> int:
     return 0
 
 
-def report(model_dir: Path, step: int) -> dict:
+def report(model_dir: Path, step: int | None = None) -> dict:
     from rayimg.demo.adherence import measure_adherence
 
     result = measure_adherence(str(model_dir))
-    log(f"adherence at step {step}: colour {result['color_accuracy']:.1%}, shape {result['shape_accuracy']:.1%} "
+    log(f"adherence {f'at step {step}' if step is not None else f'of {model_dir}'}: colour {result['color_accuracy']:.1%}, shape {result['shape_accuracy']:.1%} "
         f"over {result['count']} renders")
     rows = [{k: v for k, v in r.items() if k != "image"} for r in result["rows"]]
     (Path(model_dir) / "adherence.json").write_text(json.dumps({**result, "rows": rows}, indent=2))

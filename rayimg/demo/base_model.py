@@ -81,10 +81,12 @@ class PhaseConfig:
     kl_weight: float = field(1e-6, doc="VAE only: weight of the KL term")
     caption_dropout: float = field(0.1, doc="denoiser only: empty-caption probability (classifier-free guidance)")
     ema_decay: float = field(0.999, doc="denoiser only: EMA decay of the UNet weights")
+    max_seconds: float = field(0.0, doc="denoiser only: stop after this many seconds of training even if steps remain (0: no limit)")
 
     def validate(self) -> None:
         check(self.steps >= 0, "steps", "must be >= 0")
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.max_seconds >= 0, "max_seconds", "must be >= 0")
 
 
 @dataclass
@@ -97,6 +99,8 @@ class BaseModelJob:
     data_seed: int = field(0, doc="seed of the synthetic data")
     seed: int = field(0, doc="seed of init and training")
     threads: int = field(2, doc="torch CPU threads")
+    device: str = field("cpu", doc="where the denoiser phases (2, 2c) train: 'cpu' or 'cuda'")
+    continue_from: str = field("", doc="phase 2c: model to continue from (a name such as rayimg-tiny-shapes, or a dir), copied to <out_dir>/model first; empty: <out_dir>/model as it is")
     vae: VaeConfig = field(default_factory=VaeConfig, doc="autoencoder architecture")
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig, doc="text encoder architecture")
     unet: UnetConfig = field(default_factory=UnetConfig, doc="UNet architecture")
@@ -108,6 +112,8 @@ class BaseModelJob:
 
     def validate(self) -> None:
         check(1 <= self.vae_images <= self.num_images, "vae_images", "must be in [1, num_images]")
+        check(self.device in ("cpu", "cuda"), "device", f"must be 'cpu' or 'cuda', got {self.device!r}")
+        check(1 <= self.continue_images <= self.num_images, "continue_images", "must be in [1, num_images]")
 
 
 # --------------------------------------------------------------------------- architecture
@@ -176,11 +182,15 @@ def load_pixels(data_dir: str | Path, limit: int | None = None) -> tuple[torch.T
 
 
 # --------------------------------------------------------------------------- schedule
-def _lr_lambda(phase: PhaseConfig) -> Callable[[int], float]:
+def _lr_lambda(phase: PhaseConfig, started: float | None = None) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 10% over ``phase.steps`` — or over ``phase.max_seconds``
+    from ``started`` (a perf_counter time) when that budget runs out first."""
     def f(step: int) -> float:
         if step < phase.warmup_steps:
             return (step + 1) / phase.warmup_steps
         progress = (step - phase.warmup_steps) / max(1, phase.steps - phase.warmup_steps)
+        if phase.max_seconds and started is not None:
+            progress = max(progress, (time.perf_counter() - started) / phase.max_seconds)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
 
@@ -253,8 +263,9 @@ def finetune_decoder(vae, pixels: torch.Tensor, phase: PhaseConfig, *, seed: int
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Unscaled latent means of ``pixels``."""
-    return torch.cat([vae.encode(pixels[i:i + batch_size]).latent_dist.mean for i in range(0, len(pixels), batch_size)])
+    """Unscaled latent means of ``pixels`` (computed on the VAE's device, returned on the CPU)."""
+    device = next(vae.parameters()).device
+    return torch.cat([vae.encode(pixels[i:i + batch_size].to(device)).latent_dist.mean.cpu() for i in range(0, len(pixels), batch_size)])
 
 
 def set_scaling_factor(vae, latents: torch.Tensor) -> float:
@@ -279,29 +290,35 @@ def _denoiser_job(phase: PhaseConfig, seed: int):
 
 
 def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], phase: PhaseConfig, *, seed: int = 0, log=print,
-                   checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0) -> list[float]:
+                   checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0,
+                   device: str | torch.device = "cpu") -> list[float]:
     """Train ``pipe``'s UNet and text encoder in place on scaled ``latents`` + ``captions`` with
     the project's Trainee (method ``full``, text encoder trainable); at the end the UNet holds its
     EMA weights. ``checkpoint(step)`` is called every ``checkpoint_every`` steps with EMA weights
-    swapped in and back out."""
+    swapped in and back out. On ``device`` 'cuda' the pipeline and the latents move to the GPU
+    first; ``phase.max_seconds`` ends training early (the learning-rate schedule stays the one of
+    ``phase.steps``)."""
     from rayimg.models.loader import LoadedModel
     from rayimg.train.trainee import build_trainee
 
+    device = torch.device(device)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     job = _denoiser_job(phase, seed)
-    loaded = LoadedModel(pipe, "sd", Path("."), "rayimg-tiny-shapes", "", torch.device("cpu"), torch.float32)
+    pipe.to(device)
+    latents = latents.to(device)
+    loaded = LoadedModel(pipe, "sd", Path("."), "rayimg-tiny-shapes", "", device, torch.float32)
     trainee = build_trainee(loaded, job, train_text_encoders=True)
     params = trainee.trainable_parameters()
     # The UNet's EMA lives in the trainee; the text encoder's is kept here so both sides match.
     text_params = list(pipe.text_encoder.parameters())
     text_ema = [p.detach().clone() for p in text_params]
     opt = torch.optim.AdamW(params, lr=phase.learning_rate, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(phase))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(phase, started=time.perf_counter()))
     every, window, history, t0 = _log_every(phase.steps), [], [], time.perf_counter()
     for step in range(phase.steps):
         idx = torch.randint(0, len(latents), (phase.batch_size,), generator=gen)
-        batch = {"latents": latents[idx], "captions": [captions[i] for i in idx.tolist()]}
+        batch = {"latents": latents[idx.to(device)], "captions": [captions[i] for i in idx.tolist()]}
         loss = trainee(batch)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -313,9 +330,10 @@ def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], phase: Phas
         decay = min(phase.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(text_ema, [p.detach() for p in text_params], 1 - decay)
-        window.append(loss.item())
-        if (step + 1) % every == 0 or step + 1 == phase.steps:
-            history.append(float(np.mean(window)))
+        window.append(loss.detach())
+        out_of_time = bool(phase.max_seconds) and time.perf_counter() - t0 > phase.max_seconds
+        if (step + 1) % every == 0 or step + 1 == phase.steps or out_of_time:
+            history.append(float(torch.stack(window).mean()))
             log(f"denoiser step {step + 1}/{phase.steps} loss {history[-1]:.4f} lr {sched.get_last_lr()[0]:.2e} ({time.perf_counter() - t0:.0f}s)")
             window = []
         if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < phase.steps:
@@ -327,6 +345,9 @@ def train_denoiser(pipe, latents: torch.Tensor, captions: list[str], phase: Phas
                 for p, v in zip(list(trainee.unet.parameters()) + text_params, saved):
                     p.copy_(v)
             trainee.train()
+        if out_of_time:
+            log(f"denoiser: max_seconds {phase.max_seconds:.0f} reached after {step + 1} of {phase.steps} steps")
+            break
     _swap_in_ema(trainee, text_params, text_ema)
     trainee.eval()
     for module in (pipe.unet, pipe.text_encoder):
