@@ -629,8 +629,8 @@ class DemoJob:
                                doc="base model (the project's trained tiny shapes model by default)")
     cluster: ClusterConfig = field(default_factory=ClusterConfig, doc="Ray cluster")
     concept: DemoConceptConfig = field(default_factory=DemoConceptConfig, doc="the concept the LoRA learns")
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(method="lora", resolution=64, batch_size=4, learning_rate=5e-3, lr_scheduler="constant",
-                                                                   max_steps=300, mixed_precision="no", seed=0),
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(method="lora", resolution=64, batch_size=4, learning_rate=2e-3, lr_scheduler="cosine",
+                                                                   lr_warmup_steps=20, max_steps=400, snr_gamma=5.0, mixed_precision="no", seed=0),
                                doc="LoRA training loop (batch_size is per worker)")
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=16, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]),
                              doc="LoRA shape")
@@ -642,7 +642,7 @@ class DemoJob:
         "a purple {trigger} on a black background", "a blue circle on a white background",
     ], doc="catalog prompts, rendered with and without the adapter; {trigger} becomes concept.trigger")
     seeds: list[int] = field(default_factory=lambda: [0, 1], doc="seeds each prompt is rendered with")
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(steps=20, width=64, height=64, guidance_scale=5.0, scheduler="dpmpp_2m"),
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(steps=20, width=64, height=64, guidance_scale=7.5, scheduler="dpmpp_2m"),
                                          doc="generation settings of the catalog and the served request")
     serve: bool = field(True, doc="start the Serve app and make one HTTP request")
 
