@@ -590,3 +590,12 @@ def test_fp8_engine_stays_close_follows_swaps_and_changes_the_key(cache_dir, sd,
     assert r8.key(req()) != plain.key(req())
     assert "compute capability" not in (fp8_unavailable(torch.device("cpu"), torch.float32) or "")
     assert "not available on meta" in fp8_unavailable(torch.device("meta"), torch.bfloat16)
+
+
+def test_ddim_from_a_config_without_clip_sample_does_not_clip_latents():
+    from diffusers import EulerDiscreteScheduler
+
+    euler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert make_scheduler("ddim", euler.config).config.clip_sample is False
+    ddim_cfg = {**make_scheduler("ddim", euler.config).config, "clip_sample": True}  # a config that asks for it keeps it
+    assert make_scheduler("ddim", ddim_cfg).config.clip_sample is True

@@ -28,4 +28,10 @@ def make_scheduler(name: str, base_config):
     if name not in SCHEDULER_TABLE:
         raise ValueError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULER_TABLE)}")
     cls, extra = SCHEDULER_TABLE[name]
+    extra = dict(extra)
+    if name == "ddim" and "clip_sample" not in base_config:
+        # DDIM's class default clips the predicted x0 to [-1, 1], which is for pixel-space models;
+        # latents are not bounded so (SD's own DDIM/PNDM configs say clip_sample: false). A config
+        # from another scheduler (Euler, say) lacks the key: keep latent diffusion unclipped.
+        extra["clip_sample"] = False
     return cls.from_config(base_config, **extra)
