@@ -442,6 +442,8 @@ class EngineConfig:
     vae_tiling: bool = field(False, doc="decode in tiles (large images)")
     attention_slicing: bool = field(False, doc="compute attention in slices (less memory)")
     compile: bool = field(False, doc="torch.compile the UNet (adapters swap without recompiling)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = field(
+        "default", doc="torch.compile mode of the UNet: 'reduce-overhead' replays CUDA graphs (less CPU launch time at small batches; adapters still swap in place)")
     compile_vae: bool = field(False, doc="torch.compile the VAE decoder (one graph per batch and image size)")
     fp8: bool = field(False, doc="float8 matmuls for the UNet's attention and feed-forward linears (H100/Ada GPUs with a bfloat16 model, or CPU): faster, pixels differ from bf16 (recorded in the output key)")
     fuse_qkv: bool = field(False, doc="fuse attention QKV projections")

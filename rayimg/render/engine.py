@@ -184,7 +184,8 @@ class Engine:
 
     ``controlnet``: a ControlNetModel for mode ``controlnet`` (named ``controlnet_id`` in
     requests). ``compile``: ``torch.compile`` the UNet in place (adapter swaps keep the
-    compiled graph); ``compile_vae`` the VAE decoder. ``fp8``: the UNet's attention and
+    compiled graph; ``compile_mode`` ``"reduce-overhead"`` replays CUDA graphs, which read the
+    weights in place too); ``compile_vae`` the VAE decoder. ``fp8``: the UNet's attention and
     feed-forward linears multiply in float8 (:mod:`rayimg.render.fp8`; H100/Ada or CPU; pixels
     differ from bf16, and :meth:`Renderer.key` records it). ``fuse_qkv``: fuse the attention QKV projections (adapters still apply).
     ``originals_device``: where the base copies of adapted weights live (default: with the
@@ -209,6 +210,7 @@ class Engine:
         controlnet_id: str = "",
         compile: bool = False,
         compile_vae: bool = False,
+        compile_mode: str = "default",
         fuse_qkv: bool = False,
         fp8: bool = False,
         channels_last: bool = False,
@@ -242,7 +244,7 @@ class Engine:
         if compile:
             # In place (nn.Module.compile): the module keeps its identity and parameter paths,
             # so FusedAdapters and the img2img/controlnet pipelines share the compiled UNet.
-            pipe.unet.compile()
+            pipe.unet.compile(mode=None if compile_mode == "default" else compile_mode)
         if compile_vae:
             # the decoder alone (adapters never touch it): one graph per batch size and image size
             pipe.vae.decoder.compile()
@@ -262,7 +264,8 @@ class Engine:
     def from_config(cls, pipe, cfg, **kwargs) -> "Engine":
         """An engine with the memory and compile options of an EngineConfig."""
         return cls(pipe, vae_slicing=cfg.vae_slicing, vae_tiling=cfg.vae_tiling, attention_slicing=cfg.attention_slicing,
-                   compile=cfg.compile, compile_vae=cfg.compile_vae, fuse_qkv=cfg.fuse_qkv, fp8=cfg.fp8, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
+                   compile=cfg.compile, compile_vae=cfg.compile_vae, compile_mode=cfg.compile_mode, fuse_qkv=cfg.fuse_qkv,
+                   fp8=cfg.fp8, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -1,5 +1,6 @@
-"""engine.fp8 on a CUDA GPU (float8 tensor cores need compute capability 8.9+): compiled, close to
-bf16, adapter swaps requantize without recompiling. Skipped elsewhere (`make test-gpu`)."""
+"""Engine speed options on a CUDA GPU: engine.fp8 (float8 tensor cores need compute capability
+8.9+: compiled, close to bf16, adapter swaps requantize without recompiling) and compile_mode
+reduce-overhead (CUDA graphs with in-place adapter swaps). Skipped elsewhere (`make test-gpu`)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,33 @@ def test_fp8_compiled_engine_close_to_bf16_and_swaps_without_recompiling(tmp_pat
     assert torch._dynamo.utils.counters["stats"].get("unique_graphs", 0) == 0, dict(torch._dynamo.utils.counters["stats"])
     assert float((adapted - base).abs().mean()) > 1e-3
     np.testing.assert_array_equal(back.cpu().numpy(), base.cpu().numpy())
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
+def test_cuda_graph_engine_swaps_adapters_in_place(tmp_path, scheduler):
+    """compile_mode reduce-overhead (CUDA graphs): the replayed graphs read the weights in place, so a
+    fused adapter shows and restoring gives the base image back; multistep schedulers keep no
+    graph-owned outputs across steps."""
+    from rayimg.render.adapters import load_lora_file
+    from rayimg.render.engine import Engine, GenerationRequest
+    from tests.test_render_engine import make_lora
+
+    cfg = ModelConfig(pretrained=SDXL, device="cuda", dtype="bfloat16")
+    eager = Engine(load_pipeline(cfg))
+    pipe = load_pipeline(cfg)
+    engine = Engine(pipe, compile=True, compile_mode="reduce-overhead")
+    req = GenerationRequest(prompt="a blue star", steps=4, width=64, height=64, seed=5, scheduler=scheduler)
+    base = engine.generate([req], output_type="latent")[0].float()
+    again = engine.generate([req], output_type="latent")[0].float()
+    ref = eager.generate([req], output_type="latent")[0].float()
+    assert torch.equal(base, again)
+    assert float((base - ref).norm() / ref.norm()) < 0.05
+    d = tmp_path / "lora"
+    make_lora(d, "sdxl", 1, rank=4, alpha=4, unet_targets=["to_q", "to_k", "to_v", "to_out.0"])
+    weights = load_lora_file(d / "pytorch_lora_weights.safetensors", name="l1", unet_config=pipe.unet.config)
+    engine.set_adapters([(weights, 1.0)], [("l1", "1", 1.0)])
+    adapted = engine.generate([GenerationRequest(prompt="a blue star", steps=4, width=64, height=64, seed=5, scheduler=scheduler,
+                                                 adapters=(("l1", "1", 1.0),))], output_type="latent")[0].float()
+    engine.set_adapters([], [])
+    assert float((adapted - base).abs().mean()) > 1e-3
+    assert torch.equal(engine.generate([req], output_type="latent")[0].float(), base)
