@@ -613,11 +613,24 @@ class DemoConceptConfig:
     shape: Literal["cross"] = field("cross", doc="the shape drawn in the instance pictures (kept out of the base model's data)")
     trigger: str = field("sks", doc="trigger token that stands for the concept in captions and prompts")
     num_images: int = field(24, doc="instance pictures generated")
+    backgrounds: list[str] = field(default_factory=lambda: ["white", "black", "gray", "striped", "dotted", "grid"],
+                                   doc="backgrounds the instance pictures are drawn on")
+    radii: list[float] = field(default_factory=lambda: [17.0, 22.0], doc="range of the shape's half-extent in the instance pictures, "
+                               "pixels of 64 (the base data's range is 11-22)")
+    num_prior_images: int = field(24, doc="pictures of the base model's own shapes, with their own captions, mixed into the "
+                                         "training set (prior preservation: the LoRA keeps drawing circles for 'circle')")
     seed: int = field(0, doc="seed of the generated pictures")
 
     def validate(self) -> None:
         check(bool(re.match(r"^[a-z]+$", self.trigger)), "trigger", f"must be one lowercase word, got {self.trigger!r}")
         check(self.num_images >= 1, "num_images", "must be >= 1")
+        check(len(self.radii) == 2 and 4.0 <= self.radii[0] <= self.radii[1] <= 30.0, "radii", f"must be [low, high] within 4-30, got {self.radii}")
+        check(self.num_prior_images >= 0, "num_prior_images", "must be >= 0")
+        from rayimg.demo.shapes import BACKGROUNDS
+
+        check(len(self.backgrounds) >= 1, "backgrounds", "must name at least one background")
+        for b in self.backgrounds:
+            check(b in BACKGROUNDS, "backgrounds", f"unknown background {b!r}; one of {', '.join(BACKGROUNDS)}")
 
 
 @dataclass
@@ -632,9 +645,10 @@ class DemoJob:
     cluster: ClusterConfig = field(default_factory=ClusterConfig, doc="Ray cluster")
     concept: DemoConceptConfig = field(default_factory=DemoConceptConfig, doc="the concept the LoRA learns")
     train: TrainConfig = field(default_factory=lambda: TrainConfig(method="lora", resolution=64, batch_size=4, learning_rate=2e-3, lr_scheduler="cosine",
-                                                                   lr_warmup_steps=20, max_steps=400, snr_gamma=5.0, mixed_precision="no", seed=0),
+                                                                   lr_warmup_steps=20, max_steps=600, snr_gamma=5.0, mixed_precision="no", seed=0),
                                doc="LoRA training loop (batch_size is per worker)")
-    lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=16, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]),
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=16, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"],
+                                                               train_text_encoder=True),
                              doc="LoRA shape")
     num_workers: int = field(2, doc="Ray Train workers (one CPU each)")
     adapter_name: str = field("demo-cross", doc="name of the adapter in the demo's registry")

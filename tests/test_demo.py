@@ -68,14 +68,12 @@ def test_demo_judges_its_renders_consistently(demo):
     assert _concept_rate(without)[0] == summary["concept_rate_without_adapter"]
     # without the adapter the base model never draws the concept it never saw
     assert summary["concept_rate_without_adapter"] <= 0.10
-    # regression floor: the recipe in jobs/configs/demo_tiny.yaml measured 60% (docs/DEMO_MODEL.md);
-    # a LoRA that learned nothing scores 0-10%
-    assert summary["concept_rate_with_adapter"] >= 0.40, [r["judged_shape"] for r in with_lora]
 
 
-@pytest.mark.xfail(reason="issue 7's target: the demo LoRA draws the new concept in >= 70% of trigger renders; "
-                          "the demo's recipe measures 60% (docs/DEMO_MODEL.md)", strict=False)
 def test_demo_lora_teaches_the_concept(demo):
+    """Issue 7's target: the cross in >= 70% of the trigger renders with the adapter (the recipe
+    in jobs/configs/demo_tiny.yaml measures 70%, docs/DEMO_MODEL.md; a LoRA that learned
+    nothing scores 0-10%), <= 10% without (checked above)."""
     _out, _proc, summary = demo
     renders = summary["renders"]
     rate, shapes = _concept_rate([r for r in renders if r["trigger"] and r["adapter"]])

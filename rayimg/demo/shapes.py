@@ -142,12 +142,14 @@ def render(spec: ShapeSpec, size: int = 64) -> Image.Image:
     return img.resize((size, size), Image.LANCZOS)
 
 
-def sample_spec(rng: random.Random, *, shapes=BASE_SHAPES, colors=tuple(COLORS), backgrounds=BACKGROUNDS) -> ShapeSpec:
-    """A random picture (coordinates for a 64-pixel image) drawn from ``rng``."""
+def sample_spec(rng: random.Random, *, shapes=BASE_SHAPES, colors=tuple(COLORS), backgrounds=BACKGROUNDS,
+                radii: tuple[float, float] = (11.0, 22.0)) -> ShapeSpec:
+    """A random picture (coordinates for a 64-pixel image) drawn from ``rng``; the shape's
+    half-extent is uniform in ``radii``."""
     shape = rng.choice(tuple(shapes))
     color = rng.choice(tuple(colors))
     background = rng.choice(tuple(backgrounds))
-    radius = rng.uniform(11.0, 22.0)
+    radius = rng.uniform(*radii)
     margin = radius + 2.0
     cx = rng.uniform(margin, 64.0 - margin)
     cy = rng.uniform(margin, 64.0 - margin)
@@ -161,15 +163,19 @@ def dataset_specs(count: int, seed: int = 0, **choices) -> list[ShapeSpec]:
 
 
 def write_imagefolder(
-    out_dir: str | os.PathLike, count: int, seed: int = 0, *, size: int = 64, shape_word: dict[str, str] | None = None, **choices
+    out_dir: str | os.PathLike, count: int | None = None, seed: int = 0, *, size: int = 64,
+    shape_word: dict[str, str] | None = None, specs: list[ShapeSpec] | None = None, **choices
 ) -> Path:
     """Write ``count`` pictures as ``<out_dir>/NNNNN.png`` + ``metadata.jsonl`` (``file_name``,
-    ``text``; also ``shape``, ``color`` and ``background``). ``shape_word`` maps a shape to the
-    word its captions use (e.g. ``{"cross": "sks"}`` for a trigger token)."""
+    ``text``; also ``shape``, ``color`` and ``background``), or the pictures of ``specs`` when
+    given. ``shape_word`` maps a shape to the word its captions use (e.g. ``{"cross": "sks"}``
+    for a trigger token)."""
+    if (count is None) == (specs is None):
+        raise ValueError("write_imagefolder: give either count or specs")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i, spec in enumerate(dataset_specs(count, seed, **choices)):
+    for i, spec in enumerate(dataset_specs(count, seed, **choices) if specs is None else specs):
         name = f"{i:05d}.png"
         render(spec, size).save(out / name, format="PNG")
         word = (shape_word or {}).get(spec.shape)

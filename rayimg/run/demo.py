@@ -2,7 +2,8 @@
 
 1. start (or join) a Ray cluster;
 2. generate a DreamBooth-style set of a concept the base model never saw (a cross), its captions
-   naming it by a trigger token ("a red sks on a white background");
+   naming it by a trigger token ("a red sks on a white background"), mixed with pictures of the
+   base model's own shapes under their own names (prior preservation);
 3. prepare it (Ray Data: the latent + text-embedding cache);
 4. train a LoRA on it (Ray Train) and publish it to a local adapter registry;
 5. render a catalog (Ray Data) of prompts with and without the adapter;
@@ -39,7 +40,7 @@ def run(cfg: DemoJob) -> dict:
     from rayimg.cluster import connect
     from rayimg.demo.contact_sheet import contact_sheet
     from rayimg.demo.judge import judge
-    from rayimg.demo.shapes import write_imagefolder
+    from rayimg.demo.shapes import BASE_SHAPES, dataset_specs, write_imagefolder
     from rayimg.models.loader import resolve_model_dir
     from rayimg.run import prepare as prepare_job
     from rayimg.run import render as render_job
@@ -79,11 +80,17 @@ def run(cfg: DemoJob) -> dict:
 
     _stage(say, "2/7 data")
     data_dir = out / "concept-data"
-    write_imagefolder(data_dir, cfg.concept.num_images, cfg.concept.seed, shapes=(cfg.concept.shape,),
-                      shape_word={cfg.concept.shape: trigger})
+    backgrounds = tuple(cfg.concept.backgrounds)
+    specs = dataset_specs(cfg.concept.num_images, cfg.concept.seed, shapes=(cfg.concept.shape,), backgrounds=backgrounds,
+                          radii=tuple(cfg.concept.radii))
+    # Prior pictures: the base model's own shapes under their own names, so the LoRA learns what
+    # 'sks' is without drawing crosses for every prompt.
+    specs += dataset_specs(cfg.concept.num_prior_images, cfg.concept.seed + 1, shapes=BASE_SHAPES, backgrounds=backgrounds)
+    write_imagefolder(data_dir, specs=specs, shape_word={cfg.concept.shape: trigger})
     first = json.loads((data_dir / "metadata.jsonl").read_text().splitlines()[0])["text"]
     say(f"wrote {cfg.concept.num_images} pictures of a {cfg.concept.shape} (a shape the base model never saw) to {data_dir}, "
-        f"captioned with the trigger '{trigger}', e.g. \"{first}\"")
+        f"captioned with the trigger '{trigger}', e.g. \"{first}\""
+        + (f", and {cfg.concept.num_prior_images} of the base model's own shapes (prior preservation)" if cfg.concept.num_prior_images else ""))
     lap("data")
 
     _stage(say, "3/7 prepare (Ray Data)")
@@ -91,7 +98,8 @@ def run(cfg: DemoJob) -> dict:
     prepare_job.run(PrepareJob(
         model=cfg.model, cluster=cfg.cluster, data=DataConfig(source=str(data_dir), format="imagefolder"),
         transforms=TransformConfig(resolution=cfg.train.resolution, random_flip=False),
-        cache=CacheConfig(output=str(cache_dir), cache_text_embeddings=True, shard_size=64),
+        # A text-encoder LoRA needs the captions, not cached text embeddings.
+        cache=CacheConfig(output=str(cache_dir), cache_text_embeddings=not cfg.lora.train_text_encoder, shard_size=64),
     ))
     lap("prepare")
 
