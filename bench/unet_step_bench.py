@@ -1,0 +1,189 @@
+"""The render engine's UNet step alone (issue 5): the real-size SDXL UNet (random init, bf16,
+fused QKV) at 1024², compiled as the engine compiles it (``nn.Module.compile``, default mode),
+called with the shapes a CFG pipeline step passes (batch = 2 × images).
+
+Per variant (``bf16`` / ``fp8`` (:mod:`rayimg.render.fp8`); flags ``:cl`` a channels-last UNet,
+``:cudnn`` cuDNN attention first, ``:eager`` no compile) and
+batch, one ``RESULT`` line:
+
+- ``compile_s``: the first call (cold compile at this batch);
+- ``forward_s``: mean of back-to-back calls (the GPU queue stays full unless the CPU is slower);
+- ``launch_s``: CPU time of one call (return without sync), after a sync; close to or above
+  ``forward_s`` means the step is launch-bound;
+- ``graph_s``: the same compiled forward captured once in a CUDA graph and replayed (what
+  ``engine.compile_mode: reduce-overhead`` buys, measured without a second compile);
+- ``tflops``: achieved, from the model FLOPs (6.76 TFLOP per image forward at 1024², counted).
+
+    python bench/unet_step_bench.py --variants bf16,fp8 --batches 2,8
+    python bench/unet_step_bench.py --tiny --device cpu --batches 2 --variants bf16   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FLOP_PER_SAMPLE = 6.76e12  # real-size SDXL UNet forward at 1024² (bench/README.md)
+RESULTS: dict = {"rows": []}
+
+
+def out_dir() -> Path:
+    p = Path(os.environ.get("OUT", "outputs/bench"))
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build_unet(args, variant: str):
+    if args.tiny:
+        from rayimg.models.tiny import build_tiny_sdxl
+
+        unet = build_tiny_sdxl(0).unet.to(args.device)
+    else:
+        from rayimg.models.real_size import build_sdxl_unet
+
+        unet = build_sdxl_unet(torch.bfloat16, args.device)
+    unet.eval().requires_grad_(False)
+    unet.fuse_qkv_projections()
+    flags = set(variant.split(":")[1:])
+    if "cl" in flags:
+        unet.to(memory_format=torch.channels_last)
+    if variant.startswith("fp8"):
+        from rayimg.render.fp8 import convert_unet
+
+        RESULTS.setdefault("notes", {})["fp8_linears"] = convert_unet(unet)
+    if "eager" not in flags:
+        unet.compile()
+    return unet
+
+
+def sdpa_context(variant: str):
+    """``:cudnn``: cuDNN attention first (flash as fallback), as set around tracing and calls."""
+    import contextlib
+
+    if "cudnn" not in variant.split(":")[1:]:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+                       set_priority=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--batches", default="2,8", help="UNet batch sizes (2 × images under CFG)")
+    ap.add_argument("--variants", default="bf16,fp8")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--budget-s", type=float, default=1e9, help="start no new row after this many seconds")
+    ap.add_argument("--save-compile-cache", action="store_true", help="write $OUT/compile_cache.bin (torch.compiler artifacts) at the end")
+    ap.add_argument("--compile-cache", default="", help="torch.compiler artifacts to load first")
+    args = ap.parse_args()
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    torch._dynamo.config.cache_size_limit = 64
+    torch._inductor.config.conv_1x1_as_mm = True
+    if torch.device(args.device).type == "cuda":
+        RESULTS["gpu"] = torch.cuda.get_device_name()
+    if args.compile_cache and Path(args.compile_cache).is_file():
+        torch.compiler.load_cache_artifacts(Path(args.compile_cache).read_bytes())
+    t_start = time.perf_counter()
+    R = args.resolution // 8
+    for variant in [v for v in args.variants.split(",") if v]:
+        if time.perf_counter() - t_start > args.budget_s:
+            break
+        unet = build_unet(args, variant)
+        cfg = unet.config
+        for b in [int(x) for x in args.batches.split(",") if x]:
+            if time.perf_counter() - t_start > args.budget_s:
+                print(f"[unet] budget spent, skipping {variant} b{b}", flush=True)
+                continue
+            dev, dt = args.device, unet.dtype
+            lat = torch.randn(b, cfg.in_channels, R, R, device=dev, dtype=dt)
+            emb = torch.randn(b, 77, cfg.cross_attention_dim, device=dev, dtype=dt)
+            proj = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            added = {"text_embeds": torch.randn(b, proj, device=dev, dtype=dt),
+                     "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]] * b, device=dev, dtype=dt)}
+            t = torch.tensor(500.0, device=dev)
+
+            def call():
+                return unet(lat, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
+
+            with torch.no_grad(), sdpa_context(variant):
+                sync(dev)
+                t0 = time.perf_counter()
+                call()
+                sync(dev)
+                compile_s = time.perf_counter() - t0
+                for _ in range(3):
+                    call()
+                sync(dev)
+                t0 = time.perf_counter()
+                for _ in range(args.iters):
+                    call()
+                sync(dev)
+                forward_s = (time.perf_counter() - t0) / args.iters
+                launches = []
+                for _ in range(3):
+                    sync(dev)
+                    t0 = time.perf_counter()
+                    call()
+                    launches.append(time.perf_counter() - t0)
+                sync(dev)
+                graph_s = None
+                if torch.device(dev).type == "cuda":
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        for _ in range(2):
+                            call()
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        static_out = call()
+                    graph.replay()
+                    sync(dev)
+                    ref = call()
+                    graph_diff = float((static_out.float() - ref.float()).abs().max())
+                    t0 = time.perf_counter()
+                    for _ in range(args.iters):
+                        graph.replay()
+                    sync(dev)
+                    graph_s = (time.perf_counter() - t0) / args.iters
+                    del graph, static_out
+            n_img = b / 2
+            row = {"variant": variant, "batch": b, "images": n_img, "compile_s": round(compile_s, 1), "forward_s": round(forward_s, 5),
+                   "launch_s": round(min(launches), 5), "graph_s": round(graph_s, 5) if graph_s else None,
+                   "graph_max_abs_diff": graph_diff if graph_s else None,
+                   "tflops_forward": round(b * FLOP_PER_SAMPLE / forward_s / 1e12, 1) if not args.tiny else None,
+                   "tflops_graph": round(b * FLOP_PER_SAMPLE / graph_s / 1e12, 1) if graph_s and not args.tiny else None}
+            RESULTS["rows"].append(row)
+            print("RESULT " + json.dumps(row), flush=True)
+            (out_dir() / "unet_step_bench.json").write_text(json.dumps(RESULTS, indent=1))
+        del unet
+        torch._dynamo.reset()
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.empty_cache()
+
+    if args.save_compile_cache:
+        saved = torch.compiler.save_cache_artifacts()
+        if saved:
+            (out_dir() / "compile_cache.bin").write_bytes(saved[0])
+            print(f"[unet] saved compile cache: {len(saved[0]) / 2**20:.1f} MiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()
