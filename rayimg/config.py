@@ -443,11 +443,11 @@ class EngineConfig:
     attention_slicing: bool = field(False, doc="compute attention in slices (less memory)")
     compile: bool = field(False, doc="torch.compile the UNet (adapters swap without recompiling)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = field(
-        "default", doc="torch.compile mode of the UNet: 'reduce-overhead' replays CUDA graphs (less CPU launch time at small batches; adapters still swap in place)")
+        "default", doc="torch.compile mode of the UNet: 'reduce-overhead' replays CUDA graphs (the SDXL step at batch 1 is launch-bound: 40-49 ms -> 32 ms on an H100; adapters still swap in place)")
     compile_vae: bool = field(False, doc="torch.compile the VAE decoder (one graph per batch and image size)")
-    fp8: bool = field(False, doc="float8 matmuls for the UNet's attention and feed-forward linears (H100/Ada GPUs with a bfloat16 model, or CPU): faster, pixels differ from bf16 (recorded in the output key)")
+    fp8: bool = field(False, doc="float8 matmuls for the UNet's attention and feed-forward linears (H100/Ada GPUs with a bfloat16 model, or CPU); pixels differ from bf16 (recorded in the output key). Experimental: measured no faster than bf16 on an H100 (docs/BENCHMARKS.md)")
     fuse_qkv: bool = field(False, doc="fuse attention QKV projections")
-    channels_last: bool = field(False, doc="UNet in channels-last memory format (faster convolutions on GPUs, with compile)")
+    channels_last: bool = field(False, doc="UNet in channels-last memory format (measured 6-8% slower than contiguous on an H100 for SDXL, docs/BENCHMARKS.md)")
     batch_invariant: bool = field(True, doc="render each image in its own pipeline call so it is byte-identical whatever batch it lands in (GPU kernels pick algorithms by batch size); false batches for throughput")
 
     png_compress_level: int = field(1, doc="zlib level of the PNGs, 0-9: 1 encodes a 1024² image several times faster than PIL's default 6 for files about 15% larger; the pixels are the same")

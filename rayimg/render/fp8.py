@@ -12,6 +12,11 @@ so a compiled UNet keeps its graph) and the engine calls it after every adapter 
 
 Pixels differ from bf16 (about 3 significant bits less in each product's inputs), so the render
 output key records it (see ``Renderer.key``).
+
+Measured on an H100 (docs/BENCHMARKS.md, render run 3): no faster than bf16 as built. The
+per-token activation scaling costs as much as the float8 GEMM saves at SDXL's sizes (eager: 1.9×
+slower; compiled at batch 1: no gain). Experimental until that scaling is fused into the kernels
+that produce the activations.
 """
 
 from __future__ import annotations
