@@ -155,10 +155,7 @@ def main() -> None:
         RESULTS["notes"]["gpu"] = torch.cuda.get_device_name()
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # one static graph per batch size (the render job and server use a few fixed sizes)
-    torch._dynamo.config.automatic_dynamic_shapes = False
-    torch._dynamo.config.cache_size_limit = 64
-    torch._inductor.config.conv_1x1_as_mm = True
+    # compile settings: the engine's own (rayimg.render.engine._configure_compiler, static graphs)
     RESULTS["notes"].update(vars(args))
     t0 = time.perf_counter()
     pipe = build(args)

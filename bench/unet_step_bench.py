@@ -65,7 +65,10 @@ def build_unet(args, variant: str):
 
         RESULTS.setdefault("notes", {})["fp8_linears"] = convert_unet(unet)
     if "eager" not in flags:
-        unet.compile()
+        from rayimg.render.engine import _configure_compiler
+
+        _configure_compiler()
+        unet.compile(dynamic=False)  # as the engine compiles it
     return unet
 
 
@@ -93,9 +96,6 @@ def main() -> None:
     ap.add_argument("--save-compile-cache", action="store_true", help="write $OUT/compile_cache.bin (torch.compiler artifacts) at the end")
     ap.add_argument("--compile-cache", default="", help="torch.compiler artifacts to load first")
     args = ap.parse_args()
-    torch._dynamo.config.automatic_dynamic_shapes = False
-    torch._dynamo.config.cache_size_limit = 64
-    torch._inductor.config.conv_1x1_as_mm = True
     if torch.device(args.device).type == "cuda":
         RESULTS["gpu"] = torch.cuda.get_device_name()
     if args.compile_cache and Path(args.compile_cache).is_file():

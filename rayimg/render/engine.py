@@ -179,6 +179,18 @@ class GenerationRequest:
         return hash(json.dumps(self.params(), sort_keys=True))
 
 
+def _configure_compiler() -> None:
+    """Process-wide torch.compile settings for the engine's graphs (the ones bench/ measures):
+    room for one graph per batch/image size and 1x1 convolutions lowered to matmuls."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    torch._inductor.config.conv_1x1_as_mm = True
+
+
 class Engine:
     """Wraps a loaded StableDiffusion(XL)Pipeline and generates images for requests.
 
@@ -241,13 +253,17 @@ class Engine:
             if why:
                 raise ValueError(f"engine.fp8: {why}")
             convert_unet(pipe.unet)  # after fuse_qkv: the fused projections are converted too
+        if compile or compile_vae:
+            _configure_compiler()
         if compile:
             # In place (nn.Module.compile): the module keeps its identity and parameter paths,
             # so FusedAdapters and the img2img/controlnet pipelines share the compiled UNet.
-            pipe.unet.compile(mode=None if compile_mode == "default" else compile_mode)
+            # One static graph per batch and image size (dynamic=False): a second size compiles
+            # its own graph instead of a slower dynamic-shape one.
+            pipe.unet.compile(mode=None if compile_mode == "default" else compile_mode, dynamic=False)
         if compile_vae:
             # the decoder alone (adapters never touch it): one graph per batch size and image size
-            pipe.vae.decoder.compile()
+            pipe.vae.decoder.compile(dynamic=False)
         self.compiled = bool(compile)
         pipe.set_progress_bar_config(disable=True)
         if controlnet is not None:
