@@ -3,7 +3,7 @@ fused QKV) at 1024², compiled as the engine compiles it (``nn.Module.compile``,
 called with the shapes a CFG pipeline step passes (batch = 2 × images).
 
 Per variant (``bf16`` / ``fp8`` (:mod:`rayimg.render.fp8`); flags ``:cl`` a channels-last UNet,
-``:cudnn`` cuDNN attention first, ``:eager`` no compile) and
+``:cudnn`` cuDNN attention first, ``:cdt`` coordinate-descent tuning, ``:eager`` no compile) and
 batch, one ``RESULT`` line:
 
 - ``compile_s``: the first call (cold compile at this batch);
@@ -68,6 +68,10 @@ def build_unet(args, variant: str):
         from rayimg.render.engine import _configure_compiler
 
         _configure_compiler()
+        import torch._inductor.config as inductor_config
+
+        # ``:cdt``: inductor's coordinate-descent tuning of its Triton kernels (longer compile)
+        inductor_config.coordinate_descent_tuning = "cdt" in flags
         unet.compile(dynamic=False)  # as the engine compiles it
     return unet
 
