@@ -244,10 +244,16 @@ class LoraConfig:
     dropout: float = field(0.0, doc="LoRA dropout")
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], doc=f"UNet module names to adapt; allowed: {', '.join(LORA_TARGETS)}")
     train_text_encoder: bool = field(False, doc="also put LoRA on the text encoder(s)")
+    text_encoder_learning_rate: Optional[float] = field(None, doc="peak learning rate of the text encoders' LoRA (same schedule as "
+                                                        "the UNet's); null: train.learning_rate. Needs train_text_encoder")
 
     def validate(self) -> None:
         check(self.rank >= 1, "rank", f"must be >= 1, got {self.rank}")
         check(self.alpha is None or self.alpha > 0, "alpha", "must be > 0")
+        check(self.text_encoder_learning_rate is None or self.text_encoder_learning_rate > 0, "text_encoder_learning_rate",
+              f"must be > 0, got {self.text_encoder_learning_rate}")
+        check(self.text_encoder_learning_rate is None or self.train_text_encoder, "text_encoder_learning_rate",
+              "applies to the text encoders' LoRA; set train_text_encoder: true (or leave it null)")
         check(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
         check(len(self.target_modules) > 0, "target_modules", "must name at least one module")
         for t in self.target_modules:
@@ -612,11 +618,13 @@ class DemoConceptConfig:
 
     shape: Literal["cross"] = field("cross", doc="the shape drawn in the instance pictures (kept out of the base model's data)")
     trigger: str = field("sks", doc="trigger token that stands for the concept in captions and prompts")
-    num_images: int = field(24, doc="instance pictures generated")
+    num_images: int = field(30, doc="instance pictures generated")
     backgrounds: list[str] = field(default_factory=lambda: ["white", "black", "gray", "striped", "dotted", "grid"],
                                    doc="backgrounds the instance pictures are drawn on")
     radii: list[float] = field(default_factory=lambda: [17.0, 22.0], doc="range of the shape's half-extent in the instance pictures, "
                                "pixels of 64 (the base data's range is 11-22)")
+    balanced: bool = field(True, doc="instance pictures cycle through every colour x background pair (colours x backgrounds "
+                                     "pictures cover each once) instead of drawing colour and background at random")
     num_prior_images: int = field(24, doc="pictures of the base model's own shapes, with their own captions, mixed into the "
                                          "training set (prior preservation: the LoRA keeps drawing circles for 'circle')")
     seed: int = field(0, doc="seed of the generated pictures")
@@ -648,7 +656,7 @@ class DemoJob:
                                                                    lr_warmup_steps=20, max_steps=600, snr_gamma=5.0, mixed_precision="no", seed=0),
                                doc="LoRA training loop (batch_size is per worker)")
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(rank=16, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"],
-                                                               train_text_encoder=True),
+                                                               train_text_encoder=True, text_encoder_learning_rate=5e-3),
                              doc="LoRA shape")
     num_workers: int = field(2, doc="Ray Train workers (one CPU each)")
     adapter_name: str = field("demo-cross", doc="name of the adapter in the demo's registry")

@@ -71,21 +71,17 @@ def test_demo_judges_its_renders_consistently(demo):
 
 
 def test_demo_lora_teaches_the_concept(demo):
-    """Issue 7's target: the cross in >= 70% of the trigger renders with the adapter (the recipe
-    in jobs/configs/demo_tiny.yaml measures 70%, docs/DEMO_MODEL.md; a LoRA that learned
-    nothing scores 0-10%), <= 10% without (checked above)."""
+    """Issue 7's target: the cross in >= 70% of the trigger renders with the adapter (a LoRA that
+    learned nothing scores 0-10%), <= 10% without (checked above). The recipe in
+    jobs/configs/demo_tiny.yaml measures 80% here and 84-87% on held-out seeds (docs/DEMO_MODEL.md),
+    so one render more or less (another CPU's kernels) does not cross the target."""
     _out, _proc, summary = demo
     renders = summary["renders"]
     rate, shapes = _concept_rate([r for r in renders if r["trigger"] and r["adapter"]])
-    # The recipe measured 7 of 10 here (and 10 of 15 on held-out seeds): at the target's edge, where
-    # one render more or less (another CPU's kernels after 600 training steps) moves it 10 points.
-    # The floor fails a regression; the target itself is reported, not allowed to break CI by one render.
-    assert rate >= 0.60, shapes
+    assert rate >= 0.70, shapes
     # a prompt without the trigger still draws its own shape with the LoRA on
     plain = [r for r in renders if not r["trigger"] and r["adapter"]]
     assert plain and all(r["judged_shape"] != "cross" for r in plain), plain
-    if rate < 0.70:
-        pytest.xfail(f"issue 7's target (>= 70% of trigger renders) missed by this run: {rate:.0%} ({shapes})")
 
 
 def test_demo_yaml_spells_out_the_default():
@@ -108,3 +104,17 @@ def test_demo_overrides_keep_the_demo_defaults():
     assert (job.generation.width, job.generation.steps, job.generation.scheduler) == (
         default.generation.width, default.generation.steps, default.generation.scheduler)
     assert (job.train.resolution, job.train.learning_rate) == (default.train.resolution, default.train.learning_rate)
+
+
+def test_balanced_concept_pictures_cover_every_colour_and_background():
+    """concept.balanced: colours x backgrounds instance pictures hold each pair once (random draws
+    left the old 24-picture set without a yellow cross on any plain background)."""
+    from rayimg.demo.shapes import COLORS, dataset_specs
+
+    backgrounds = ("white", "black", "gray", "striped")
+    specs = dataset_specs(len(COLORS) * len(backgrounds), 0, shapes=("cross",), backgrounds=backgrounds, radii=(17.0, 22.0), balanced=True)
+    assert sorted((s.color, s.background) for s in specs) == sorted((c, b) for c in COLORS for b in backgrounds)
+    assert all(s.shape == "cross" and 17.0 <= s.radius <= 22.0 for s in specs)
+    assert len({(s.cx, s.cy) for s in specs}) == len(specs)  # positions stay random
+    # deterministic, and a longer set extends a shorter one
+    assert dataset_specs(7, 0, shapes=("cross",), backgrounds=backgrounds, radii=(17.0, 22.0), balanced=True) == specs[:7]

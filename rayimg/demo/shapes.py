@@ -157,9 +157,19 @@ def sample_spec(rng: random.Random, *, shapes=BASE_SHAPES, colors=tuple(COLORS),
     return ShapeSpec(shape, color, background, cx, cy, radius, jitter, rng.randrange(1 << 30))
 
 
-def dataset_specs(count: int, seed: int = 0, **choices) -> list[ShapeSpec]:
-    """``count`` specs; item ``i`` depends only on (seed, i), so a longer dataset extends a shorter one."""
-    return [sample_spec(random.Random(f"rayimg-shapes:{seed}:{i}"), **choices) for i in range(count)]
+def dataset_specs(count: int, seed: int = 0, *, balanced: bool = False, **choices) -> list[ShapeSpec]:
+    """``count`` specs; item ``i`` depends only on (seed, i), so a longer dataset extends a shorter one.
+
+    ``balanced``: item ``i`` takes the ``i``-th colour x background pair (colours fastest, in the
+    order given) instead of a random one, so that ``len(colors) * len(backgrounds)`` items cover every
+    pair once; shape, size and position stay random."""
+    if not balanced:
+        return [sample_spec(random.Random(f"rayimg-shapes:{seed}:{i}"), **choices) for i in range(count)]
+    colors = tuple(choices.pop("colors", COLORS))
+    backgrounds = tuple(choices.pop("backgrounds", BACKGROUNDS))
+    pairs = [(c, b) for b in backgrounds for c in colors]
+    return [sample_spec(random.Random(f"rayimg-shapes:{seed}:{i}"), colors=(pairs[i % len(pairs)][0],),
+                        backgrounds=(pairs[i % len(pairs)][1],), **choices) for i in range(count)]
 
 
 def write_imagefolder(

@@ -82,7 +82,7 @@ def run(cfg: DemoJob) -> dict:
     data_dir = out / "concept-data"
     backgrounds = tuple(cfg.concept.backgrounds)
     specs = dataset_specs(cfg.concept.num_images, cfg.concept.seed, shapes=(cfg.concept.shape,), backgrounds=backgrounds,
-                          radii=tuple(cfg.concept.radii))
+                          radii=tuple(cfg.concept.radii), balanced=cfg.concept.balanced)
     # Prior pictures: the base model's own shapes under their own names, so the LoRA learns what
     # 'sks' is without drawing crosses for every prompt.
     specs += dataset_specs(cfg.concept.num_prior_images, cfg.concept.seed + 1, shapes=BASE_SHAPES, backgrounds=backgrounds)

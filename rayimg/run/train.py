@@ -288,7 +288,7 @@ def train_loop(config: dict) -> None:
         lr_scheduler = build_lr_scheduler(optimizer, job, total_steps)
         model = engine
     else:
-        optimizer = build_optimizer(params, job)
+        optimizer = build_optimizer(trainee.param_groups(), job)  # one group, or two with lora.text_encoder_learning_rate
         lr_scheduler = build_lr_scheduler(optimizer, job, total_steps)
         model = ray.train.torch.prepare_model(trainee)  # moves to the device; DDP when world > 1
 

@@ -245,6 +245,18 @@ class Trainee(nn.Module):
         """The parameters the optimizer gets."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def param_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: one of every trainable parameter, or, with
+        ``lora.text_encoder_learning_rate`` set, the text encoders' LoRA weights in a second group
+        with that peak learning rate (the schedule scales both groups alike)."""
+        te_lr = self.job.lora.text_encoder_learning_rate if self.method in ("lora", "dreambooth") else None
+        if te_lr is None or not self.train_text_encoders:
+            return [{"params": self.trainable_parameters()}]
+        in_text = {id(p) for p in self.text_encoders.parameters()}
+        rest = [p for p in self.trainable_parameters() if id(p) not in in_text]
+        text = [p for p in self.trainable_parameters() if id(p) in in_text]
+        return [{"params": rest}, {"params": text, "lr": float(te_lr)}]
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained parameters by name (a small checkpoint for adapters)."""
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
