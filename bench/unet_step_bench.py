@@ -3,7 +3,7 @@ fused QKV) at 1024², compiled as the engine compiles it (``nn.Module.compile``,
 called with the shapes a CFG pipeline step passes (batch = 2 × images).
 
 Per variant (``bf16`` / ``fp8`` (:mod:`rayimg.render.fp8`); flags ``:cl`` a channels-last UNet,
-``:cudnn`` cuDNN attention first, ``:cdt`` coordinate-descent tuning, ``:eager`` no compile) and
+``:cudnn`` cuDNN attention first, ``:cdt`` coordinate-descent tuning, ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile) and
 batch, one ``RESULT`` line:
 
 - ``compile_s``: the first call (cold compile at this batch);
@@ -72,6 +72,11 @@ def build_unet(args, variant: str):
 
         # ``:cdt``: inductor's coordinate-descent tuning of its Triton kernels (longer compile)
         inductor_config.coordinate_descent_tuning = "cdt" in flags
+        # ``:cdtall``: the published diffusers recipe (coordinate descent in all directions, no epilogue fusion)
+        inductor_config.coordinate_descent_check_all_directions = "cdtall" in flags
+        if "cdtall" in flags:
+            inductor_config.coordinate_descent_tuning = True
+            inductor_config.epilogue_fusion = False
         unet.compile(dynamic=False)  # as the engine compiles it
     return unet
 
@@ -86,6 +91,47 @@ def sdpa_context(variant: str):
 
     return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
                        set_priority=True)
+
+
+def measure(call, dev, iters: int):
+    """(mean back-to-back forward, CPU launch times, CUDA-graph replay or None, graph vs eager max diff)."""
+    for _ in range(3):
+        call()
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        call()
+    sync(dev)
+    forward_s = (time.perf_counter() - t0) / iters
+    launches = []
+    for _ in range(3):
+        sync(dev)
+        t0 = time.perf_counter()
+        call()
+        launches.append(time.perf_counter() - t0)
+    sync(dev)
+    graph_s = graph_diff = None
+    if torch.device(dev).type == "cuda":
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = call()
+        graph.replay()
+        sync(dev)
+        ref = call()
+        graph_diff = float((static_out.float() - ref.float()).abs().max())
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            graph.replay()
+        sync(dev)
+        graph_s = (time.perf_counter() - t0) / iters
+        del graph, static_out
+    return forward_s, launches, graph_s, graph_diff
 
 
 def main() -> None:
@@ -110,6 +156,7 @@ def main() -> None:
         if time.perf_counter() - t_start > args.budget_s:
             break
         unet = build_unet(args, variant)
+        flags = set(variant.split(":")[1:])
         cfg = unet.config
         for b in [int(x) for x in args.batches.split(",") if x]:
             if time.perf_counter() - t_start > args.budget_s:
@@ -132,51 +179,24 @@ def main() -> None:
                 call()
                 sync(dev)
                 compile_s = time.perf_counter() - t0
-                for _ in range(3):
-                    call()
-                sync(dev)
-                t0 = time.perf_counter()
-                for _ in range(args.iters):
-                    call()
-                sync(dev)
-                forward_s = (time.perf_counter() - t0) / args.iters
-                launches = []
-                for _ in range(3):
-                    sync(dev)
-                    t0 = time.perf_counter()
-                    call()
-                    launches.append(time.perf_counter() - t0)
-                sync(dev)
-                graph_s = None
-                if torch.device(dev).type == "cuda":
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        for _ in range(2):
-                            call()
-                    torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        static_out = call()
-                    graph.replay()
-                    sync(dev)
-                    ref = call()
-                    graph_diff = float((static_out.float() - ref.float()).abs().max())
-                    t0 = time.perf_counter()
-                    for _ in range(args.iters):
-                        graph.replay()
-                    sync(dev)
-                    graph_s = (time.perf_counter() - t0) / args.iters
-                    del graph, static_out
-            n_img = b / 2
-            row = {"variant": variant, "batch": b, "images": n_img, "compile_s": round(compile_s, 1), "forward_s": round(forward_s, 5),
-                   "launch_s": round(min(launches), 5), "graph_s": round(graph_s, 5) if graph_s else None,
-                   "graph_max_abs_diff": graph_diff if graph_s else None,
-                   "tflops_forward": round(b * FLOP_PER_SAMPLE / forward_s / 1e12, 1) if not args.tiny else None,
-                   "tflops_graph": round(b * FLOP_PER_SAMPLE / graph_s / 1e12, 1) if graph_s and not args.tiny else None}
-            RESULTS["rows"].append(row)
-            print("RESULT " + json.dumps(row), flush=True)
-            (out_dir() / "unet_step_bench.json").write_text(json.dumps(RESULTS, indent=1))
+                runs = [(variant, measure(call, dev, args.iters))]
+                if "bench" in flags and torch.device(dev).type == "cuda":
+                    # the same compiled graph with cuDNN picking convolution algorithms by timing
+                    torch.backends.cudnn.benchmark = True
+                    for _ in range(3):
+                        call()
+                    runs.append((variant + "+cudnn_benchmark", measure(call, dev, args.iters)))
+                    torch.backends.cudnn.benchmark = False
+            for name, (forward_s, launches, graph_s, graph_diff) in runs:
+                n_img = b / 2
+                row = {"variant": name, "batch": b, "images": n_img, "compile_s": round(compile_s, 1), "forward_s": round(forward_s, 5),
+                       "launch_s": round(min(launches), 5), "graph_s": round(graph_s, 5) if graph_s else None,
+                       "graph_max_abs_diff": graph_diff if graph_s else None,
+                       "tflops_forward": round(b * FLOP_PER_SAMPLE / forward_s / 1e12, 1) if not args.tiny else None,
+                       "tflops_graph": round(b * FLOP_PER_SAMPLE / graph_s / 1e12, 1) if graph_s and not args.tiny else None}
+                RESULTS["rows"].append(row)
+                print("RESULT " + json.dumps(row), flush=True)
+                (out_dir() / "unet_step_bench.json").write_text(json.dumps(RESULTS, indent=1))
         del unet
         torch._dynamo.reset()
         if torch.device(args.device).type == "cuda":
