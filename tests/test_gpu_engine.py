@@ -79,3 +79,39 @@ def test_cuda_graph_engine_swaps_adapters_in_place(tmp_path, scheduler):
     engine.set_adapters([], [])
     assert float((adapted - base).abs().mean()) > 1e-3
     assert torch.equal(engine.generate([req], output_type="latent")[0].float(), base)
+
+
+def test_background_prompt_encoding_equals_encoding_in_place(tmp_path):
+    """On CUDA the next batch's prompts are encoded in a worker thread on a side stream while the
+    CUDA-graph UNet denoises the current batch: the streamed PNGs equal render()'s bit for bit,
+    and a text-encoder LoRA fused while a background encoding is in flight is honoured."""
+    from rayimg.config import EngineConfig
+    from rayimg.render.adapters import load_lora_file
+    from rayimg.render.engine import GenerationRequest
+    from rayimg.render.renderer import Renderer
+    from tests.test_render_engine import in_place_latents, make_lora
+
+    cfg = ModelConfig(pretrained=SDXL, device="cuda", dtype="bfloat16")
+    pipe = load_pipeline(cfg)
+    renderer = Renderer.from_pipeline(pipe, SDXL, "0" * 64, "sdxl",
+                                      EngineConfig(compile=True, compile_mode="reduce-overhead", batch_invariant=False))
+    engine = renderer.engine
+    assert engine.prefetch_text
+
+    def req(seed, **kw):
+        return GenerationRequest(prompt=f"a blue star {seed}", negative_prompt="blurry", steps=4, width=64, height=64, seed=seed, **kw)
+
+    batches = [[req(2 * b), req(2 * b + 1)] for b in range(4)]
+    streamed = [image.png for batch in renderer.render_stream(batches) for image, _ in batch]
+    assert engine.text_stats["prefetched"] >= 4, engine.text_stats
+    assert streamed == [image.png for batch in batches for image in renderer.render(batch)]
+
+    d = tmp_path / "lora"
+    make_lora(d, "sdxl", 2, rank=4, alpha=4, unet_targets=["to_q"], text_targets=["q_proj", "k_proj", "v_proj", "out_proj"])
+    weights = load_lora_file(d / "pytorch_lora_weights.safetensors", name="t1", unet_config=pipe.unet.config)
+    assert engine.prefetch([req(20)])
+    engine.generate([req(1)], output_type="latent")  # "a blue star 20" encoded with the base encoders, in the background
+    engine.set_adapters([(weights, 1.0)], [("t1", "1", 1.0)])
+    adapted = req(20, adapters=(("t1", "1", 1.0),))
+    ours = torch.stack(engine.generate([adapted], output_type="latent"))
+    assert torch.equal(ours, in_place_latents(pipe, adapted))

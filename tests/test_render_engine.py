@@ -599,3 +599,69 @@ def test_ddim_from_a_config_without_clip_sample_does_not_clip_latents():
     assert make_scheduler("ddim", euler.config).config.clip_sample is False
     ddim_cfg = {**make_scheduler("ddim", euler.config).config, "clip_sample": True}  # a config that asks for it keeps it
     assert make_scheduler("ddim", ddim_cfg).config.clip_sample is True
+
+
+# --------------------------------------------------------------------------- prompt cache and prefetch
+def in_place_latents(pipe, request: GenerationRequest) -> torch.Tensor:
+    """The plain diffusers call on the same pipeline (weights as they are now): the pipeline
+    encodes the prompt and negative prompt itself."""
+    pipe.scheduler = make_scheduler(request.scheduler, pipe.scheduler.config)
+    return pipe(prompt=[request.prompt], negative_prompt=[request.negative_prompt], num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale, width=request.width, height=request.height,
+                generator=[torch.Generator().manual_seed(request.seed)], output_type="latent").images
+
+
+def test_prompt_cache_and_prefetch_equal_encoding_in_place(cache_dir, loras, tmp_path):
+    """Cached and background-encoded prompts give the latents of diffusers encoding in place,
+    bit for bit, and stay right across text-encoder LoRA swaps (also one landing while a
+    background encoding is in flight) and a textual inversion loaded after its token was seen."""
+    from safetensors.torch import save_file
+
+    pipe = _load(cache_dir).pipeline
+    engine = Engine(pipe)
+    engine.prefetch_text = True  # the default on CUDA; the same thread and code path on CPU
+    r1, r2 = req(seed=1, prompt="a red circle"), req(seed=2, prompt="a blue square")
+    first = latents(engine, [r1])
+    assert engine.text_stats == {"encoded": 2, "prefetched": 0, "hits": 0}
+    assert engine.prefetch([r2])  # the negative prompt is cached already: only r2's prompt is queued
+    assert torch.equal(latents(engine, [r1]), first)  # the background encoding starts during this call
+    assert torch.equal(latents(engine, [r2]), in_place_latents(pipe, r2))
+    assert engine.text_stats == {"encoded": 2, "prefetched": 1, "hits": 4}
+    assert torch.equal(first, in_place_latents(pipe, r1))
+
+    lora_a = load_lora_file(loras["a"], name="a")  # has text-encoder layers
+    assert engine.prefetch([req(seed=3, prompt="a green star")])
+    latents(engine, [r1])  # encoding "a green star" with the base text encoder, in the background
+    engine.set_adapters([(lora_a, 1.0)], [("a", "1", 1.0)])  # waits for it, then drops every encoded text
+    with_a = req(seed=3, prompt="a green star", adapters=[("a", "1", 1.0)])
+    assert torch.equal(latents(engine, [with_a]), in_place_latents(pipe, with_a))
+    assert not engine.prefetch([req(seed=4)])  # not the fused adapters: nothing is queued
+    engine.set_adapters([], [])
+    assert torch.equal(latents(engine, [r2]), in_place_latents(pipe, r2))
+
+    path = tmp_path / "learned_embeds.safetensors"
+    save_file({"<tok>": torch.randn(1, 32, generator=torch.Generator().manual_seed(1))}, str(path),
+              metadata={"format": "pt", "placeholder_token": "<tok>"})
+    seen = req(seed=5, prompt="a <tok> on a table")
+    latents(engine, [seen])  # cached while "<tok>" is plain text
+    engine.load_textual_inversion(path)
+    assert torch.equal(latents(engine, [seen]), in_place_latents(pipe, seen))
+    engine.text_cache_size = 1
+    latents(engine, [r1])
+    assert len(engine._text_cache) == 1
+
+
+def test_render_stream_prefetches_the_next_batch(cache_dir):
+    from rayimg.render.renderer import Renderer
+
+    model = _load(cache_dir)
+    renderer = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family,
+                                      EngineConfig(batch_invariant=False))
+    renderer.engine.prefetch_text = True
+    batches = [[req(seed=s, steps=2, prompt=f"prompt {s}") for s in range(2 * b, 2 * b + 2)] for b in range(4)]
+    streamed = [image.png for batch in renderer.render_stream(batches) for image, _ in batch]
+    # batch 1 warms the batch key; the prompts of batches 3 and 4 are encoded in the background
+    assert renderer.engine.text_stats["prefetched"] == 4
+    fresh = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family,
+                                   EngineConfig(batch_invariant=False))
+    assert streamed == [image.png for batch in batches for image in fresh.render(batch)]

@@ -446,6 +446,11 @@ class FusedAdapters:
         self._identity = identity
         return True
 
+    @property
+    def modified_components(self) -> set[str]:
+        """The components (``unet``, ``text_encoder``, ``text_encoder_2``) whose weights now differ from the base."""
+        return {component for component, _ in self._modified}
+
     def touched_parameters(self) -> set[int]:
         """``id()`` of every weight Parameter an adapter has ever been fused into (what a cache
         derived from the weights, such as float8 copies, must refresh after a swap)."""

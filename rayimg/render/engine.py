@@ -10,6 +10,12 @@ copied or cast). LoRA adapters are fused into the weights in place by
 :class:`~rayimg.render.adapters.FusedAdapters` (no per-step cost; a compiled UNet does not
 recompile when they change); textual-inversion embeddings load through diffusers.
 
+Prompts are encoded by the engine, one text at a time, and kept in a small cache (a catalog's
+rows usually share one negative prompt): an embedding depends only on its text and the text
+encoders' weights, never on the batch. :meth:`Engine.prefetch` encodes the next batch's texts on a
+side CUDA stream while the current batch denoises, so a stream of batches keeps the text
+encoders off the accelerator's critical path.
+
 Adapters are identified by ``(name, version, scale)``: requests carry the identity, the caller
 supplies the weights with :meth:`Engine.set_adapters`, and :meth:`Engine.generate` refuses a
 batch whose identity differs from what is fused, so an output key never names adapters that
@@ -18,10 +24,13 @@ were not applied.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import numbers
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -209,7 +218,15 @@ class Engine:
     batch size: about 1e-6 apart in the UNet output), so a true batched call can differ in the
     last bits from the same image rendered alone. ``False`` makes one pipeline call per batch
     (faster on a GPU); images then stay deterministic for a given batch, not across batches.
+
+    ``text_cache_size``: how many encoded texts (prompt or negative prompt) are kept; entries
+    are dropped whenever the text encoders' weights change (adapters with text-encoder layers,
+    textual inversions). ``prefetch_text`` (default: on CUDA) lets :meth:`prefetch` encode in a
+    background thread on a side stream (on CPU, where it is off by default, the same bookkeeping
+    encodes inline during the next call); off, :meth:`prefetch` does nothing.
     """
+
+    text_cache_size = 64
 
     def __init__(
         self,
@@ -275,6 +292,17 @@ class Engine:
         self.fused = FusedAdapters(pipe, originals_device=originals_device)
         self._pipelines: dict[str, Any] = {"txt2img": pipe}
         self._embeddings: dict[str, tuple[str, AdapterId | None]] = {}  # token -> (sha256, identity)
+        # encoded texts: (text-encoder state, text) -> (embeds, pooled or None, made on the side stream)
+        self._text_state = 0
+        self._text_cache: OrderedDict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None, bool]] = OrderedDict()
+        self.prefetch_text = self.device.type == "cuda"
+        self._prefetch_pool: ThreadPoolExecutor | None = None
+        self._prefetch_future: Future | None = None
+        self._prefetch_pending: tuple[int, list[str]] | None = None
+        self._side_stream = None
+        self._warm_keys: set[tuple] = set()
+        # texts encoded in place, encoded in the background, and found in the cache
+        self.text_stats = {"encoded": 0, "prefetched": 0, "hits": 0}
 
     @classmethod
     def from_config(cls, pipe, cfg, **kwargs) -> "Engine":
@@ -307,11 +335,15 @@ class Engine:
         canonical = canonical_adapters(i for i, _ in named)  # sorted; rejects duplicates
         # A fixed order makes the fused sum (and so the image) independent of listing order.
         named.sort(key=lambda item: (item[0][0], item[0][1]))
+        self._collect_prefetch()  # no encoding may read the text encoders while they change
+        text_before = any(c.startswith("text_encoder") for c in self.fused.modified_components)
         if not adapters:
             changed = bool(self.fused.identity)
             self.fused.restore()
         else:
             changed = self.fused.apply([pair for _, pair in named], identity=canonical)
+        if changed and (text_before or any(c.startswith("text_encoder") for c in self.fused.modified_components)):
+            self._text_encoders_changed()
         if changed and self.fp8:
             from rayimg.render.fp8 import requantize
 
@@ -366,6 +398,8 @@ class Engine:
         if loaded is not None and loaded[0] == sha:
             self._embeddings[token] = (sha, ident or loaded[1])
             return token
+        self._collect_prefetch()
+        self._text_encoders_changed()
         if loaded is not None:
             for _, text_encoder, tokenizer in parts:
                 self.pipe.unload_textual_inversion(token, tokenizer=tokenizer, text_encoder=text_encoder)
@@ -442,13 +476,17 @@ class Engine:
         pipe.scheduler = make_scheduler(first.scheduler, self.base_scheduler_config)
         generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
         kwargs: dict[str, Any] = dict(
-            prompt=[r.prompt for r in requests],
-            negative_prompt=[r.negative_prompt for r in requests] if first.guidance_scale > 1 else None,
+            **self._prompt_embeds(requests),
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
             generator=generators,
             output_type=output_type,
         )
+        key = first.batch_key() + (len(requests),)
+        if self._prefetch_pending is not None and key in self._warm_keys:
+            # the next batch's prompts are encoded once this call's first step is queued: the
+            # CPU then runs ahead of the accelerator (and a compiled UNet's graphs exist already)
+            kwargs["callback_on_step_end"] = self._start_prefetch
         if first.mode == "img2img":
             kwargs.update(image=[r.init_image.convert("RGB") for r in requests], strength=first.strength)
         else:
@@ -456,12 +494,158 @@ class Engine:
         if first.mode == "controlnet":
             kwargs.update(image=[r.control_image.convert("RGB") for r in requests], controlnet_conditioning_scale=first.controlnet_scale)
         if output_type != "pil":
-            return list(pipe(**kwargs).images)
-        # PIL through device-side rounding: the same math as diffusers' "pil" output
-        # ((x * 255).round() in float32 after its denormalisation), but the float image never
-        # crosses to the CPU: only uint8 pixels do (a quarter of the bytes, no numpy passes).
-        kwargs["output_type"] = "pt"
-        return _to_pil(pipe(**kwargs).images)
+            images = list(pipe(**kwargs).images)
+        else:
+            # PIL through device-side rounding: the same math as diffusers' "pil" output
+            # ((x * 255).round() in float32 after its denormalisation), but the float image never
+            # crosses to the CPU: only uint8 pixels do (a quarter of the bytes, no numpy passes).
+            kwargs["output_type"] = "pt"
+            images = _to_pil(pipe(**kwargs).images)
+        self._warm_keys.add(key)
+        if self._prefetch_pending is not None and "callback_on_step_end" in kwargs:
+            self._start_prefetch()  # the call ended before its first step callback (no steps run)
+        return images
+
+    # ------------------------------------------------------------------ prompts
+    def _uses_cfg(self, request: GenerationRequest) -> bool:
+        """Whether the pipelines run classifier-free guidance (and so need the negative prompt)."""
+        return request.guidance_scale > 1 and getattr(self.pipe.unet.config, "time_cond_proj_dim", None) is None
+
+    def _texts(self, requests: list[GenerationRequest]) -> list[str]:
+        texts = [r.prompt for r in requests]
+        if self._uses_cfg(requests[0]):
+            texts += [r.negative_prompt for r in requests]
+        return texts
+
+    def _encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One text through the text encoder(s), alone (batch 1), exactly as the pipelines encode
+        a prompt: ``(embeds (1, T, D), pooled (1, P) for SDXL else None)``. Textual-inversion
+        tokens are expanded by diffusers' ``maybe_convert_prompt``."""
+        with torch.no_grad():
+            out = self.pipe.encode_prompt(prompt=[text], device=self.device, num_images_per_prompt=1,
+                                          do_classifier_free_guidance=False)
+        return (out[0], out[2]) if self.family == "sdxl" else (out[0], None)
+
+    def _text_encoders_changed(self) -> None:
+        """The text encoders' weights change: encoded texts no longer hold."""
+        self._text_state += 1
+        self._text_cache.clear()
+        self._prefetch_pending = None
+
+    def _state(self):
+        """What the cache is valid for: the engine's count of text-encoder changes, plus what
+        can change outside the engine: the tokenizers' vocabularies (a textual inversion loaded
+        through diffusers). ``None`` when the text encoders carry peft adapter layers (loaded
+        with diffusers' ``load_lora_weights``): their scales change without the engine knowing,
+        so nothing is cached then."""
+        encoders = [getattr(self.pipe, n, None) for n in ("text_encoder", "text_encoder_2")]
+        if any(e is not None and getattr(e, "peft_config", None) for e in encoders):
+            return None
+        tokenizers = [getattr(self.pipe, n, None) for n in ("tokenizer", "tokenizer_2")]
+        return (self._text_state, *(len(t) if t is not None else 0 for t in tokenizers))
+
+    def _prompt_embeds(self, requests: list[GenerationRequest]) -> dict[str, torch.Tensor]:
+        """``prompt_embeds`` (and the negative and pooled ones) for a pipeline call, each text
+        encoded alone and cached."""
+        self._collect_prefetch()
+        state = self._state()
+        cache = self._text_cache if state is not None else OrderedDict()
+        for text in dict.fromkeys(self._texts(requests)):
+            if (state, text) in cache:
+                self.text_stats["hits"] += 1
+            else:
+                cache[(state, text)] = (*self._encode_text(text), False)
+                self.text_stats["encoded"] += 1
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+        def stacked(texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            entries = []
+            for text in texts:
+                entry = cache[(state, text)]
+                cache.move_to_end((state, text))
+                if entry[2] and stream is not None:
+                    # made on the side stream: its memory must outlive this stream's use of it
+                    for tensor in entry[:2]:
+                        if tensor is not None:
+                            tensor.record_stream(stream)
+                entries.append(entry)
+            pooled = None if entries[0][1] is None else torch.cat([e[1] for e in entries])
+            return torch.cat([e[0] for e in entries]), pooled
+
+        embeds, pooled = stacked([r.prompt for r in requests])
+        kwargs: dict[str, torch.Tensor] = {"prompt_embeds": embeds}
+        if pooled is not None:
+            kwargs["pooled_prompt_embeds"] = pooled
+        if self._uses_cfg(requests[0]):
+            negative, negative_pooled = stacked([r.negative_prompt for r in requests])
+            kwargs["negative_prompt_embeds"] = negative
+            if negative_pooled is not None:
+                kwargs["negative_pooled_prompt_embeds"] = negative_pooled
+        while len(cache) > max(self.text_cache_size, 0):
+            cache.popitem(last=False)
+        return kwargs
+
+    def prefetch(self, requests: list[GenerationRequest]) -> bool:
+        """Encode the texts of ``requests`` (the batch that comes next) in the background, during
+        the next :meth:`generate` call, so the call after it finds them cached. Returns whether
+        anything was queued: nothing is when ``prefetch_text`` is off, when every text is cached,
+        or when the requests' adapters are not the ones fused (a swap would change the encoders).
+        Results never differ from encoding in place."""
+        if not self.prefetch_text or not requests:
+            return False
+        try:
+            self._check_adapters(requests[0].adapters)
+        except ValueError:
+            return False
+        self._collect_prefetch()
+        state = self._state()
+        if state is None:
+            return False
+        texts = [t for t in dict.fromkeys(self._texts(requests)) if (state, t) not in self._text_cache]
+        self._prefetch_pending = (state, texts) if texts else None
+        return bool(texts)
+
+    def _start_prefetch(self, *args) -> dict:
+        """Submit the pending encodings to the worker thread (also a pipeline step callback:
+        returns the callback's tensor dict unchanged)."""
+        pending, self._prefetch_pending = self._prefetch_pending, None
+        if pending is not None and self._prefetch_future is None:
+            if self.device.type != "cuda":
+                # CPU: encoded here, in the step callback. A second thread would only compete for
+                # the same cores, and CPU kernels running concurrently split their work
+                # differently, which changes the last bits.
+                future: Future = Future()
+                future.set_result(self._encode_texts(*pending, None))
+                self._prefetch_future = future
+                return args[3] if len(args) == 4 else {}
+            if self._prefetch_pool is None:
+                self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayimg-text")
+            if self._side_stream is None:
+                self._side_stream = torch.cuda.Stream(self.device)
+            side = self._side_stream
+            side.wait_stream(torch.cuda.current_stream(self.device))  # after every weight change queued so far
+            # the GPU: the side stream's kernels are the same kernels, so the bits are the same
+            self._prefetch_future = self._prefetch_pool.submit(self._encode_texts, *pending, side)
+        return args[3] if len(args) == 4 else {}
+
+    def _encode_texts(self, state: int, texts: list[str], side) -> tuple[int, dict]:
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            out = {text: self._encode_text(text) for text in texts}
+        if side is not None:
+            side.synchronize()  # complete before the main stream reads them
+        self.text_stats["prefetched"] += len(out)
+        return state, out
+
+    def _collect_prefetch(self) -> None:
+        """Wait for a background encoding and put what it made into the cache."""
+        future, self._prefetch_future = self._prefetch_future, None
+        if future is None:
+            return
+        state, out = future.result()
+        if state != self._state():
+            return
+        for text, (embeds, pooled) in out.items():
+            self._text_cache.setdefault((state, text), (embeds, pooled, self.device.type == "cuda"))
 
 
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -75,17 +75,23 @@ class Renderer:
         Each batch's PNG encoding (and ``sink(request, image)``, e.g. the write to storage) runs
         in a worker thread while the next batch is on the accelerator, so the CPU work of a
         1024² image (PNG deflate alone is 0.1-0.3 s) hides behind the next generation instead of
-        adding to it. Results are the same as :meth:`render`'s, batch by batch, in order."""
+        adding to it; the next batch's prompts are encoded (:meth:`Engine.prefetch`) while this
+        one denoises. Results are the same as :meth:`render`'s, batch by batch, in order."""
         pool = self._encoder_pool()
         pending: Future | None = None
-        for requests in batches:
-            if not requests:
-                continue
+        queue = (requests for requests in batches if requests)
+        requests = next(queue, None)
+        while requests is not None:
+            upcoming = next(queue, None)  # one batch ahead: its prompts are encoded during this one
+            self.use_adapters(requests[0].adapters)
+            if upcoming is not None:
+                self.engine.prefetch(upcoming)  # a no-op when its adapters differ (a swap comes first)
             images, seconds = self._generate(requests)  # on the caller's thread: owns the model
             future = pool.submit(self._encode_and_sink, requests, images, seconds, sink)
             if pending is not None:
                 yield pending.result()
             pending = future
+            requests = upcoming
         if pending is not None:
             yield pending.result()
 
