@@ -129,6 +129,7 @@ def main() -> None:
     ap.add_argument("--png-level", type=int, default=1, help="engine.png_compress_level")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--stream-variants", action="store_true", help="also stream without prompt prefetch, and again with it")
     ap.add_argument("--sizes", default="", help="batch sizes of the 'ours' rows (default: 1 and --batch)")
     ap.add_argument("--compile-cache", default="", help="torch.compiler cache artifacts to load first (a file from an earlier run)")
     ap.add_argument("--save-compile-cache", action="store_true", help="write $OUT/compile_cache.bin at the end")
@@ -232,14 +233,25 @@ def main() -> None:
         # encode: the interval between the 2nd and the next-to-last yield is the steady state of a
         # long job (the wall time also holds one unhidden encode, the last batch's)
         streamed = max(calls, 5)
-        sync(device)
-        t = time.perf_counter()
-        yields = []
-        for _ in renderer.render_stream([requests(n, 200 + c * n) for c in range(streamed)]):
-            yields.append(time.perf_counter())
-        sync(device)
-        per_call = (time.perf_counter() - t) / streamed
-        steady = (yields[-2] - yields[0]) / (streamed - 2)
+
+        def stream(start):
+            sync(device)
+            t = time.perf_counter()
+            yields, gen_s = [], []
+            for batch in renderer.render_stream([requests(n, start + c * n) for c in range(streamed)]):
+                yields.append(time.perf_counter())
+                gen_s.append(batch[0][0].seconds * n)  # the generate() call of this batch, wall
+            sync(device)
+            return (time.perf_counter() - t) / streamed, (yields[-2] - yields[0]) / (streamed - 2), statistics.median(gen_s[1:])
+
+        per_call, steady, stream_gen = stream(200)
+        variants = {}
+        if args.stream_variants:
+            # the same stream without the background prompt encoding (each call encodes its own)
+            renderer.engine.prefetch_text = False
+            variants["no_prefetch"] = [round(x, 4) for x in stream(600)]
+            renderer.engine.prefetch_text = torch.device(device).type == "cuda"
+            variants["again"] = [round(x, 4) for x in stream(700)]
         # where the time goes: generation at S and at 2 steps (no PNG) -> per-step and fixed cost;
         # the VAE decode alone; one PNG encode
         gen = {}
@@ -270,6 +282,7 @@ def main() -> None:
         record({"name": f"ours b{n}", "batch": n, "first_call_s": round(warm, 2), "s_per_call": round(per_call, 4),
                 "s_per_image": round(per_call / n, 4), "images_per_s": round(n / per_call, 3), "streamed_calls": streamed,
                 "steady_s_per_image": round(steady / n, 4), "steady_images_per_s": round(n / steady, 3),
+                "stream_generate_s_per_call": round(stream_gen, 4), "stream_variants_s_per_call_steady_generate": variants,
                 "latency_s_per_call": round(latency, 4), "latency_calls": [round(t, 4) for t in times],
                 "breakdown": {"generate_s": round(gen[S], 4), "unet_step_s": round(step_s, 5), "unet_forward_alone_s": round(unet_s, 5),
                               "fixed_s": round(gen[2] - 2 * step_s, 4), "vae_decode_s": round(vae_s, 4),
