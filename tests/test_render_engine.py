@@ -665,3 +665,10 @@ def test_render_stream_prefetches_the_next_batch(cache_dir):
     fresh = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family,
                                    EngineConfig(batch_invariant=False))
     assert streamed == [image.png for batch in batches for image in fresh.render(batch)]
+
+
+def test_cudnn_attention_backend_needs_cuda(sd):
+    with pytest.raises(ValueError, match="attention_backend.*CUDA"):
+        Engine(sd.pipeline, attention_backend="cudnn")
+    with pytest.raises(ValueError, match="attention_backend.*unknown"):
+        Engine(sd.pipeline, attention_backend="fa9")
