@@ -282,6 +282,9 @@ class Engine:
         self.attention_backend = attention_backend
         if attention_backend != "default":
             _set_attention_backend(attention_backend, pipe.unet.device)
+            from rayimg.render.attention import pack_self_attention
+
+            pack_self_attention(pipe.unet)  # after fuse_qkv (which replaces the processors)
         self.fp8 = bool(fp8)
         if fp8:
             from rayimg.render.fp8 import convert_unet, fp8_unavailable
