@@ -138,6 +138,24 @@ def measure(call, dev, iters: int):
     return forward_s, launches, graph_s, graph_diff
 
 
+def profile_kernels(call, variant: str, batch: int) -> None:
+    """One forward under the profiler: the top kernels by CUDA time, and every attention kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.device_time_total for e in events)
+    events.sort(key=lambda e: -e.device_time_total)
+    top = [(e.key[:90], round(e.device_time_total / 1e3, 3), e.count) for e in events[:12]]
+    attention = [(e.key[:90], round(e.device_time_total / 1e3, 3), e.count) for e in events
+                 if any(w in e.key.lower() for w in ("sdpa", "flash", "fmha", "attention", "attn"))]
+    row = {"variant": variant, "batch": batch, "profile_total_ms": round(total / 1e3, 2), "top_kernels_ms": top, "attention_kernels_ms": attention}
+    RESULTS.setdefault("profiles", []).append(row)
+    print("PROFILE " + json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -146,6 +164,7 @@ def main() -> None:
     ap.add_argument("--batches", default="2,8", help="UNet batch sizes (2 × images under CFG)")
     ap.add_argument("--variants", default="bf16,fp8")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward per variant")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new row after this many seconds")
     ap.add_argument("--save-compile-cache", action="store_true", help="write $OUT/compile_cache.bin (torch.compiler artifacts) at the end")
     ap.add_argument("--compile-cache", default="", help="torch.compiler artifacts to load first")
@@ -184,6 +203,8 @@ def main() -> None:
                 sync(dev)
                 compile_s = time.perf_counter() - t0
                 runs = [(variant, measure(call, dev, args.iters))]
+                if args.profile and torch.device(dev).type == "cuda":
+                    profile_kernels(call, variant, b)
                 if "bench" in flags and torch.device(dev).type == "cuda":
                     # the same compiled graph with cuDNN picking convolution algorithms by timing
                     torch.backends.cudnn.benchmark = True
