@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=2, help="UNet batch (2 × images under CFG)")
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--backends", default="flash,cudnn,efficient,cudnn_first", help="cudnn_first: the engine's attention_backend cudnn priority order")
+    ap.add_argument("--backends", default="flash,cudnn,efficient,cudnn_first", help="cudnn_first: cuDNN first in the SDPA priority order, the kernels that ran listed")
     ap.add_argument("--layouts", default="contiguous,fused_view,fused_contig")
     args = ap.parse_args()
     cuda = torch.device(args.device).type == "cuda"

@@ -190,7 +190,6 @@ def main() -> None:
         opts.discard("compile")
     cfg = EngineConfig(batch_size=B, compile="compile" in opts, compile_vae="compile_vae" in opts, fuse_qkv="fuse_qkv" in opts,
                        channels_last="channels_last" in opts, fp8="fp8" in opts, batch_invariant=False,
-                       attention_backend="cudnn" if "cudnn_attention" in opts else "default",
                        compile_mode="reduce-overhead" if "cudagraphs" in opts else "default",
                        png_compress_level=args.png_level)
     probe = GenerationRequest(prompt=prompts(1, 7)[0], negative_prompt="", steps=S, guidance_scale=args.guidance, width=R, height=R,
@@ -206,7 +205,7 @@ def main() -> None:
     store = AdapterStore(Storage(), registry, disk_dir=tempfile.mkdtemp(prefix="rayimg-bench-adapters-"), refresh_s=1e9,
                          unet_config=pipe.unet.config)
     renderer = Renderer.from_pipeline(pipe, "bench/sdxl-random", "0" * 64, "sdxl", cfg, adapter_store=store)
-    RESULTS["notes"]["engine"] = {k: getattr(cfg, k) for k in ("compile", "compile_mode", "compile_vae", "fuse_qkv", "channels_last", "fp8", "attention_backend", "batch_invariant",
+    RESULTS["notes"]["engine"] = {k: getattr(cfg, k) for k in ("compile", "compile_mode", "compile_vae", "fuse_qkv", "channels_last", "fp8", "batch_invariant",
                                                                 "png_compress_level")}
     if exact_latent is not None:
         fp8_latent = renderer.engine.generate([probe], output_type="latent")[0].float()

@@ -3,7 +3,7 @@ fused QKV) at 1024², compiled as the engine compiles it (``nn.Module.compile``,
 called with the shapes a CFG pipeline step passes (batch = 2 × images).
 
 Per variant (``bf16`` / ``fp8`` (:mod:`rayimg.render.fp8`); flags ``:cl`` a channels-last UNet,
-``:cudnn`` cuDNN attention first, ``:cdt`` coordinate-descent tuning, ``:contig`` self-attention q/k/v packed contiguous (:mod:`rayimg.render.attention`), ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile) and
+``:cudnn`` cuDNN attention first, ``:cdt`` coordinate-descent tuning, ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile) and
 batch, one ``RESULT`` line:
 
 - ``compile_s``: the first call (cold compile at this batch);
@@ -60,10 +60,6 @@ def build_unet(args, variant: str):
     flags = set(variant.split(":")[1:])
     if "cl" in flags:
         unet.to(memory_format=torch.channels_last)
-    if "contig" in flags:
-        from rayimg.render.attention import pack_self_attention
-
-        RESULTS.setdefault("notes", {})["packed_self_attention"] = pack_self_attention(unet)
     if variant.startswith("fp8"):
         from rayimg.render.fp8 import convert_unet
 

@@ -453,9 +453,7 @@ class EngineConfig:
     compile_vae: bool = field(False, doc="torch.compile the VAE decoder (one graph per batch and image size)")
     fp8: bool = field(False, doc="float8 matmuls for the UNet's attention and feed-forward linears (H100/Ada GPUs with a bfloat16 model, or CPU); pixels differ from bf16 (recorded in the output key). Experimental: measured no faster than bf16 on an H100 (docs/BENCHMARKS.md)")
     fuse_qkv: bool = field(False, doc="fuse attention QKV projections")
-    channels_last: bool = field(False, doc="UNet in channels-last memory format (measured 6-8% slower than contiguous on an H100 for SDXL, docs/BENCHMARKS.md)")
-    attention_backend: Literal["default", "cudnn"] = field(
-        "default", doc="scaled-dot-product attention backend: 'cudnn' puts cuDNN attention first, process-wide (CUDA only; SDXL's self-attention 1.5-1.7x faster than flash on an H100, docs/BENCHMARKS.md; pixels differ from 'default' in the last bits)")
+    channels_last: bool = field(False, doc="UNet in channels-last memory format: with compile, 2% faster than contiguous on an H100 for SDXL (CUDA-graph step 30.8 vs 31.4 ms); eager, 6-8% slower (docs/BENCHMARKS.md)")
     batch_invariant: bool = field(True, doc="render each image in its own pipeline call so it is byte-identical whatever batch it lands in (GPU kernels pick algorithms by batch size); false batches for throughput")
 
     png_compress_level: int = field(1, doc="zlib level of the PNGs, 0-9: 1 encodes a 1024² image several times faster than PIL's default 6 for files about 15% larger; the pixels are the same")

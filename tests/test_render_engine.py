@@ -665,34 +665,3 @@ def test_render_stream_prefetches_the_next_batch(cache_dir):
     fresh = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family,
                                    EngineConfig(batch_invariant=False))
     assert streamed == [image.png for batch in batches for image in fresh.render(batch)]
-
-
-def test_cudnn_attention_backend_needs_cuda(sd):
-    with pytest.raises(ValueError, match="attention_backend.*CUDA"):
-        Engine(sd.pipeline, attention_backend="cudnn")
-    with pytest.raises(ValueError, match="attention_backend.*unknown"):
-        Engine(sd.pipeline, attention_backend="fa9")
-
-
-@pytest.mark.parametrize("fused", [False, True])
-def test_packed_self_attention_is_the_same_math(fused):
-    """engine.attention_backend cudnn packs self-attention q/k/v contiguous for cuDNN: on CPU the
-    UNet output is bit-identical, cross-attention keeps its own processor."""
-    from rayimg.models.tiny import build_tiny_sdxl
-    from rayimg.render.attention import PackedSelfAttnProcessor, pack_self_attention
-
-    unet = build_tiny_sdxl(0).unet.eval()
-    if fused:
-        unet.fuse_qkv_projections()
-    g = torch.Generator().manual_seed(0)
-    lat = torch.randn(2, 4, 16, 16, generator=g)
-    emb = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
-    proj = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-    added = {"text_embeds": torch.randn(2, proj, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}
-    with torch.no_grad():
-        before = unet(lat, 10, encoder_hidden_states=emb, added_cond_kwargs=added).sample
-        assert pack_self_attention(unet) > 0 and pack_self_attention(unet) == 0  # once only
-        after = unet(lat, 10, encoder_hidden_states=emb, added_cond_kwargs=added).sample
-    assert torch.equal(before, after)
-    processors = unet.attn_processors
-    assert all(isinstance(p, PackedSelfAttnProcessor) == (".attn1." in n) for n, p in processors.items())

@@ -200,21 +200,6 @@ def _configure_compiler() -> None:
     torch._inductor.config.conv_1x1_as_mm = True
 
 
-def _set_attention_backend(name: str, device: torch.device) -> None:
-    """Put ``name`` first in PyTorch's scaled-dot-product attention priority, for the whole
-    process and every thread (a per-call context would flip global flags under the background
-    prompt encoder). Attention that the backend refuses (e.g. the VAE's head dim of 512) falls
-    back to PyTorch's usual order."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if name != "cudnn":
-        raise ValueError(f"engine.attention_backend: unknown backend {name!r}; one of default, cudnn")
-    if torch.device(device).type != "cuda" or not torch.backends.cudnn.is_available():
-        raise ValueError(f"engine.attention_backend: 'cudnn' needs a CUDA device with cuDNN; the model is on {device}")
-    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    sdpa_kernel(order, set_priority=True).__enter__()  # not exited: the setting stays for the process
-
-
 class Engine:
     """Wraps a loaded StableDiffusion(XL)Pipeline and generates images for requests.
 
@@ -224,8 +209,7 @@ class Engine:
     weights in place too); ``compile_vae`` the VAE decoder. ``fp8``: the UNet's attention and
     feed-forward linears multiply in float8 (:mod:`rayimg.render.fp8`; H100/Ada or CPU; pixels
     differ from bf16, and :meth:`Renderer.key` records it). ``fuse_qkv``: fuse the attention QKV projections (adapters still apply).
-    ``attention_backend``: ``"cudnn"`` puts cuDNN attention first in PyTorch's SDPA order for
-    the whole process (CUDA only). ``originals_device``: where the base copies of adapted weights live (default: with the
+    ``originals_device``: where the base copies of adapted weights live (default: with the
     weights; ``"cpu"`` saves GPU memory at the cost of slower swaps).
 
     ``batch_invariant`` (default True): an image is bit-identical whatever batch it is rendered
@@ -259,7 +243,6 @@ class Engine:
         fuse_qkv: bool = False,
         fp8: bool = False,
         channels_last: bool = False,
-        attention_backend: str = "default",
         originals_device: torch.device | str | None = None,
         batch_invariant: bool = True,
     ):
@@ -279,12 +262,6 @@ class Engine:
             # UNet only: the VAE runs eager, and eager CUDA GroupNorm returns contiguous outputs
             # (pytorch#111824), so a channels-last VAE converts layouts around every norm.
             pipe.unet.to(memory_format=torch.channels_last)
-        self.attention_backend = attention_backend
-        if attention_backend != "default":
-            _set_attention_backend(attention_backend, pipe.unet.device)
-            from rayimg.render.attention import pack_self_attention
-
-            pack_self_attention(pipe.unet)  # after fuse_qkv (which replaces the processors)
         self.fp8 = bool(fp8)
         if fp8:
             from rayimg.render.fp8 import convert_unet, fp8_unavailable
@@ -332,8 +309,7 @@ class Engine:
         """An engine with the memory and compile options of an EngineConfig."""
         return cls(pipe, vae_slicing=cfg.vae_slicing, vae_tiling=cfg.vae_tiling, attention_slicing=cfg.attention_slicing,
                    compile=cfg.compile, compile_vae=cfg.compile_vae, compile_mode=cfg.compile_mode, fuse_qkv=cfg.fuse_qkv,
-                   fp8=cfg.fp8, channels_last=cfg.channels_last, attention_backend=cfg.attention_backend,
-                   batch_invariant=cfg.batch_invariant, **kwargs)
+                   fp8=cfg.fp8, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
 
     @property
     def device(self) -> torch.device:
