@@ -328,8 +328,8 @@ def main() -> None:
         images = sum(len(b) for b in batches)
         sync(device)
         t = time.perf_counter()
-        for batch in batches:
-            renderer.render(batch)
+        for _ in renderer.render_stream(batches):  # as the render job's actors run a sorted catalog
+            pass
         sync(device)
         with_adapters = time.perf_counter() - t
         renderer.use_adapters(())
