@@ -171,28 +171,3 @@ def test_s3_catalog_and_outputs(ray_cluster, registry, storage, s3_bucket, tmp_p
     assert all(r["path"].startswith(out + "/images/") and storage.exists(r["path"]) for r in m)
     with pytest.raises(Exception, match="catalog.source"):
         render(job(f"s3://{s3_bucket}/missing.parquet", out, registry))
-
-
-def test_render_stream_loads_the_next_batchs_adapters_ahead(registry, tmp_path):
-    """While a batch renders, the next batch's adapters load into the store's CPU tier in the
-    background, so each swap finds them there; the images equal render()'s."""
-    from rayimg.config import EngineConfig, ModelConfig
-    from rayimg.render.adapter_store import AdapterStore
-    from rayimg.render.engine import GenerationRequest
-    from rayimg.render.renderer import Renderer
-    from rayimg.storage import Storage
-
-    def renderer():
-        store = AdapterStore(Storage(), registry, disk_dir=str(tmp_path / f"disk{len(list(tmp_path.iterdir()))}"))
-        return Renderer(ModelConfig(device="cpu"), EngineConfig(batch_invariant=False), adapter_store=store), store
-
-    def req(seed, adapters=()):
-        return GenerationRequest(prompt=f"a shape {seed}", steps=2, width=64, height=64, seed=seed, adapters=adapters)
-
-    batches = [[req(0)], [req(1, (("style-a", "1", 1.0),)), req(2, (("style-a", "1", 1.0),))], [req(3, (("style-b", "1", 0.5),))], [req(4)]]
-    ours, store = renderer()
-    streamed = [image.png for batch in ours.render_stream(batches) for image, _ in batch]
-    assert ours.adapter_prefetches == 2
-    assert (store.stats.loads, store.stats.cpu.misses, store.stats.cpu.hits) == (2, 2, 2)  # loaded ahead, found at the swap
-    plain, _ = renderer()
-    assert streamed == [image.png for batch in batches for image in plain.render(batch)]

@@ -44,8 +44,6 @@ class Renderer:
         self.png_compress_level = engine_cfg.png_compress_level
         self.adapter_store = adapter_store
         self._pool: ThreadPoolExecutor | None = None
-        self._adapter_pool: ThreadPoolExecutor | None = None
-        self.adapter_prefetches = 0  # adapter sets loaded ahead by render_stream
 
     def key(self, request: GenerationRequest) -> str:
         adapters = [{"name": n, "version": v, "scale": s} for n, v, s in request.adapters]
@@ -64,28 +62,6 @@ class Renderer:
             self.engine.set_adapters(pairs, identity)
         return time.perf_counter() - start
 
-    def prefetch_adapters(self, identity) -> Future | None:
-        """Load the adapters ``((name, version, scale), ...)`` into the store's CPU tier in a
-        background thread (download, sha256 check, parse, pin), so the swap to them later is a
-        warm one. A no-op for the adapters now fused or without a store. Errors are left for the
-        swap itself to raise."""
-        identity = tuple(identity)
-        if not identity or self.adapter_store is None or identity == self.engine.adapter_identity:
-            return None
-        if self._adapter_pool is None:
-            self._adapter_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayimg-adapters")
-        self.adapter_prefetches += 1
-
-        def load():
-            try:
-                for name, version, _scale in identity:
-                    self.adapter_store.get(name, version)
-            except Exception as e:  # noqa: BLE001 - the swap raises it with its own context
-                return e
-            return None
-
-        return self._adapter_pool.submit(load)
-
     def render(self, requests: list[GenerationRequest]) -> list[RenderedImage]:
         """Render requests that share a batch key (adapters included) in one batch."""
         if not requests:
@@ -100,9 +76,7 @@ class Renderer:
         in a worker thread while the next batch is on the accelerator, so the CPU work of a
         1024² image (PNG deflate alone is 0.1-0.3 s) hides behind the next generation instead of
         adding to it; the next batch's prompts are encoded (:meth:`Engine.prefetch`) while this
-        one denoises, and its adapters, when they differ, load from the registry
-        (:meth:`prefetch_adapters`). Results are the same as :meth:`render`'s, batch by batch, in
-        order."""
+        one denoises. Results are the same as :meth:`render`'s, batch by batch, in order."""
         pool = self._encoder_pool()
         pending: Future | None = None
         queue = (requests for requests in batches if requests)
@@ -112,7 +86,6 @@ class Renderer:
             self.use_adapters(requests[0].adapters)
             if upcoming is not None:
                 self.engine.prefetch(upcoming)  # a no-op when its adapters differ (a swap comes first)
-                self.prefetch_adapters(upcoming[0].adapters)  # and then their weights load meanwhile
             images, seconds = self._generate(requests)  # on the caller's thread: owns the model
             future = pool.submit(self._encode_and_sink, requests, images, seconds, sink)
             if pending is not None:
