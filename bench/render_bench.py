@@ -112,6 +112,28 @@ def time_calls(fn, calls: int, device) -> list[float]:
     return times
 
 
+def profile_generate(engine, reqs, n: int) -> None:
+    """One generate() under the profiler: wall time against the GPU's kernel and copy time (the
+    gap is time the GPU waited on the host), the copies, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.generate(reqs)
+    sync("cuda")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        engine.generate(reqs)
+        sync("cuda")
+        wall = time.perf_counter() - t
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    gpu = sum(e.device_time_total for e in events) / 1e6
+    copies = [(e.key[:60], round(e.device_time_total / 1e3, 3), e.count) for e in events if "memcpy" in e.key.lower() or "memset" in e.key.lower()]
+    events.sort(key=lambda e: -e.device_time_total)
+    row = {"batch": n, "steps": reqs[0].steps, "wall_s": round(wall, 4), "gpu_kernel_s": round(gpu, 4), "gpu_idle_s": round(wall - gpu, 4),
+           "copies_ms": copies, "top_kernels_ms": [(e.key[:80], round(e.device_time_total / 1e3, 3), e.count) for e in events[:15]]}
+    RESULTS.setdefault("profiles", []).append(row)
+    print("PROFILE " + json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -131,6 +153,8 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--stream-variants", action="store_true", help="also stream without prompt prefetch, and again with it")
     ap.add_argument("--sizes", default="", help="batch sizes of the 'ours' rows (default: 1 and --batch)")
+    ap.add_argument("--profile-step", action="store_true",
+                    help="profile one 4-step generate per size: GPU kernel time vs wall, copies, top kernels")
     ap.add_argument("--compile-cache", default="", help="torch.compiler cache artifacts to load first (a file from an earlier run)")
     ap.add_argument("--save-compile-cache", action="store_true", help="write $OUT/compile_cache.bin at the end")
     args = ap.parse_args()
@@ -279,6 +303,8 @@ def main() -> None:
         text_s = statistics.median(time_calls(lambda: [renderer.engine._encode_text(x) for x in texts], 3, device))
         image = renderer.engine.generate(requests(1, 400))[0]
         png_s = statistics.median(time_calls(lambda: png_bytes(image, {"k": "v"}, args.png_level), 3, "cpu"))
+        if args.profile_step and torch.device(device).type == "cuda":
+            profile_generate(renderer.engine, [dataclasses.replace(r, steps=4) for r in requests(n, 800)], n)
         record({"name": f"ours b{n}", "batch": n, "first_call_s": round(warm, 2), "s_per_call": round(per_call, 4),
                 "s_per_image": round(per_call / n, 4), "images_per_s": round(n / per_call, 3), "streamed_calls": streamed,
                 "steady_s_per_image": round(steady / n, 4), "steady_images_per_s": round(n / steady, 3),

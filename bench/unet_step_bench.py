@@ -2,7 +2,7 @@
 fused QKV) at 1024², compiled as the engine compiles it (``nn.Module.compile``, default mode),
 called with the shapes a CFG pipeline step passes (batch = 2 × images).
 
-Per variant (``bf16`` / ``fp8`` (:mod:`rayimg.render.fp8`); flags ``:cl`` a channels-last UNet,
+Per variant (``bf16`` / ``fp8`` (:mod:`rayimg.render.fp8`; ``:all`` every attention-block linear in float8, not only the LayerNorm-fed ones); flags ``:cl`` a channels-last UNet,
 ``:cudnn`` cuDNN attention first, ``:cdt`` coordinate-descent tuning, ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile) and
 batch, one ``RESULT`` line:
 
@@ -63,7 +63,7 @@ def build_unet(args, variant: str):
     if variant.startswith("fp8"):
         from rayimg.render.fp8 import convert_unet
 
-        RESULTS.setdefault("notes", {})["fp8_linears"] = convert_unet(unet)
+        RESULTS.setdefault("notes", {})[f"fp8_linears_{variant}"] = convert_unet(unet, "all" if "all" in flags else "norm_fed")
     if "eager" not in flags:
         from rayimg.render.engine import _configure_compiler
 

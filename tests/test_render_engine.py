@@ -565,8 +565,12 @@ def test_fp8_engine_stays_close_follows_swaps_and_changes_the_key(cache_dir, sd,
     model = _load(cache_dir)  # its own copy: the conversion is in place
     keys_before = list(model.pipeline.unet.state_dict())
     engine = Engine(model.pipeline, fp8=True)
-    converted = [m for m in model.pipeline.unet.modules() if isinstance(m, Float8Linear)]
+    named = {n: m for n, m in model.pipeline.unet.named_modules() if isinstance(m, Float8Linear)}
+    converted = list(named.values())
     assert converted and list(model.pipeline.unet.state_dict()) == keys_before
+    # only the LayerNorm-fed linears: self-attention q/k/v, cross-attention q, the GEGLU proj
+    ends = {n.split("transformer_blocks.")[1].split(".", 1)[1] for n in named}
+    assert ends == {"attn1.to_q", "attn1.to_k", "attn1.to_v", "attn2.to_q", "ff.net.0.proj"}, ends
     exact = Engine(sd.pipeline)
     base8, base = latents(engine, [req(seed=5)]), latents(exact, [req(seed=5)])
     rel = float((base8 - base).norm() / base.norm())

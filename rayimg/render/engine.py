@@ -206,8 +206,8 @@ class Engine:
     ``controlnet``: a ControlNetModel for mode ``controlnet`` (named ``controlnet_id`` in
     requests). ``compile``: ``torch.compile`` the UNet in place (adapter swaps keep the
     compiled graph; ``compile_mode`` ``"reduce-overhead"`` replays CUDA graphs, which read the
-    weights in place too); ``compile_vae`` the VAE decoder. ``fp8``: the UNet's attention and
-    feed-forward linears multiply in float8 (:mod:`rayimg.render.fp8`; H100/Ada or CPU; pixels
+    weights in place too); ``compile_vae`` the VAE decoder. ``fp8``: the UNet's transformer linears
+    that read a LayerNorm multiply in float8 (:mod:`rayimg.render.fp8`; H100/Ada or CPU; pixels
     differ from bf16, and :meth:`Renderer.key` records it). ``fuse_qkv``: fuse the attention QKV projections (adapters still apply).
     ``originals_device``: where the base copies of adapted weights live (default: with the
     weights; ``"cpu"`` saves GPU memory at the cost of slower swaps).
@@ -263,13 +263,14 @@ class Engine:
             # (pytorch#111824), so a channels-last VAE converts layouts around every norm.
             pipe.unet.to(memory_format=torch.channels_last)
         self.fp8 = bool(fp8)
+        self.fp8_targets = "norm_fed"  # which linears (rayimg.render.fp8.TARGETS)
         if fp8:
             from rayimg.render.fp8 import convert_unet, fp8_unavailable
 
             why = fp8_unavailable(pipe.unet.device, pipe.unet.dtype)
             if why:
                 raise ValueError(f"engine.fp8: {why}")
-            convert_unet(pipe.unet)  # after fuse_qkv: the fused projections are converted too
+            convert_unet(pipe.unet, self.fp8_targets)  # after fuse_qkv: the fused projections are converted too
         if compile or compile_vae:
             _configure_compiler()
         if compile:

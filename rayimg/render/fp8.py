@@ -1,4 +1,4 @@
-"""FP8 matmuls for the UNet's attention and feed-forward linears (``engine.fp8``).
+"""FP8 matmuls for the UNet's transformer linears that read a LayerNorm (``engine.fp8``).
 
 Each converted ``nn.Linear`` keeps its bf16 ``weight`` Parameter (the one adapters are fused
 into, the one ``state_dict`` shows) and a cached float8 (e4m3) copy with one scale per output
@@ -27,13 +27,21 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["FP8_MAX", "Float8Linear", "fp8_unavailable", "convert_unet", "requantize"]
+__all__ = ["FP8_MAX", "Float8Linear", "fp8_unavailable", "convert_unet", "quantize_rows", "requantize"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
-# the linears of the attention blocks: to_q/k/v (or the fused to_qkv/to_kv), to_out.0, the
-# feed-forward (GEGLU proj and ff.net.2) and the blocks' proj_in/proj_out
-_ATTENTION_PART = re.compile(r"(^|\.)attentions\.\d+\.")
+# Which linears multiply in float8. ``norm_fed`` (the default): the ones whose input is a
+# LayerNorm's output (self-attention to_q/k/v or the fused to_qkv, cross-attention to_q, the
+# feed-forward's GEGLU proj), where the per-row activation scaling fuses into the norm's kernel.
+# ``all``: every linear of the attention blocks (also to_out.0, ff.net.2, proj_in/out, cross
+# to_k/v); their scaling runs as a kernel of its own, which on an H100 costs more than the float8
+# product saves (bench/gemm_bench.py, docs/BENCHMARKS.md render run 5).
+TARGETS = {
+    "norm_fed": re.compile(r"(^|\.)attentions\.\d+\.transformer_blocks\.\d+\."
+                           r"(attn1\.(to_qkv|to_q|to_k|to_v)|attn2\.to_q|ff\.net\.0\.proj)$"),
+    "all": re.compile(r"(^|\.)attentions\.\d+\."),
+}
 
 
 def fp8_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -50,6 +58,15 @@ def fp8_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     elif device.type != "cpu":
         return f"float8 matmuls are not available on {device.type}"
     return None
+
+
+def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D tensor to float8 with one float32 scale per row: ``(x8 (M, K), scale (M, 1))``.
+    The row maximum is taken in the input's dtype (exact), so under ``torch.compile`` the
+    reduction and the scaling form one kernel with the op that produced ``x2``."""
+    scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    x8 = (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return x8, scale
 
 
 class Float8Linear(nn.Linear):
@@ -74,22 +91,27 @@ class Float8Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # (M, 1), per token
-        x8 = (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        y = torch._scaled_mm(x8, self.w8.t(), scale_a=scale, scale_b=self.w_scale, out_dtype=x.dtype)
+        x8, scale = quantize_rows(x2)
+        # fast accumulation (CUDA): the tensor cores' own accumulator between the periodic fp32
+        # promotions, as float8 inference kernels run (it is ignored on CPU)
+        y = torch._scaled_mm(x8, self.w8.t(), scale_a=scale, scale_b=self.w_scale, out_dtype=x.dtype,
+                             use_fast_accum=x.is_cuda)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
-def convert_unet(unet: nn.Module) -> int:
-    """Convert the UNet's attention-block linears to :class:`Float8Linear` in place (module
-    identity, parameter names and state dict unchanged); returns how many. Linears whose sizes
-    are not multiples of 16 (a float8 GEMM requirement) stay as they are."""
+def convert_unet(unet: nn.Module, targets: str = "norm_fed") -> int:
+    """Convert the UNet's ``targets`` linears (see :data:`TARGETS`) to :class:`Float8Linear` in
+    place (module identity, parameter names and state dict unchanged); returns how many. Linears
+    whose sizes are not multiples of 16 (a float8 GEMM requirement) stay as they are."""
+    if targets not in TARGETS:
+        raise ValueError(f"fp8 targets must be one of {sorted(TARGETS)}, not {targets!r}")
+    pattern = TARGETS[targets]
     model = getattr(unet, "_orig_mod", unet)
     count = 0
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and _ATTENTION_PART.search(name) and module.in_features % 16 == 0 and module.out_features % 16 == 0:
+        if type(module) is nn.Linear and pattern.search(name) and module.in_features % 16 == 0 and module.out_features % 16 == 0:
             module.__class__ = Float8Linear
             module.quantize_weight()
             count += 1

@@ -49,7 +49,9 @@ class Renderer:
         adapters = [{"name": n, "version": v, "scale": s} for n, v, s in request.adapters]
         params = request.params()
         if self.engine.fp8:
-            params["numerics"] = "fp8"  # other pixels than the bf16 engine's: another key (absent otherwise, so keys stay)
+            # other pixels than the bf16 engine's: another key (absent otherwise, so keys stay); the
+            # set of float8 linears is part of it (each set gives other pixels)
+            params["numerics"] = f"fp8:{self.engine.fp8_targets}"
         return output_key(self.model_id, self.model_hash, adapters, params)
 
     def use_adapters(self, identity) -> float:

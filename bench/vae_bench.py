@@ -1,0 +1,90 @@
+"""The SDXL VAE decode alone (issue 5): the real-size VAE (random init, bf16) decoding 1024²
+latents, per variant: ``eager``, ``compiled`` (the decoder compiled as ``engine.compile_vae``
+does), ``compiled_cl`` (the same on a channels-last decoder), each with the same decode call the
+pipeline makes (``vae.decode(latents / scaling_factor)``). One ``RESULT`` line per (variant,
+batch): first call, then the median of back-to-back decodes and of CUDA-graph replays.
+
+    python bench/vae_bench.py --batches 1,4 --variants eager,compiled,compiled_cl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def timed(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--variants", default="eager,compiled,compiled_cl")
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--budget-s", type=float, default=1e9)
+    args = ap.parse_args()
+    from rayimg.models.real_size import build_sdxl_vae
+    from rayimg.render.engine import _configure_compiler
+
+    t_start = time.perf_counter()
+    result = {"gpu": torch.cuda.get_device_name(), "rows": []}
+    R = args.resolution // 8
+    for variant in args.variants.split(","):
+        vae = build_sdxl_vae(torch.bfloat16, "cuda").eval().requires_grad_(False)
+        if variant.endswith("_cl"):
+            vae.to(memory_format=torch.channels_last)
+        if variant.startswith("compiled"):
+            _configure_compiler()
+            vae.decoder.compile(dynamic=False)
+        for b in [int(x) for x in args.batches.split(",") if x]:
+            if time.perf_counter() - t_start > args.budget_s:
+                print(f"[vae] budget spent, skipping {variant} b{b}", flush=True)
+                continue
+            z = torch.randn(b, 4, R, R, device="cuda", dtype=torch.bfloat16)
+
+            def call():
+                return vae.decode(z / vae.config.scaling_factor, return_dict=False)[0]
+
+            with torch.no_grad():
+                first = timed(call, 1)
+                decode = timed(call, 5)
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    call()
+                torch.cuda.current_stream().wait_stream(s)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    call()
+                graph = timed(g.replay, 5)
+                del g
+            row = {"variant": variant, "batch": b, "first_s": round(first, 2), "decode_s": round(decode, 5), "graph_s": round(graph, 5)}
+            print("RESULT " + json.dumps(row), flush=True)
+            result["rows"].append(row)
+        del vae
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    out = Path(os.environ.get("OUT", "outputs/bench"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vae_bench.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
