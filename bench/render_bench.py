@@ -132,6 +132,13 @@ def profile_generate(engine, reqs, n: int) -> None:
            "copies_ms": copies, "top_kernels_ms": [(e.key[:80], round(e.device_time_total / 1e3, 3), e.count) for e in events[:15]]}
     RESULTS.setdefault("profiles", []).append(row)
     print("PROFILE " + json.dumps(row), flush=True)
+    import gzip
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        tag = "fp8" if engine.fp8 else "bf16"
+        (out_dir() / f"trace_b{n}_{tag}.json.gz").write_bytes(gzip.compress(Path(f.name).read_bytes()))
 
 
 def main() -> None:
