@@ -596,6 +596,36 @@ def test_fp8_engine_stays_close_follows_swaps_and_changes_the_key(cache_dir, sd,
     assert "not available on meta" in fp8_unavailable(torch.device("meta"), torch.bfloat16)
 
 
+def test_engine_pins_the_execution_device_and_defers_to_offload_hooks(cache_dir):
+    """diffusers' _execution_device walks every submodule per call; the engine's pipelines answer
+    with the model's device, keep their class name and isinstance, and ask diffusers again when a
+    component carries an offload hook."""
+    import types
+
+    import diffusers
+
+    model = _load(cache_dir)
+    engine = Engine(model.pipeline)
+    for mode in ("txt2img", "img2img"):
+        pipe = engine.pipeline(mode)
+        base = diffusers.StableDiffusionPipeline if mode == "txt2img" else diffusers.StableDiffusionImg2ImgPipeline
+        assert type(pipe) is not base and isinstance(pipe, base) and type(pipe).__name__ == base.__name__
+        assert pipe._execution_device == torch.device("cpu")
+    Engine(model.pipeline)  # a second engine on the same pipeline: pinned again, not subclassed twice
+    assert type(model.pipeline).__mro__[1] is diffusers.StableDiffusionPipeline
+    hooked = [m for m in model.pipeline.components.values() if isinstance(m, torch.nn.Module)]
+    for m in hooked:  # accelerate-style hooks that place execution on another device
+        m._hf_hook = types.SimpleNamespace(execution_device="meta")
+    try:
+        assert model.pipeline._execution_device == torch.device("meta")
+    finally:
+        for m in hooked:
+            del m._hf_hook
+    assert model.pipeline._execution_device == torch.device("cpu")
+    image = engine.generate([req(seed=3)])[0]
+    assert image.size == (64, 64)
+
+
 def test_ddim_from_a_config_without_clip_sample_does_not_clip_latents():
     from diffusers import EulerDiscreteScheduler
 

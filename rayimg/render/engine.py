@@ -200,6 +200,37 @@ def _configure_compiler() -> None:
     torch._inductor.config.conv_1x1_as_mm = True
 
 
+_PINNED_CLASSES: dict[type, type] = {}
+
+
+def _pinned_execution_device(self):
+    # offload hooks sit on the top-level modules (accelerate's _hf_hook, diffusers' group
+    # offloading _diffusers_hook): with one there, ask diffusers as usual
+    for model in self.components.values():
+        if isinstance(model, torch.nn.Module) and (hasattr(model, "_hf_hook") or hasattr(model, "_diffusers_hook")):
+            return super(type(self), self)._execution_device
+    return self.__dict__["_rayimg_execution_device"]
+
+
+def pin_execution_device(pipe) -> None:
+    """Make ``pipe._execution_device`` a constant (the UNet's device). diffusers' property walks
+    every submodule of every component looking for offload hooks at each pipeline call: about
+    3,000 modules for SDXL, 10-25 ms of host time per call in which the GPU waits (render run 5,
+    docs/BENCHMARKS.md). The pipeline's class becomes a subclass (same name) that only overrides
+    that property; a pipeline with offload hooks on a component still asks diffusers."""
+    cls = type(pipe)
+    if cls in _PINNED_CLASSES.values():
+        pipe.__dict__["_rayimg_execution_device"] = next(pipe.unet.parameters()).device
+        return
+    sub = _PINNED_CLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (cls,), {"_execution_device": property(_pinned_execution_device),
+                                          "__module__": cls.__module__, "__doc__": cls.__doc__})
+        _PINNED_CLASSES[cls] = sub
+    pipe.__dict__["_rayimg_execution_device"] = next(pipe.unet.parameters()).device
+    pipe.__class__ = sub
+
+
 class Engine:
     """Wraps a loaded StableDiffusion(XL)Pipeline and generates images for requests.
 
@@ -291,6 +322,7 @@ class Engine:
         self.controlnet = controlnet
         self.controlnet_id = controlnet_id
         self.fused = FusedAdapters(pipe, originals_device=originals_device)
+        pin_execution_device(pipe)
         self._pipelines: dict[str, Any] = {"txt2img": pipe}
         self._embeddings: dict[str, tuple[str, AdapterId | None]] = {}  # token -> (sha256, identity)
         # encoded texts: (text-encoder state, text) -> (embeds, pooled or None, made on the side stream)
@@ -314,7 +346,9 @@ class Engine:
 
     @property
     def device(self) -> torch.device:
-        return self.pipe.unet.device
+        # the first parameter's device: diffusers' ModelMixin.device walks every submodule
+        # looking for offload hooks (about 2,000 in the SDXL UNet), milliseconds per call
+        return next(self.pipe.unet.parameters()).device
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -428,6 +462,7 @@ class Engine:
         else:
             raise ValueError(f"mode: unknown mode {mode!r}; one of {', '.join(MODES)}")
         pipe.set_progress_bar_config(disable=True)
+        pin_execution_device(pipe)
         self._pipelines[mode] = pipe
         return pipe
 
