@@ -171,3 +171,40 @@ def test_s3_catalog_and_outputs(ray_cluster, registry, storage, s3_bucket, tmp_p
     assert all(r["path"].startswith(out + "/images/") and storage.exists(r["path"]) for r in m)
     with pytest.raises(Exception, match="catalog.source"):
         render(job(f"s3://{s3_bucket}/missing.parquet", out, registry))
+
+
+def test_render_stream_fetches_the_next_batchs_adapter_files_ahead(registry, tmp_path):
+    """While a batch renders, the files of the next batch's adapters come to the store's disk
+    tier in a background thread (file I/O only); each file is downloaded once, the swap parses
+    the local copy, and the images equal render()'s."""
+    from rayimg.config import EngineConfig, ModelConfig
+    from rayimg.render.adapter_store import AdapterStore
+    from rayimg.render.engine import GenerationRequest
+    from rayimg.render.renderer import Renderer
+    from rayimg.storage import Storage
+
+    def renderer(tag):
+        store = AdapterStore(Storage(), registry, disk_dir=str(tmp_path / tag))
+        return Renderer(ModelConfig(device="cpu"), EngineConfig(batch_invariant=False), adapter_store=store), store
+
+    def req(seed, adapters=()):
+        return GenerationRequest(prompt=f"a shape {seed}", steps=2, width=64, height=64, seed=seed, adapters=adapters)
+
+    # the store alone: a prefetch puts the verified file on disk and nothing in the CPU tier
+    _, alone = renderer("alone")
+    for future in alone.prefetch([("style-b", "1")]):
+        future.result()
+    assert alone.disk_keys() == [("style-b", "1")] and alone.cpu_keys() == [] and alone.prefetches == 1
+    alone.get("style-b", "1")
+    assert (alone.stats.downloads, alone.stats.disk.hits) == (1, 1)  # the swap read the prefetched file
+    alone.prefetch([("style-b", "1"), ("no-such-adapter", "1")])  # in the CPU tier / unknown: nothing to do, no error
+    alone._prefetch_pool.shutdown(wait=True)
+    assert alone.stats.downloads == 1 and alone.prefetches == 1
+
+    batches = [[req(0)], [req(1, (("style-a", "1", 1.0),)), req(2, (("style-a", "1", 1.0),))], [req(3, (("style-b", "1", 0.5),))], [req(4)]]
+    ours, store = renderer("stream")
+    streamed = [image.png for batch in ours.render_stream(batches) for image, _ in batch]
+    assert store.prefetch_requests == 2  # style-a while batch 0 renders, style-b while batch 1 does
+    assert store.stats.downloads_by_adapter == {"style-a@1": 1, "style-b@1": 1}
+    plain, _ = renderer("plain")
+    assert streamed == [image.png for batch in batches for image in plain.render(batch)]

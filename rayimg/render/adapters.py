@@ -159,11 +159,13 @@ class LoraWeights:
 
 
 # --------------------------------------------------------------------------- reading files
-def load_lora_file(path: str | Path, *, name: str = "", unet_config: Mapping | None = None) -> LoraWeights:
+def load_lora_file(path: str | Path, *, name: str = "", unet_config: Mapping | None = None, sha256: str | None = None) -> LoraWeights:
     """Read a LoRA safetensors file (or a dir holding ``pytorch_lora_weights.safetensors``).
 
     Never unpickles: anything but a ``.safetensors`` file is refused. ``unet_config`` (the
     UNet's config) lets kohya files with SGM block names (``input_blocks``) be mapped.
+    ``sha256``: the file's digest when the caller has just verified it (the adapter store does),
+    used as the fingerprint instead of hashing the bytes a second time.
     """
     path = Path(path)
     if path.is_dir():
@@ -172,10 +174,10 @@ def load_lora_file(path: str | Path, *, name: str = "", unet_config: Mapping | N
         raise LoraError(f"{path}: only .safetensors LoRA files are loaded (pickle formats are refused)")
     if not path.is_file():
         raise LoraError(f"{path}: no such LoRA file")
-    return load_lora_bytes(path.read_bytes(), name=name or str(path), unet_config=unet_config)
+    return load_lora_bytes(path.read_bytes(), name=name or str(path), unet_config=unet_config, sha256=sha256)
 
 
-def load_lora_bytes(data: bytes, *, name: str = "", unet_config: Mapping | None = None) -> LoraWeights:
+def load_lora_bytes(data: bytes, *, name: str = "", unet_config: Mapping | None = None, sha256: str | None = None) -> LoraWeights:
     """Parse the bytes of a LoRA safetensors file (see :func:`load_lora_file`)."""
     from safetensors.torch import load as load_safetensors
 
@@ -184,7 +186,8 @@ def load_lora_bytes(data: bytes, *, name: str = "", unet_config: Mapping | None 
         metadata = _safetensors_metadata(data)
     except Exception as e:  # safetensors raises its own error types
         raise LoraError(f"adapter {name!r}: not a valid safetensors file: {e}") from e
-    return lora_from_state_dict(tensors, metadata, name=name, fingerprint=hashlib.sha256(data).hexdigest(), unet_config=unet_config)
+    return lora_from_state_dict(tensors, metadata, name=name, fingerprint=sha256 or hashlib.sha256(data).hexdigest(),
+                                unet_config=unet_config)
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
