@@ -79,10 +79,6 @@ class AdapterStore:
         self._inflight: dict[tuple[str, str], threading.Lock] = {}
         self._cpu: OrderedDict[tuple[str, str], LoraWeights] = OrderedDict()
         self._disk: OrderedDict[tuple[str, str], tuple[Path, int]] = OrderedDict()
-        self._disk_gates: dict[tuple[str, str], threading.Lock] = {}
-        self._prefetch_pool = None
-        self.prefetch_requests = 0  # adapters asked for ahead of their swap (prefetch)
-        self.prefetches = 0  # files those requests fetched to the disk tier
         self._latest: dict[str, tuple[str, float]] = {}
         self._metadata: dict[tuple[str, str], dict] = {}
 
@@ -193,47 +189,8 @@ class AdapterStore:
                 self.stats.device.evictions += 1
         return version, weights, tier
 
-    def prefetch(self, adapters) -> list:
-        """Fetch the files of ``adapters`` (``(name, version)`` or ``(name, version, scale)``)
-        into the disk tier in a background thread: version lookup, download and sha256 check,
-        file I/O and hashing only (no torch, no GPU), so the swap to them later parses a local
-        file instead of waiting on storage. Adapters already in the CPU or disk tier are
-        skipped (``prefetches`` counts the files fetched); errors are left for the swap itself
-        to raise. Returns the background tasks (futures)."""
-        with self._lock:
-            if self._prefetch_pool is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayimg-adapter-fetch")
-            adapters = list(adapters)
-            self.prefetch_requests += len(adapters)
-        return [self._prefetch_pool.submit(self._prefetch_one, adapter[0], adapter[1]) for adapter in adapters]
-
-    def _prefetch_one(self, name: str, version: str | None) -> None:
-        try:
-            version = self.resolve(name, version)
-            key = (name, version)
-            with self._lock:
-                if key in self._cpu or key in self._disk:
-                    return
-            _path, tier = self._on_disk(name, version)
-            if tier == "storage":
-                with self._lock:
-                    self.prefetches += 1
-        except Exception:  # noqa: BLE001 - raised again, with context, by the swap that needs it
-            pass
-
     def _on_disk(self, name: str, version: str) -> tuple[Path, str]:
-        """The verified local file and where it came from ('disk' or 'storage'); one download
-        per adapter at a time (a swap waits for a prefetch of the same file instead of
-        downloading it again)."""
-        key = (name, version)
-        with self._lock:
-            gate = self._disk_gates.setdefault(key, threading.Lock())
-        with gate:
-            return self._on_disk_locked(name, version)
-
-    def _on_disk_locked(self, name: str, version: str) -> tuple[Path, str]:
+        """The verified local file and where it came from ('disk' or 'storage')."""
         key = (name, version)
         meta = self.metadata(name, version)
         expected = (meta.get("weights") or {}).get(WEIGHT_FILE)

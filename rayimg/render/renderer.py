@@ -78,8 +78,7 @@ class Renderer:
         in a worker thread while the next batch is on the accelerator, so the CPU work of a
         1024² image (PNG deflate alone is 0.1-0.3 s) hides behind the next generation instead of
         adding to it; the next batch's prompts are encoded (:meth:`Engine.prefetch`) while this
-        one denoises, and its adapters' files, when it needs others, are fetched to the local disk
-        (:meth:`AdapterStore.prefetch`). Results are the same as :meth:`render`'s, batch by batch, in order."""
+        one denoises. Results are the same as :meth:`render`'s, batch by batch, in order."""
         pool = self._encoder_pool()
         pending: Future | None = None
         queue = (requests for requests in batches if requests)
@@ -89,9 +88,6 @@ class Renderer:
             self.use_adapters(requests[0].adapters)
             if upcoming is not None:
                 self.engine.prefetch(upcoming)  # a no-op when its adapters differ (a swap comes first)
-                if self.adapter_store is not None and upcoming[0].adapters and upcoming[0].adapters != requests[0].adapters:
-                    # their files come to the local disk meanwhile (file I/O only, no torch)
-                    self.adapter_store.prefetch(upcoming[0].adapters)
             images, seconds = self._generate(requests)  # on the caller's thread: owns the model
             future = pool.submit(self._encode_and_sink, requests, images, seconds, sink)
             if pending is not None:
