@@ -209,25 +209,24 @@ def _pinned_execution_device(self):
     for model in self.components.values():
         if isinstance(model, torch.nn.Module) and (hasattr(model, "_hf_hook") or hasattr(model, "_diffusers_hook")):
             return super(type(self), self)._execution_device
-    return self.__dict__["_rayimg_execution_device"]
+    return next(self.unet.parameters()).device  # O(1), and follows a later .to()
 
 
 def pin_execution_device(pipe) -> None:
-    """Make ``pipe._execution_device`` a constant (the UNet's device). diffusers' property walks
-    every submodule of every component looking for offload hooks at each pipeline call: about
-    3,000 modules for SDXL, 10-25 ms of host time per call in which the GPU waits (render run 5,
-    docs/BENCHMARKS.md). The pipeline's class becomes a subclass (same name) that only overrides
-    that property; a pipeline with offload hooks on a component still asks diffusers."""
+    """Make ``pipe._execution_device`` the UNet's device, read from its first parameter.
+    diffusers' property walks every submodule of every component looking for offload hooks at
+    each pipeline call: about 3,000 modules for SDXL, 10-25 ms of host time per call in which the
+    GPU waits (render run 5, docs/BENCHMARKS.md). The pipeline's class becomes a subclass (same
+    name) that only overrides that property; a pipeline with offload hooks on a component still
+    asks diffusers."""
     cls = type(pipe)
     if cls in _PINNED_CLASSES.values():
-        pipe.__dict__["_rayimg_execution_device"] = next(pipe.unet.parameters()).device
         return
     sub = _PINNED_CLASSES.get(cls)
     if sub is None:
         sub = type(cls.__name__, (cls,), {"_execution_device": property(_pinned_execution_device),
                                           "__module__": cls.__module__, "__doc__": cls.__doc__})
         _PINNED_CLASSES[cls] = sub
-    pipe.__dict__["_rayimg_execution_device"] = next(pipe.unet.parameters()).device
     pipe.__class__ = sub
 
 
