@@ -112,6 +112,26 @@ def time_calls(fn, calls: int, device) -> list[float]:
     return times
 
 
+def kernel_category(name: str) -> str:
+    """A GPU kernel's family, from its name (cuBLAS/cuDNN/Triton naming)."""
+    low = name.lower()
+    if "memcpy" in low or "memset" in low:
+        return "copies"
+    if "sdpa" in low or "fmha" in low or "flash" in low or "attention" in low:
+        return "attention"
+    if "fprop" in low or "conv" in low or "implicit" in low or "winograd" in low:
+        return "convolution"
+    if "e4m3" in low or "f8" in low or "fp8" in low or "scaled_mm" in low:
+        return "gemm fp8" if "geglu" not in low else "geglu_fp8 (triton)"
+    if "gemm" in low or "nvjet" in low or "cutlass" in low or "xmma" in low:
+        return "gemm"
+    if "geglu" in low:
+        return "geglu_fp8 (triton)"
+    if "triton" in low:
+        return "triton (fused pointwise/norm)"
+    return "other"
+
+
 def profile_generate(engine, reqs, n: int) -> None:
     """One generate() under the profiler: wall time against the GPU's kernel and copy time (the
     gap is time the GPU waited on the host), the copies, and the top kernels."""
@@ -128,8 +148,12 @@ def profile_generate(engine, reqs, n: int) -> None:
     gpu = sum(e.device_time_total for e in events) / 1e6
     copies = [(e.key[:60], round(e.device_time_total / 1e3, 3), e.count) for e in events if "memcpy" in e.key.lower() or "memset" in e.key.lower()]
     events.sort(key=lambda e: -e.device_time_total)
+    categories: dict[str, float] = {}
+    for e in events:
+        categories[kernel_category(e.key)] = categories.get(kernel_category(e.key), 0.0) + e.device_time_total / 1e3
     row = {"batch": n, "steps": reqs[0].steps, "wall_s": round(wall, 4), "gpu_kernel_s": round(gpu, 4), "gpu_idle_s": round(wall - gpu, 4),
-           "copies_ms": copies, "top_kernels_ms": [(e.key[:80], round(e.device_time_total / 1e3, 3), e.count) for e in events[:15]]}
+           "copies_ms": copies, "categories_ms": {k: round(v, 2) for k, v in sorted(categories.items(), key=lambda kv: -kv[1])},
+           "top_kernels_ms": [(e.key[:100], round(e.device_time_total / 1e3, 3), e.count) for e in events[:30]]}
     RESULTS.setdefault("profiles", []).append(row)
     print("PROFILE " + json.dumps(row), flush=True)
     import gzip
@@ -220,7 +244,8 @@ def main() -> None:
     if args.no_compile:
         opts.discard("compile")
     cfg = EngineConfig(batch_size=B, compile="compile" in opts, compile_vae="compile_vae" in opts, fuse_qkv="fuse_qkv" in opts,
-                       channels_last="channels_last" in opts, fp8="fp8" in opts, batch_invariant=False,
+                       channels_last="channels_last" in opts, fp8="fp8" in opts or "fp8ff" in opts, batch_invariant=False,
+                       fp8_linears="norm_fed+ff" if "fp8ff" in opts else "norm_fed",
                        compile_mode="reduce-overhead" if "cudagraphs" in opts else "default",
                        png_compress_level=args.png_level)
     probe = GenerationRequest(prompt=prompts(1, 7)[0], negative_prompt="", steps=S, guidance_scale=args.guidance, width=R, height=R,
@@ -236,7 +261,7 @@ def main() -> None:
     store = AdapterStore(Storage(), registry, disk_dir=tempfile.mkdtemp(prefix="rayimg-bench-adapters-"), refresh_s=1e9,
                          unet_config=pipe.unet.config)
     renderer = Renderer.from_pipeline(pipe, "bench/sdxl-random", "0" * 64, "sdxl", cfg, adapter_store=store)
-    RESULTS["notes"]["engine"] = {k: getattr(cfg, k) for k in ("compile", "compile_mode", "compile_vae", "fuse_qkv", "channels_last", "fp8", "batch_invariant",
+    RESULTS["notes"]["engine"] = {k: getattr(cfg, k) for k in ("compile", "compile_mode", "compile_vae", "fuse_qkv", "channels_last", "fp8", "fp8_linears", "batch_invariant",
                                                                 "png_compress_level")}
     if exact_latent is not None:
         fp8_latent = renderer.engine.generate([probe], output_type="latent")[0].float()
@@ -370,7 +395,7 @@ def main() -> None:
         ips = images / with_adapters
         record({"name": f"ours b{B} {len(names)} adapters", "batch": B, "images": images, "seconds": round(with_adapters, 3),
                 "images_per_s": round(ips, 3), "no_adapter_images_per_s": base["images_per_s"],
-                "ratio_to_no_adapter": round(ips / base["images_per_s"], 4), "store": store.stats.as_dict() if hasattr(store, "stats") else None})
+                "ratio_to_no_adapter": round(ips / base["images_per_s"], 4), "prefetched_adapters": renderer.prefetched_adapters, "store": store.stats.as_dict() if hasattr(store, "stats") else None})
 
     if torch.device(device).type == "cuda":
         RESULTS["notes"]["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

@@ -63,7 +63,7 @@ def build_unet(args, variant: str):
     if variant.startswith("fp8"):
         from rayimg.render.fp8 import convert_unet
 
-        RESULTS.setdefault("notes", {})[f"fp8_linears_{variant}"] = convert_unet(unet, "all" if "all" in flags else "norm_fed")
+        RESULTS.setdefault("notes", {})[f"fp8_linears_{variant}"] = convert_unet(unet, "all" if "all" in flags else "norm_fed+ff" if "ff" in flags else "norm_fed")
     if "eager" not in flags:
         from rayimg.render.engine import _configure_compiler
 

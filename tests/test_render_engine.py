@@ -699,3 +699,101 @@ def test_render_stream_prefetches_the_next_batch(cache_dir):
     fresh = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family,
                                    EngineConfig(batch_invariant=False))
     assert streamed == [image.png for batch in batches for image in fresh.render(batch)]
+
+
+def test_while_busy_runs_once_after_the_last_step_is_queued(engine):
+    """The host work of a call runs once, after the last denoising step, before the decode; the
+    images are those of a call without it."""
+    calls, seen = [0], []
+    hook = engine.pipe.unet.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        plain = latents(engine, [req(seed=4), req(seed=5)])
+        calls[0] = 0
+        busy = torch.stack(engine.generate([req(seed=4), req(seed=5)], output_type="latent",
+                                           while_busy=lambda: seen.append(calls[0])))
+    finally:
+        hook.remove()
+    assert torch.equal(busy, plain)
+    assert seen == [2 * 3]  # one call per request (batch invariant): in the second one, after its 3 steps
+
+
+def test_render_stream_loads_the_next_batchs_adapters_while_a_batch_denoises(cache_dir, loras, tmp_path):
+    """A stream over batches with different adapters: each batch's adapters reach the store's CPU
+    tier during the batch before it; when the swap leaves the text encoders alone, the prompts are
+    encoded ahead too. PNGs are those of batch-by-batch renders."""
+    from rayimg.render.adapter_store import AdapterNotFound, AdapterStore
+    from rayimg.render.renderer import Renderer
+    from rayimg.storage import Storage
+    from rayimg.train.registry import publish_adapter
+
+    model = _load(cache_dir)
+    registry = str(tmp_path / "registry")
+    for name in ("a", "b"):  # a has text-encoder layers, b only UNet ones
+        publish_adapter(Storage(), registry, name, None, loras[name], {"base_model": {"id": model.model_id}, "method": "lora"})
+
+    def renderer(tag: str) -> Renderer:
+        store = AdapterStore(Storage(), registry, disk_dir=str(tmp_path / tag))
+        made = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family,
+                                      EngineConfig(batch_invariant=False), adapter_store=store)
+        made.engine.prefetch_text = True  # the default on CUDA; the same code path on CPU
+        return made
+
+    streaming = renderer("stream")
+    batches = [[req(seed=1, steps=2, prompt="one")],
+               [req(seed=2, steps=2, prompt="two", adapters=[("b", "1", 1.0)])],
+               [req(seed=3, steps=2, prompt="three", adapters=[("a", "1", 0.7)])],
+               [req(seed=4, steps=2, prompt="four")]]
+    streamed = [[image.png for image, _ in batch] for batch in streaming.render_stream(batches)]
+    store = streaming.adapter_store
+    assert streaming.prefetched_adapters == 2 and store.stats.loads == 2
+    assert store.stats.cpu.hits >= 2  # each swap found its adapter loaded already
+    # "two" was encoded during batch 1 (b leaves the text encoders alone); "three" was not (a
+    # changes them), nor "four" (the swap back from a changes them)
+    assert streaming.engine.text_stats["prefetched"] == 1
+    fresh = renderer("fresh")
+    assert streamed == [[image.png for image in fresh.render(batch)] for batch in batches]
+
+    # an adapter that cannot be loaded ahead leaves the batch before it alone; its own batch fails
+    sunk, received = [], []
+    broken = [[req(seed=5, steps=2)], [req(seed=6, steps=2, adapters=[("missing", "1", 1.0)])]]
+    with pytest.raises(AdapterNotFound, match="missing"):
+        for batch in renderer("broken").render_stream(broken, sink=lambda r, image: sunk.append(r.seed) or r.seed):
+            received += [seed for _, seed in batch]
+    assert sunk == received == [5]  # the batch before the failing one was written and handed over
+
+
+def test_fp8_feed_forward_set_stays_close_follows_swaps_and_has_its_own_key(cache_dir, sd, tmp_path):
+    """engine.fp8_linears norm_fed+ff: the GEGLU feed-forwards multiply their output linear in
+    float8 too (module paths and state dict unchanged); close to the exact engine; an adapter on
+    ff.net.2 reaches the float8 copy; the output key tells the sets apart; a bad set is refused."""
+    from rayimg.render.fp8 import Float8FeedForward, Float8Linear
+    from rayimg.render.renderer import Renderer
+
+    model = _load(cache_dir)
+    keys_before = list(model.pipeline.unet.state_dict())
+    engine = Engine(model.pipeline, fp8=True, fp8_targets="norm_fed+ff")
+    ffs = [m for m in model.pipeline.unet.modules() if isinstance(m, Float8FeedForward)]
+    assert ffs and all(isinstance(f.net[2], Float8Linear) for f in ffs)
+    assert list(model.pipeline.unet.state_dict()) == keys_before
+    exact = Engine(sd.pipeline)
+    base8, base = latents(engine, [req(seed=5)]), latents(exact, [req(seed=5)])
+    rel = float((base8 - base).norm() / base.norm())
+    assert 0 < rel < 0.1, rel
+
+    d = tmp_path / "ff-lora"
+    make_lora(d, "sd", 3, rank=4, alpha=4, unet_targets=["ff.net.2"])
+    lora = load_lora_file(d / "pytorch_lora_weights.safetensors", name="ff")
+    before = ffs[0].net[2].w8.float().clone()
+    engine.set_adapters([(lora, 1.0)], [("ff", "1", 1.0)])
+    assert not torch.equal(ffs[0].net[2].w8.float(), before)  # requantized after the fuse
+    adapted = latents(engine, [req(seed=5, adapters=[("ff", "1", 1.0)])])
+    assert float((adapted - base8).abs().max()) > 0
+    engine.set_adapters([], [])
+    assert torch.equal(latents(engine, [req(seed=5)]), base8)
+
+    keys = {t: Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family,
+                                      EngineConfig(fp8=True, fp8_linears=t)).key(req()) for t in ("norm_fed", "norm_fed+ff")}
+    plain = Renderer.from_pipeline(sd.pipeline, sd.model_id, sd.model_hash, sd.family)
+    assert len({keys["norm_fed"], keys["norm_fed+ff"], plain.key(req())}) == 3
+    with pytest.raises(ValueError, match="fp8_linears must be one of"):
+        Engine(_load(cache_dir).pipeline, fp8=True, fp8_targets="most")

@@ -33,7 +33,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -272,6 +272,7 @@ class Engine:
         compile_mode: str = "default",
         fuse_qkv: bool = False,
         fp8: bool = False,
+        fp8_targets: str = "norm_fed",
         channels_last: bool = False,
         originals_device: torch.device | str | None = None,
         batch_invariant: bool = True,
@@ -293,9 +294,12 @@ class Engine:
             # (pytorch#111824), so a channels-last VAE converts layouts around every norm.
             pipe.unet.to(memory_format=torch.channels_last)
         self.fp8 = bool(fp8)
-        self.fp8_targets = "norm_fed"  # which linears (rayimg.render.fp8.TARGETS)
+        self.fp8_targets = fp8_targets  # which linears (rayimg.render.fp8.TARGETS)
         if fp8:
-            from rayimg.render.fp8 import convert_unet, fp8_unavailable
+            from rayimg.render.fp8 import TARGETS, convert_unet, fp8_unavailable
+
+            if fp8_targets not in TARGETS:
+                raise ValueError(f"engine.fp8_linears must be one of {sorted(TARGETS)}, not {fp8_targets!r}")
 
             why = fp8_unavailable(pipe.unet.device, pipe.unet.dtype)
             if why:
@@ -332,6 +336,7 @@ class Engine:
         self._prefetch_future: Future | None = None
         self._prefetch_pending: tuple[int, list[str]] | None = None
         self._side_stream = None
+        self._weights_queued = None  # CUDA event: the current call's start, after every weight change
         self._warm_keys: set[tuple] = set()
         # texts encoded in place, encoded in the background, and found in the cache
         self.text_stats = {"encoded": 0, "prefetched": 0, "hits": 0}
@@ -341,7 +346,7 @@ class Engine:
         """An engine with the memory and compile options of an EngineConfig."""
         return cls(pipe, vae_slicing=cfg.vae_slicing, vae_tiling=cfg.vae_tiling, attention_slicing=cfg.attention_slicing,
                    compile=cfg.compile, compile_vae=cfg.compile_vae, compile_mode=cfg.compile_mode, fuse_qkv=cfg.fuse_qkv,
-                   fp8=cfg.fp8, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
+                   fp8=cfg.fp8, fp8_targets=cfg.fp8_linears, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -487,10 +492,17 @@ class Engine:
             raise ValueError(f"adapters: the batch asks for {list(loras)} but the engine has {list(self.fused.identity)} fused; call set_adapters first")
 
     # ------------------------------------------------------------------ generation
-    def generate(self, requests: list[GenerationRequest], *, output_type: str = "pil"):
+    def generate(self, requests: list[GenerationRequest], *, output_type: str = "pil",
+                 while_busy: Callable[[], Any] | None = None):
         """One image per request, in order (PIL by default; ``"np"`` gives float arrays,
         ``"latent"`` the final latents). All requests must share ``batch_key()`` and the
-        fused adapters."""
+        fused adapters.
+
+        ``while_busy``: host work (e.g. loading the next batch's adapters) run once on this
+        thread as soon as the call's last denoising step is queued. On a GPU the host runs ahead
+        of the queued steps (CUDA graphs: no sync per step), so the work overlaps them instead
+        of adding to the call; on a CPU it simply runs between the last step and the decode.
+        What it does must not change this call's weights."""
         if not requests:
             return []
         keys = {r.batch_key() for r in requests}
@@ -502,10 +514,12 @@ class Engine:
             raise ValueError(f"controlnet: the request names {first.controlnet!r} but the engine holds {self.controlnet_id!r}")
         pipe = self.pipeline(first.mode)
         if self.batch_invariant:
-            return [image for r in requests for image in self._call(pipe, [r], output_type)]
-        return self._call(pipe, requests, output_type)
+            return [image for i, r in enumerate(requests)
+                    for image in self._call(pipe, [r], output_type, while_busy if i == len(requests) - 1 else None)]
+        return self._call(pipe, requests, output_type, while_busy)
 
-    def _call(self, pipe, requests: list[GenerationRequest], output_type: str) -> list:
+    def _call(self, pipe, requests: list[GenerationRequest], output_type: str,
+              while_busy: Callable[[], Any] | None = None) -> list:
         first = requests[0]
         # A fresh scheduler per call: schedulers carry per-run state (step index, model outputs).
         pipe.scheduler = make_scheduler(first.scheduler, self.base_scheduler_config)
@@ -518,10 +532,26 @@ class Engine:
             output_type=output_type,
         )
         key = first.batch_key() + (len(requests),)
-        if self._prefetch_pending is not None and key in self._warm_keys:
-            # the next batch's prompts are encoded once this call's first step is queued: the
-            # CPU then runs ahead of the accelerator (and a compiled UNet's graphs exist already)
-            kwargs["callback_on_step_end"] = self._start_prefetch
+        warm = key in self._warm_keys
+        self._weights_queued = None
+        busy = [while_busy] if while_busy is not None else []  # run once: at the last step, or after the call
+        if self._prefetch_pending is not None and warm or while_busy is not None:
+
+            def on_step_end(pipe_, i, t, outputs):
+                if i == 0 and warm:
+                    # the next batch's prompts are encoded once this call's first step is queued:
+                    # the CPU then runs ahead of the accelerator (and the compiled graphs exist)
+                    self._start_prefetch()
+                if busy and i >= getattr(pipe_, "num_timesteps", 0) - 1:
+                    self._run_while_busy(busy.pop(), warm)
+                return outputs
+
+            kwargs["callback_on_step_end"] = on_step_end
+            if self.device.type == "cuda":
+                # every weight change is queued by now: a background encoding waits for this
+                # point of the stream, not for the steps queued before it starts
+                self._weights_queued = torch.cuda.Event()
+                self._weights_queued.record(torch.cuda.current_stream(self.device))
         if first.mode == "img2img":
             kwargs.update(image=[r.init_image.convert("RGB") for r in requests], strength=first.strength)
         else:
@@ -537,9 +567,18 @@ class Engine:
             kwargs["output_type"] = "pt"
             images = _to_pil(pipe(**kwargs).images)
         self._warm_keys.add(key)
-        if self._prefetch_pending is not None and "callback_on_step_end" in kwargs:
+        self._weights_queued = None  # set_adapters may change weights before the next call
+        if busy:
+            self._run_while_busy(busy.pop(), True)  # no step callback reached it
+        elif self._prefetch_pending is not None and "callback_on_step_end" in kwargs:
             self._start_prefetch()  # the call ended before its first step callback (no steps run)
         return images
+
+    def _run_while_busy(self, work: Callable[[], Any], start_prefetch: bool) -> None:
+        """Run ``work``; an encoding it queued (:meth:`prefetch`) starts now, not a call later."""
+        work()
+        if start_prefetch and self._prefetch_pending is not None:
+            self._start_prefetch()
 
     # ------------------------------------------------------------------ prompts
     def _uses_cfg(self, request: GenerationRequest) -> bool:
@@ -620,18 +659,23 @@ class Engine:
             cache.popitem(last=False)
         return kwargs
 
-    def prefetch(self, requests: list[GenerationRequest]) -> bool:
+    def prefetch(self, requests: list[GenerationRequest], adapters: Sequence[tuple[LoraWeights, float]] | None = None) -> bool:
         """Encode the texts of ``requests`` (the batch that comes next) in the background, during
-        the next :meth:`generate` call, so the call after it finds them cached. Returns whether
-        anything was queued: nothing is when ``prefetch_text`` is off, when every text is cached,
-        or when the requests' adapters are not the ones fused (a swap would change the encoders).
-        Results never differ from encoding in place."""
+        the next :meth:`generate` call (or at once, when called from its ``while_busy`` work), so
+        the call after it finds them cached. Returns whether anything was queued: nothing is when
+        ``prefetch_text`` is off, when every text is cached, or when the requests' adapters are
+        not the ones fused and the swap to them may change the text encoders. ``adapters``: the
+        ``(weights, scale)`` the requests will be rendered with; when neither they nor the fused
+        set have text-encoder layers, the swap leaves the encoders alone and the texts are queued.
+        Results never differ from encoding in place (an encoding made stale by a later change of
+        the encoders is dropped)."""
         if not self.prefetch_text or not requests:
             return False
         try:
             self._check_adapters(requests[0].adapters)
         except ValueError:
-            return False
+            if adapters is None or self._swap_touches_text_encoders(adapters):
+                return False
         self._collect_prefetch()
         state = self._state()
         if state is None:
@@ -639,6 +683,12 @@ class Engine:
         texts = [t for t in dict.fromkeys(self._texts(requests)) if (state, t) not in self._text_cache]
         self._prefetch_pending = (state, texts) if texts else None
         return bool(texts)
+
+    def _swap_touches_text_encoders(self, adapters: Sequence[tuple[LoraWeights, float]]) -> bool:
+        """Whether fusing ``adapters`` in place of the fused set may change the text encoders."""
+        if any(c.startswith("text_encoder") for c in self.fused.modified_components):
+            return True
+        return any(c.startswith("text_encoder") and modules for weights, _ in adapters for c, modules in weights.layers.items())
 
     def _start_prefetch(self, *args) -> dict:
         """Submit the pending encodings to the worker thread (also a pipeline step callback:
@@ -658,7 +708,10 @@ class Engine:
             if self._side_stream is None:
                 self._side_stream = torch.cuda.Stream(self.device)
             side = self._side_stream
-            side.wait_stream(torch.cuda.current_stream(self.device))  # after every weight change queued so far
+            if self._weights_queued is not None:
+                side.wait_event(self._weights_queued)
+            else:
+                side.wait_stream(torch.cuda.current_stream(self.device))  # after every weight change queued so far
             # the GPU: the side stream's kernels are the same kernels, so the bits are the same
             self._prefetch_future = self._prefetch_pool.submit(self._encode_texts, *pending, side)
         return args[3] if len(args) == 4 else {}

@@ -32,7 +32,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["FP8_MAX", "Float8Linear", "fp8_unavailable", "convert_unet", "quantize_rows", "requantize"]
+__all__ = ["FP8_MAX", "Float8Linear", "fp8_unavailable", "convert_unet", "geglu_reference", "geglu_rows_fp8", "quantize_rows",
+           "requantize"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -42,11 +43,17 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 # ``all``: every linear of the attention blocks (also to_out.0, ff.net.2, proj_in/out, cross
 # to_k/v); their scaling runs as a kernel of its own, which on an H100 costs more than the float8
 # product saves (bench/gemm_bench.py, docs/BENCHMARKS.md render run 5).
+# ``norm_fed+ff``: also the feed-forward's output linear ``ff.net.2``, whose input (the GEGLU
+# product) comes to it in float8 from one Triton kernel (:func:`geglu_rows_fp8`), so there the
+# scaling is fused too.
+_NORM_FED = re.compile(r"(^|\.)attentions\.\d+\.transformer_blocks\.\d+\."
+                       r"(attn1\.(to_qkv|to_q|to_k|to_v)|attn2\.to_q|ff\.net\.0\.proj)$")
 TARGETS = {
-    "norm_fed": re.compile(r"(^|\.)attentions\.\d+\.transformer_blocks\.\d+\."
-                           r"(attn1\.(to_qkv|to_q|to_k|to_v)|attn2\.to_q|ff\.net\.0\.proj)$"),
+    "norm_fed": _NORM_FED,
+    "norm_fed+ff": _NORM_FED,
     "all": re.compile(r"(^|\.)attentions\.\d+\."),
 }
+_FEED_FORWARD = re.compile(r"(^|\.)attentions\.\d+\.transformer_blocks\.\d+\.ff$")
 
 
 def fp8_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -72,6 +79,75 @@ def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
     x8 = (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return x8, scale
+
+
+def geglu_reference(h2: torch.Tensor) -> torch.Tensor:
+    """diffusers' GEGLU on a projection output ``(M, 2N)``: ``h[:, :N] * gelu(h[:, N:])`` (exact
+    GELU), computed in float32 and rounded once to ``h2``'s dtype."""
+    a, g = h2.float().chunk(2, dim=-1)
+    return (a * torch.nn.functional.gelu(g)).to(h2.dtype)
+
+
+def _geglu_rows_reference(h2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_rows(geglu_reference(h2))
+
+
+_GEGLU_KERNEL = None
+
+
+def _geglu_kernel():
+    """The Triton kernel (built on first use; CUDA only): one program per row reads the row's
+    ``2N`` projection outputs once, and writes the GEGLU product in float8 with the row's scale:
+    the float32 product is rounded to the input dtype first, as :func:`geglu_reference` does."""
+    global _GEGLU_KERNEL
+    if _GEGLU_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def geglu_rows_fp8(h_ptr, x8_ptr, scale_ptr, n, stride_h, stride_x, fp8_max, BLOCK: tl.constexpr):
+            row = tl.program_id(0).to(tl.int64)
+            cols = tl.arange(0, BLOCK)
+            mask = cols < n
+            base = h_ptr + row * stride_h
+            a = tl.load(base + cols, mask=mask, other=0.0)
+            g = tl.load(base + n + cols, mask=mask, other=0.0).to(tl.float32)
+            y = a.to(tl.float32) * (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))
+            y = y.to(a.dtype).to(tl.float32)
+            scale = tl.maximum(tl.max(tl.abs(y), axis=0), 1e-12) / fp8_max
+            q = tl.clamp(y / scale, -fp8_max, fp8_max)
+            tl.store(x8_ptr + row * stride_x + cols, q.to(x8_ptr.dtype.element_ty), mask=mask)
+            tl.store(scale_ptr + row, scale)
+
+        _GEGLU_KERNEL = geglu_rows_fp8
+    return _GEGLU_KERNEL
+
+
+@torch.library.custom_op("rayimg::geglu_rows_fp8", mutates_args=())
+def geglu_rows_fp8(h2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GEGLU of a projection output ``(M, 2N)`` straight to float8 with one scale per row:
+    ``(x8 (M, N), scale (M, 1) float32)``, the input of a float8 ``ff.net.2``. On CUDA one Triton
+    kernel (the row is read once; inductor's fusion of the same math reads it twice and was 3.5×
+    slower than the scaling alone); elsewhere :func:`quantize_rows` of :func:`geglu_reference`."""
+    if h2.device.type != "cuda":
+        return _geglu_rows_reference(h2)
+    import triton
+
+    h2 = h2.contiguous()
+    m, n2 = h2.shape
+    n = n2 // 2
+    x8 = torch.empty((m, n), device=h2.device, dtype=FP8_DTYPE)
+    scale = torch.empty((m, 1), device=h2.device, dtype=torch.float32)
+    block = triton.next_power_of_2(n)
+    _geglu_kernel()[(m,)](h2, x8, scale, n, h2.stride(0), x8.stride(0), FP8_MAX, BLOCK=block,
+                          num_warps=min(max(block // 512, 4), 16))
+    return x8, scale
+
+
+@geglu_rows_fp8.register_fake
+def _(h2):
+    m, n2 = h2.shape
+    return h2.new_empty((m, n2 // 2), dtype=FP8_DTYPE), h2.new_empty((m, 1), dtype=torch.float32)
 
 
 class Float8Linear(nn.Linear):
@@ -106,21 +182,72 @@ class Float8Linear(nn.Linear):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
+_FF_CLASSES: dict[type, type] = {}
+
+
+def _convertible(module: nn.Module) -> bool:
+    return type(module) is nn.Linear and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
 def convert_unet(unet: nn.Module, targets: str = "norm_fed") -> int:
     """Convert the UNet's ``targets`` linears (see :data:`TARGETS`) to :class:`Float8Linear` in
     place (module identity, parameter names and state dict unchanged); returns how many. Linears
-    whose sizes are not multiples of 16 (a float8 GEMM requirement) stay as they are."""
+    whose sizes are not multiples of 16 (a float8 GEMM requirement) stay as they are. With
+    ``norm_fed+ff`` the GEGLU feed-forwards become :class:`Float8FeedForward` too."""
     if targets not in TARGETS:
         raise ValueError(f"fp8 targets must be one of {sorted(TARGETS)}, not {targets!r}")
     pattern = TARGETS[targets]
     model = getattr(unet, "_orig_mod", unet)
     count = 0
-    for name, module in model.named_modules():
-        if type(module) is nn.Linear and pattern.search(name) and module.in_features % 16 == 0 and module.out_features % 16 == 0:
+    for name, module in list(model.named_modules()):
+        if _convertible(module) and pattern.search(name):
             module.__class__ = Float8Linear
             module.quantize_weight()
             count += 1
+        elif (targets.endswith("+ff") and _FEED_FORWARD.search(name) and not isinstance(module, Float8FeedForward)
+              and Float8FeedForward.fits(module)):
+            out = module.net[2]
+            if _convertible(out):
+                out.__class__ = Float8Linear
+                out.quantize_weight()
+                count += 1
+            base = type(module)
+            if base not in _FF_CLASSES:
+                _FF_CLASSES[base] = type(f"Float8{base.__name__}", (Float8FeedForward, base), {"__module__": __name__})
+            module.__class__ = _FF_CLASSES[base]
     return count
+
+
+class Float8FeedForward:
+    """Mixed into a diffusers ``FeedForward`` of the form ``GEGLU -> Dropout -> Linear``
+    (:func:`convert_unet` with ``norm_fed+ff``): the GEGLU product goes to float8 in the same
+    kernel that computes it (:func:`geglu_rows_fp8`), and the output linear multiplies in float8.
+    Parameters, buffers and module paths stay those of the ``FeedForward``."""
+
+    @staticmethod
+    def fits(module: nn.Module) -> bool:
+        from diffusers.models.activations import GEGLU
+
+        net = getattr(module, "net", None)
+        if not isinstance(net, nn.ModuleList) or len(net) not in (3, 4) or type(net[0]) is not GEGLU:
+            return False
+        dropouts = [net[1]] + ([net[3]] if len(net) == 4 else [])
+        if not all(isinstance(d, nn.Dropout) and d.p == 0 for d in dropouts):
+            return False
+        proj, out = net[0].proj, net[2]
+        return (isinstance(out, nn.Linear) and proj.out_features == 2 * out.in_features and out.in_features % 16 == 0
+                and out.out_features % 16 == 0)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        geglu, out = self.net[0], self.net[2]
+        h = geglu.proj(hidden_states)
+        shape = h.shape
+        x8, scale = torch.ops.rayimg.geglu_rows_fp8(h.reshape(-1, shape[-1]))
+        y = torch._scaled_mm(x8, out.w8.t(), scale_a=scale, scale_b=out.w_scale, out_dtype=h.dtype,
+                             use_fast_accum=h.is_cuda)
+        if out.bias is not None:
+            y = y + out.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
 
 
 def requantize(modules: Iterable[nn.Module] | nn.Module, weights: set[int] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class Renderer:
         self.png_compress_level = engine_cfg.png_compress_level
         self.adapter_store = adapter_store
         self._pool: ThreadPoolExecutor | None = None
+        self.prefetched_adapters = 0  # adapters loaded ahead by render_stream, during the batch before theirs
 
     def key(self, request: GenerationRequest) -> str:
         adapters = [{"name": n, "version": v, "scale": s} for n, v, s in request.adapters]
@@ -78,17 +80,32 @@ class Renderer:
         in a worker thread while the next batch is on the accelerator, so the CPU work of a
         1024² image (PNG deflate alone is 0.1-0.3 s) hides behind the next generation instead of
         adding to it; the next batch's prompts are encoded (:meth:`Engine.prefetch`) while this
-        one denoises. Results are the same as :meth:`render`'s, batch by batch, in order."""
+        one denoises. When the next batch needs other adapters, their files are fetched, checked
+        and parsed into the store's CPU tier on this thread as soon as the current batch's last
+        step is queued (the accelerator is then still busy with the queued steps), and, when the
+        swap leaves the text encoders alone, its prompts are encoded then too; the swap itself
+        stays between the batches. Results are the same as :meth:`render`'s, batch by batch, in
+        order; a batch that fails raises after the batch before it has been yielded."""
         pool = self._encoder_pool()
         pending: Future | None = None
         queue = (requests for requests in batches if requests)
         requests = next(queue, None)
         while requests is not None:
             upcoming = next(queue, None)  # one batch ahead: its prompts are encoded during this one
-            self.use_adapters(requests[0].adapters)
-            if upcoming is not None:
-                self.engine.prefetch(upcoming)  # a no-op when its adapters differ (a swap comes first)
-            images, seconds = self._generate(requests)  # on the caller's thread: owns the model
+            try:
+                self.use_adapters(requests[0].adapters)
+                work = None
+                if upcoming is not None:
+                    if tuple(upcoming[0].adapters) == self.engine.adapter_identity:
+                        self.engine.prefetch(upcoming)
+                    else:  # a swap comes first: load its adapters while this batch denoises
+                        work = functools.partial(self._prepare, upcoming)
+                images, seconds = self._generate(requests, while_busy=work)  # on the caller's thread: owns the model
+            except Exception:
+                if pending is not None:  # the batch before the failing one is complete: hand it over first
+                    done, pending = pending.result(), None
+                    yield done
+                raise
             future = pool.submit(self._encode_and_sink, requests, images, seconds, sink)
             if pending is not None:
                 yield pending.result()
@@ -97,11 +114,25 @@ class Renderer:
         if pending is not None:
             yield pending.result()
 
-    def _generate(self, requests: list[GenerationRequest]):
+    def _generate(self, requests: list[GenerationRequest], while_busy=None):
         self.use_adapters(requests[0].adapters)
         start = time.perf_counter()
-        images = self.engine.generate(requests)
+        images = self.engine.generate(requests, while_busy=while_busy)
         return images, (time.perf_counter() - start) / len(requests)
+
+    def _prepare(self, upcoming: list[GenerationRequest]) -> None:
+        """Bring the adapters of ``upcoming`` to the store's CPU tier and queue its prompts'
+        encoding when the swap allows it (:meth:`Engine.prefetch`). A failure here is left to the
+        batch's own :meth:`use_adapters`, which raises it in its turn; this batch is unaffected."""
+        identity = tuple(upcoming[0].adapters)
+        if identity and self.adapter_store is None:
+            return
+        try:
+            pairs = [(self.adapter_store.get(name, version)[1], scale) for name, version, scale in identity]
+        except Exception:  # noqa: BLE001 - reported by use_adapters when that batch comes
+            return
+        self.prefetched_adapters += len(pairs)
+        self.engine.prefetch(upcoming, adapters=pairs)
 
     def _encode(self, requests, images, seconds) -> list[RenderedImage]:
         out = []

@@ -144,6 +144,8 @@ class RenderRows:
                                     scheduler=s["scheduler"], seed=s["seed"], adapters=tuple(tuple(a) for a in s["adapters"]))
             groups.setdefault(req.batch_key(), []).append((rid, req))
         manifest, out = [], {"row_id": [], "rendered": []}
+        chunks, paths = [], {}
+        bs = self.job.engine.batch_size
         for _key, items in sorted(groups.items(), key=lambda kv: repr(kv[0])):
             todo = []
             for rid, req in items:
@@ -154,22 +156,22 @@ class RenderRows:
                     out["row_id"].append(rid)
                     out["rendered"].append(False)
                 else:
-                    todo.append((rid, req, key, path))
-            bs = self.job.engine.batch_size
-            chunks = [todo[start:start + bs] for start in range(0, len(todo), bs)]
-            paths = {id(req): (rid, key, path) for rid, req, key, path in todo}
+                    todo.append(req)
+                    paths[id(req)] = (rid, key, path)
+            chunks += [todo[start:start + bs] for start in range(0, len(todo), bs)]
 
-            def write(req, image):  # in the renderer's encoder thread, beside the next batch
-                rid, key, path = paths[id(req)]
-                assert image.key == key
-                self.storage.write_bytes(path, image.png)
-                return rid, key, path, req
+        def write(req, image):  # in the renderer's encoder thread, beside the next batch
+            rid, key, path = paths[id(req)]
+            assert image.key == key
+            self.storage.write_bytes(path, image.png)
+            return rid, key, path, req
 
-            for results in self.renderer.render_stream([[req for _, req, _, _ in chunk] for chunk in chunks], sink=write):
-                for image, (rid, key, path, req) in results:
-                    manifest.append(_manifest_row(rid, key, path, req, image.seconds))
-                    out["row_id"].append(rid)
-                    out["rendered"].append(True)
+        # one stream over every group: the next group's adapters load while this one renders
+        for results in self.renderer.render_stream(chunks, sink=write):
+            for image, (rid, key, path, req) in results:
+                manifest.append(_manifest_row(rid, key, path, req, image.seconds))
+                out["row_id"].append(rid)
+                out["rendered"].append(True)
         if manifest:
             _write_manifest_part(self.storage, self.job.output.uri, manifest)
         return out
