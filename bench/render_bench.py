@@ -393,7 +393,8 @@ def main() -> None:
         ips = images / with_adapters
         record({"name": f"ours b{B} {len(names)} adapters", "batch": B, "images": images, "seconds": round(with_adapters, 3),
                 "images_per_s": round(ips, 3), "no_adapter_images_per_s": base["images_per_s"],
-                "ratio_to_no_adapter": round(ips / base["images_per_s"], 4), "prefetched_adapters": renderer.prefetched_adapters, "store": store.stats.as_dict() if hasattr(store, "stats") else None})
+                "ratio_to_no_adapter": round(ips / base["images_per_s"], 4), "prefetched_adapters": renderer.prefetched_adapters, "prefetch": dict(renderer.prefetch_stats),
+                "text_stats": dict(renderer.engine.text_stats), "store": store.stats.as_dict() if hasattr(store, "stats") else None})
 
     if args.profile_step and torch.device(device).type == "cuda":
         # last: a profile of a large batch can take minutes to collect, and must not cost the rows above

@@ -46,6 +46,8 @@ class Renderer:
         self.adapter_store = adapter_store
         self._pool: ThreadPoolExecutor | None = None
         self.prefetched_adapters = 0  # adapters loaded ahead by render_stream, during the batch before theirs
+        # loads ahead: how many, their host seconds, and how many ended with the GPU still busy
+        self.prefetch_stats = {"calls": 0, "seconds": 0.0, "hidden": 0}
 
     def key(self, request: GenerationRequest) -> str:
         adapters = [{"name": n, "version": v, "scale": s} for n, v, s in request.adapters]
@@ -127,12 +129,22 @@ class Renderer:
         identity = tuple(upcoming[0].adapters)
         if identity and self.adapter_store is None:
             return
+        start = time.perf_counter()
         try:
             pairs = [(self.adapter_store.get(name, version)[1], scale) for name, version, scale in identity]
         except Exception:  # noqa: BLE001 - reported by use_adapters when that batch comes
             return
         self.prefetched_adapters += len(pairs)
         self.engine.prefetch(upcoming, adapters=pairs)
+        stats = self.prefetch_stats
+        stats["calls"] += 1
+        stats["seconds"] += time.perf_counter() - start
+        device = self.engine.device
+        if device.type == "cuda":
+            import torch
+
+            # the accelerator still had queued work when this ended: the load was hidden
+            stats["hidden"] += int(not torch.cuda.current_stream(device).query())
 
     def _encode(self, requests, images, seconds) -> list[RenderedImage]:
         out = []
