@@ -29,6 +29,7 @@ import hashlib
 import inspect
 import json
 import numbers
+import os
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -204,8 +205,8 @@ def _configure_compiler() -> None:
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
     torch._inductor.config.conv_1x1_as_mm = True
-    if hasattr(torch._inductor.config.triton, "cooperative_reductions"):
-        torch._inductor.config.triton.cooperative_reductions = True
+    if hasattr(torch._inductor.config.triton, "cooperative_reductions") and "TORCHINDUCTOR_COOPERATIVE_REDUCTIONS" not in os.environ:
+        torch._inductor.config.triton.cooperative_reductions = True  # unless the user chose
 
 
 _PINNED_CLASSES: dict[type, type] = {}
