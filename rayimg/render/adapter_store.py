@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rayimg.render.adapters import LoraWeights, load_lora_file
+from rayimg.render.adapters import LoraWeights, load_lora_bytes, load_lora_file
 from rayimg.storage import Storage, join
 from rayimg.train.registry import RegistryError, resolve_adapter
 
@@ -145,10 +145,15 @@ class AdapterStore:
                     return version, self._cpu[key], "cpu"
                 self.stats.cpu.misses += 1
             try:
-                path, tier = self._on_disk(name, version)
-                # the file's digest was checked against adapter.json on its way to the disk tier
-                weights = load_lora_file(path, name=f"{name}@{version}", unet_config=self.unet_config,
-                                         sha256=(self.metadata(name, version).get("weights") or {}).get(WEIGHT_FILE))
+                path, tier, data = self._on_disk(name, version)
+                # the file's digest was checked against adapter.json on its way to the disk tier;
+                # the bytes read for that check are parsed as they are (the file is read once)
+                sha = (self.metadata(name, version).get("weights") or {}).get(WEIGHT_FILE)
+                if data is not None:
+                    weights = load_lora_bytes(data, name=f"{name}@{version}", unet_config=self.unet_config, sha256=sha)
+                else:
+                    weights = load_lora_file(path, name=f"{name}@{version}", unet_config=self.unet_config, sha256=sha)
+                del data
                 # one flat buffer per dtype, page-locked when a GPU is present: a warm swap is
                 # then one fast host-to-device copy instead of a gather plus a pageable copy
                 weights = weights.packed(pin=_can_pin())
@@ -189,8 +194,9 @@ class AdapterStore:
                 self.stats.device.evictions += 1
         return version, weights, tier
 
-    def _on_disk(self, name: str, version: str) -> tuple[Path, str]:
-        """The verified local file and where it came from ('disk' or 'storage')."""
+    def _on_disk(self, name: str, version: str) -> tuple[Path, str, bytes | None]:
+        """The verified local file, where it came from ('disk' or 'storage'), and its bytes when
+        they were read to verify it (None when the file was verified before)."""
         key = (name, version)
         meta = self.metadata(name, version)
         expected = (meta.get("weights") or {}).get(WEIGHT_FILE)
@@ -200,12 +206,13 @@ class AdapterStore:
         with self._lock:
             known = key in self._disk
         if known or path.is_file():
-            if known or _sha256(path) == expected:
+            data = None if known else path.read_bytes()
+            if known or hashlib.sha256(data).hexdigest() == expected:
                 with self._lock:
                     self.stats.disk.hits += 1
                     self._disk[key] = (path, path.stat().st_size)
                     self._disk.move_to_end(key)
-                return path, "disk"
+                return path, "disk", data
         with self._lock:
             self.stats.disk.misses += 1
         uri = join(self.registry, "adapters", name, version, WEIGHT_FILE)
@@ -219,7 +226,8 @@ class AdapterStore:
             self.stats.downloads += 1
             tag = f"{name}@{version}"
             self.stats.downloads_by_adapter[tag] = self.stats.downloads_by_adapter.get(tag, 0) + 1
-        actual = _sha256(tmp)
+        data = tmp.read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
         if actual != expected:
             tmp.unlink(missing_ok=True)
             raise AdapterCorrupt(f"adapter {name!r} version {version!r}: sha256 of {WEIGHT_FILE} is {actual[:12]}…, "
@@ -228,7 +236,7 @@ class AdapterStore:
         with self._lock:
             self._disk[key] = (path, path.stat().st_size)
             self._evict_disk()
-        return path, "storage"
+        return path, "storage", data
 
     # ------------------------------------------------------------------ bounds
     def _evict_cpu(self) -> None:
@@ -266,10 +274,3 @@ def _can_pin() -> bool:
 
     return torch.cuda.is_available()
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
