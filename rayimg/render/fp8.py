@@ -19,6 +19,12 @@ Pixels differ from bf16 (about 3 significant bits less in each product's inputs;
 latents of a 30-step render are about 1 % apart), so the render output key records it and the
 set of converted linears (see ``Renderer.key``).
 
+``norm_fed+ff`` (``engine.fp8_linears``) also converts each GEGLU feed-forward's output linear:
+:func:`geglu_rows_fp8` (one Triton kernel on CUDA) turns the projection output into the GEGLU
+product in float8 with its row scales, so that product's scaling is fused too. On an H100 it saves
+0.9 ms per UNet step at UNet batch 8 and costs 0.3 ms at batch 2 (the kernel reaches 1.7 TB/s;
+``bench/geglu_bench.py``, render run 6), so it is not the default.
+
 Measured on an H100 (docs/BENCHMARKS.md, render run 5), compiled with CUDA graphs, 1024² CFG
 step in the pipeline: 29.9 vs 32.6 ms (bf16) at batch 1, 112 vs 123-126 ms at batch 4. Converting every attention
 block linear instead was slower than bf16 at batch 1 (32.8 ms) and gained 4 % at batch 4.
