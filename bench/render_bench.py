@@ -394,6 +394,9 @@ def main() -> None:
         record({"name": f"ours b{B} {len(names)} adapters", "batch": B, "images": images, "seconds": round(with_adapters, 3),
                 "images_per_s": round(ips, 3), "no_adapter_images_per_s": base["images_per_s"],
                 "ratio_to_no_adapter": round(ips / base["images_per_s"], 4), "prefetched_adapters": renderer.prefetched_adapters, "prefetch": dict(renderer.prefetch_stats),
+                "while_busy": {"parts": renderer.engine.busy_stats["parts"], "seconds": round(renderer.engine.busy_stats["seconds"], 3),
+                               "lead_steps_median": statistics.median(renderer.engine.busy_stats["lead_steps"] or [0]),
+                               "lead_steps_min": min(renderer.engine.busy_stats["lead_steps"] or [0])},
                 "text_stats": dict(renderer.engine.text_stats), "store": store.stats.as_dict() if hasattr(store, "stats") else None})
 
     if args.profile_step and torch.device(device).type == "cuda":

@@ -716,6 +716,35 @@ def test_while_busy_runs_once_after_the_last_step_is_queued(engine):
     assert torch.equal(busy, plain)
     assert seen == [2 * 3]  # one call per request (batch invariant): in the second one, after its 3 steps
 
+    def parts(n):  # a generator: one part per step callback, what is left after the call
+        for _ in range(n - 1):
+            seen.append(calls[0])
+            yield
+        seen.append(calls[0])
+
+    seen.clear()
+    before = engine.busy_stats["parts"]
+    hook = engine.pipe.unet.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        calls[0] = 0
+        in_parts = latents_with(engine, [req(seed=4)], parts(5))
+    finally:
+        hook.remove()
+    assert torch.equal(in_parts, plain[:1])
+    assert seen == [1, 2, 3, 3, 3] and engine.busy_stats["parts"] - before == 5
+
+    def failing():
+        yield
+        raise RuntimeError("part two failed")
+
+    with pytest.raises(RuntimeError, match="part two failed"):  # a caller's bug is not swallowed
+        latents_with(engine, [req(seed=4)], failing())
+    assert torch.equal(latents(engine, [req(seed=4)]), plain[:1])  # and the engine is still usable
+
+
+def latents_with(engine: Engine, requests, work) -> torch.Tensor:
+    return torch.stack(engine.generate(list(requests), output_type="latent", while_busy=work))
+
 
 def test_render_stream_loads_the_next_batchs_adapters_while_a_batch_denoises(cache_dir, loras, tmp_path):
     """A stream over batches with different adapters: each batch's adapters reach the store's CPU
@@ -797,3 +826,31 @@ def test_fp8_feed_forward_set_stays_close_follows_swaps_and_has_its_own_key(cach
     assert len({keys["norm_fed"], keys["norm_fed+ff"], plain.key(req())}) == 3
     with pytest.raises(ValueError, match="fp8_linears must be one of"):
         Engine(_load(cache_dir).pipeline, fp8=True, fp8_targets="most")
+
+
+def test_adapter_store_loads_in_parts_and_cleans_up_when_abandoned(cache_dir, loras, tmp_path):
+    from rayimg.render.adapter_store import WEIGHT_FILE, AdapterCorrupt, AdapterStore
+    from rayimg.storage import Storage
+    from rayimg.train.registry import publish_adapter
+
+    registry = str(tmp_path / "registry")
+    for name in ("a", "b"):
+        publish_adapter(Storage(), registry, name, None, loras[name], {"base_model": {"id": "tiny"}, "method": "lora"})
+    disk = tmp_path / "disk"
+    store = AdapterStore(Storage(), registry, disk_dir=str(disk))
+    assert len(list(store.load_steps("b"))) == 4  # resolve | download | check | parse | pack
+    assert (store.stats.downloads, store.stats.loads) == (1, 1)
+    version, weights = store.get("b")
+    assert version == "1" and store.stats.cpu.hits == 1 and store.stats.loads == 1
+    assert list(store.load_steps("b")) == []  # in the CPU tier already: nothing to do
+
+    parts = store.load_steps("a")
+    next(parts), next(parts)  # resolved and downloaded, not yet checked
+    parts.close()
+    assert not list(disk.rglob("*.download")) and ("a", "1") not in store.cpu_keys()
+
+    with open(Path(registry) / "adapters" / "a" / "1" / WEIGHT_FILE, "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(AdapterCorrupt, match="sha256"):
+        list(store.load_steps("a"))
+    assert not list(disk.rglob("*.download")) and ("a", "1") not in store.cpu_keys()

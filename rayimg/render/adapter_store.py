@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generator, Iterator
 
 from rayimg.render.adapters import LoraWeights, load_lora_bytes, load_lora_file
 from rayimg.storage import Storage, join
@@ -194,9 +195,47 @@ class AdapterStore:
                 self.stats.device.evictions += 1
         return version, weights, tier
 
+    def load_steps(self, name: str, version: str | None = None) -> Iterator[None]:
+        """Bring an adapter to the CPU tier in parts, yielding between them (resolve; download;
+        read and verify; parse; pack), so a caller can spread the work over idle moments (the
+        render stream runs one part per denoising step of the batch before). Afterwards
+        :meth:`get` finds it in the CPU tier. Errors are raised as :meth:`get` raises them."""
+        version = self.resolve(name, version)
+        key = (name, version)
+        with self._lock:
+            if key in self._cpu:
+                return
+        yield
+        path, _tier, data = yield from self._on_disk_steps(name, version)
+        yield
+        sha = (self.metadata(name, version).get("weights") or {}).get(WEIGHT_FILE)
+        label = f"{name}@{version}"
+        if data is not None:
+            weights = load_lora_bytes(data, name=label, unet_config=self.unet_config, sha256=sha)
+        else:
+            weights = load_lora_file(path, name=label, unet_config=self.unet_config, sha256=sha)
+        del data
+        yield
+        weights = weights.packed(pin=_can_pin())
+        with self._lock:
+            if key not in self._cpu:
+                self.stats.cpu.misses += 1
+                self.stats.loads += 1
+                self._cpu[key] = weights
+                self._evict_cpu()
+
     def _on_disk(self, name: str, version: str) -> tuple[Path, str, bytes | None]:
         """The verified local file, where it came from ('disk' or 'storage'), and its bytes when
         they were read to verify it (None when the file was verified before)."""
+        steps = self._on_disk_steps(name, version)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
+
+    def _on_disk_steps(self, name: str, version: str) -> Generator[None, None, tuple[Path, str, bytes | None]]:
+        """:meth:`_on_disk`, yielding between the download and the check."""
         key = (name, version)
         meta = self.metadata(name, version)
         expected = (meta.get("weights") or {}).get(WEIGHT_FILE)
@@ -226,6 +265,11 @@ class AdapterStore:
             self.stats.downloads += 1
             tag = f"{name}@{version}"
             self.stats.downloads_by_adapter[tag] = self.stats.downloads_by_adapter.get(tag, 0) + 1
+        try:
+            yield
+        except GeneratorExit:  # abandoned between the parts: no half-checked file is left
+            tmp.unlink(missing_ok=True)
+            raise
         data = tmp.read_bytes()
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected:

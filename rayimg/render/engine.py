@@ -30,11 +30,12 @@ import inspect
 import json
 import numbers
 import os
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from PIL import Image
@@ -349,6 +350,7 @@ class Engine:
         self._warm_keys: set[tuple] = set()
         # texts encoded in place, encoded in the background, and found in the cache
         self.text_stats = {"encoded": 0, "prefetched": 0, "hits": 0}
+        self.busy_stats: dict[str, Any] = {"parts": 0, "seconds": 0.0, "lead_steps": []}  # while_busy work (see generate)
 
     @classmethod
     def from_config(cls, pipe, cfg, **kwargs) -> "Engine":
@@ -502,16 +504,20 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def generate(self, requests: list[GenerationRequest], *, output_type: str = "pil",
-                 while_busy: Callable[[], Any] | None = None):
+                 while_busy: Callable[[], Any] | Iterator[Any] | None = None):
         """One image per request, in order (PIL by default; ``"np"`` gives float arrays,
         ``"latent"`` the final latents). All requests must share ``batch_key()`` and the
         fused adapters.
 
-        ``while_busy``: host work (e.g. loading the next batch's adapters) run once on this
-        thread as soon as the call's last denoising step is queued. On a GPU the host runs ahead
-        of the queued steps (CUDA graphs: no sync per step), so the work overlaps them instead
-        of adding to the call; on a CPU it simply runs between the last step and the decode.
-        What it does must not change this call's weights."""
+        ``while_busy``: host work (e.g. loading the next batch's adapters) run on this thread
+        while the accelerator works through queued steps (CUDA graphs: no sync per step), so it
+        overlaps them instead of adding to the call. A callable runs once, when the last
+        denoising step is queued; an iterator (a generator yielding between parts of its work)
+        advances one part per step callback, so that each part fits in the few steps the CUDA
+        launch queue lets the host run ahead. Whatever is left runs after the call. On a CPU
+        the parts simply run between steps. What it does must not change this call's weights.
+        :attr:`busy_stats` counts the parts, their host seconds and, on CUDA, the steps queued
+        but not yet run when each part started (``lead_steps``)."""
         if not requests:
             return []
         keys = {r.batch_key() for r in requests}
@@ -528,7 +534,7 @@ class Engine:
         return self._call(pipe, requests, output_type, while_busy)
 
     def _call(self, pipe, requests: list[GenerationRequest], output_type: str,
-              while_busy: Callable[[], Any] | None = None) -> list:
+              while_busy: Callable[[], Any] | Iterator[Any] | None = None) -> list:
         first = requests[0]
         # A fresh scheduler per call: schedulers carry per-run state (step index, model outputs).
         pipe.scheduler = make_scheduler(first.scheduler, self.base_scheduler_config)
@@ -543,7 +549,8 @@ class Engine:
         key = first.batch_key() + (len(requests),)
         warm = key in self._warm_keys
         self._weights_queued = None
-        busy = [while_busy] if while_busy is not None else []  # run once: at the last step, or after the call
+        busy = [while_busy] if while_busy is not None else []  # until done: in step callbacks, else after the call
+        queued: list = []  # CUDA events, one per step callback: how far the host is ahead of the GPU
         if self._prefetch_pending is not None and warm or while_busy is not None:
 
             def on_step_end(pipe_, i, t, outputs):
@@ -551,8 +558,12 @@ class Engine:
                     # the next batch's prompts are encoded once this call's first step is queued:
                     # the CPU then runs ahead of the accelerator (and the compiled graphs exist)
                     self._start_prefetch()
-                if busy and i >= getattr(pipe_, "num_timesteps", 0) - 1:
-                    self._run_while_busy(busy.pop(), warm)
+                if busy:
+                    if self.device.type == "cuda":
+                        queued.append(torch.cuda.Event())
+                        queued[-1].record(torch.cuda.current_stream(self.device))
+                    if not callable(busy[0]) or i >= getattr(pipe_, "num_timesteps", 0) - 1:
+                        self._advance_while_busy(busy, warm, queued)
                 return outputs
 
             kwargs["callback_on_step_end"] = on_step_end
@@ -577,16 +588,41 @@ class Engine:
             images = _to_pil(pipe(**kwargs).images)
         self._warm_keys.add(key)
         self._weights_queued = None  # set_adapters may change weights before the next call
-        if busy:
-            self._run_while_busy(busy.pop(), True)  # no step callback reached it
-        elif self._prefetch_pending is not None and "callback_on_step_end" in kwargs:
+        while busy:  # what the step callbacks did not finish
+            self._advance_while_busy(busy, True, [])
+        if self._prefetch_pending is not None and "callback_on_step_end" in kwargs:
             self._start_prefetch()  # the call ended before its first step callback (no steps run)
         return images
 
-    def _run_while_busy(self, work: Callable[[], Any], start_prefetch: bool) -> None:
-        """Run ``work``; an encoding it queued (:meth:`prefetch`) starts now, not a call later."""
-        work()
-        if start_prefetch and self._prefetch_pending is not None:
+    def _advance_while_busy(self, busy: list, start_prefetch: bool, queued: list) -> None:
+        """Run the ``while_busy`` work (a callable: all of it; an iterator: its next part) and
+        count it in :attr:`busy_stats`; once it is done an encoding it queued (:meth:`prefetch`)
+        starts at once, not a call later."""
+        work = busy[0]
+        stats = self.busy_stats
+        if queued:  # steps queued but not yet run by the GPU: the lead this part can hide in
+            if len(stats["lead_steps"]) < 4096:
+                stats["lead_steps"].append(sum(1 for event in queued if not event.query()))
+        start = time.perf_counter()
+        try:
+            if callable(work):
+                busy.clear()
+                work()
+            else:
+                try:
+                    next(work)
+                except StopIteration:  # its last part ran in this call
+                    busy.clear()
+        except BaseException:
+            busy.clear()
+            close = getattr(work, "close", None)
+            if close is not None:
+                close()
+            raise
+        finally:
+            stats["parts"] += 1
+            stats["seconds"] += time.perf_counter() - start
+        if not busy and start_prefetch and self._prefetch_pending is not None:
             self._start_prefetch()
 
     # ------------------------------------------------------------------ prompts

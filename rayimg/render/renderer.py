@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -101,7 +100,7 @@ class Renderer:
                     if tuple(upcoming[0].adapters) == self.engine.adapter_identity:
                         self.engine.prefetch(upcoming)
                     else:  # a swap comes first: load its adapters while this batch denoises
-                        work = functools.partial(self._prepare, upcoming)
+                        work = self._prepare(upcoming)
                 images, seconds = self._generate(requests, while_busy=work)  # on the caller's thread: owns the model
             except Exception:
                 if pending is not None:  # the batch before the failing one is complete: hand it over first
@@ -122,23 +121,31 @@ class Renderer:
         images = self.engine.generate(requests, while_busy=while_busy)
         return images, (time.perf_counter() - start) / len(requests)
 
-    def _prepare(self, upcoming: list[GenerationRequest]) -> None:
-        """Bring the adapters of ``upcoming`` to the store's CPU tier and queue its prompts'
-        encoding when the swap allows it (:meth:`Engine.prefetch`). A failure here is left to the
-        batch's own :meth:`use_adapters`, which raises it in its turn; this batch is unaffected."""
+    def _prepare(self, upcoming: list[GenerationRequest]) -> Iterator[None]:
+        """Bring the adapters of ``upcoming`` to the store's CPU tier, in parts (a generator: the
+        engine runs one part per denoising step of the current batch, see ``Engine.generate``),
+        then queue its prompts' encoding when the swap allows it (:meth:`Engine.prefetch`). A
+        failure here is left to the batch's own :meth:`use_adapters`, which raises it in its
+        turn; this batch is unaffected."""
         identity = tuple(upcoming[0].adapters)
         if identity and self.adapter_store is None:
             return
-        start = time.perf_counter()
+        stats = self.prefetch_stats
+        pairs = []
         try:
-            pairs = [(self.adapter_store.get(name, version)[1], scale) for name, version, scale in identity]
+            for name, version, scale in identity:
+                part = time.perf_counter()
+                for _ in self.adapter_store.load_steps(name, version):
+                    stats["seconds"] += time.perf_counter() - part
+                    yield
+                    part = time.perf_counter()
+                pairs.append((self.adapter_store.get(name, version)[1], scale))
+                stats["seconds"] += time.perf_counter() - part
         except Exception:  # noqa: BLE001 - reported by use_adapters when that batch comes
             return
         self.prefetched_adapters += len(pairs)
         self.engine.prefetch(upcoming, adapters=pairs)
-        stats = self.prefetch_stats
         stats["calls"] += 1
-        stats["seconds"] += time.perf_counter() - start
         device = self.engine.device
         if device.type == "cuda":
             import torch
