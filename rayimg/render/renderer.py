@@ -82,8 +82,8 @@ class Renderer:
         1024² image (PNG deflate alone is 0.1-0.3 s) hides behind the next generation instead of
         adding to it; the next batch's prompts are encoded (:meth:`Engine.prefetch`) while this
         one denoises. When the next batch needs other adapters, their files are fetched, checked
-        and parsed into the store's CPU tier on this thread as soon as the current batch's last
-        step is queued (the accelerator is then still busy with the queued steps), and, when the
+        and parsed into the store's CPU tier on this thread, one part per denoising step of the
+        current batch (the accelerator is then busy with the steps queued ahead), and, when the
         swap leaves the text encoders alone, its prompts are encoded then too; the swap itself
         stays between the batches. Results are the same as :meth:`render`'s, batch by batch, in
         order; a batch that fails raises after the batch before it has been yielded."""
