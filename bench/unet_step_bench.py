@@ -3,7 +3,7 @@ fused QKV) at 1024², compiled as the engine compiles it (``nn.Module.compile``,
 called with the shapes a CFG pipeline step passes (batch = 2 × images).
 
 Per variant (``bf16`` / ``fp8`` (:mod:`rayimg.render.fp8`; ``:all`` every attention-block linear in float8, not only the LayerNorm-fed ones); flags ``:cl`` a channels-last UNet,
-``:cudnn`` cuDNN attention first, ``:cdt`` coordinate-descent tuning, ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile) and
+``:cudnn`` cuDNN attention first, ``:loop`` inductor's own persistent-reduction limit (1,024) instead of the engine's 4,096 (``RAYIMG_PERSISTENT_ROWS``), ``:cdt`` coordinate-descent tuning, ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile) and
 batch, one ``RESULT`` line:
 
 - ``compile_s``: the first call (cold compile at this batch);
@@ -67,7 +67,7 @@ def build_unet(args, variant: str):
     if "eager" not in flags:
         from rayimg.render.engine import _configure_compiler
 
-        _configure_compiler()
+        _configure_compiler(persistent_rows=False if "loop" in flags else None)
         import torch._inductor.config as inductor_config
 
         # ``:cdt``: inductor's coordinate-descent tuning of its Triton kernels (longer compile)

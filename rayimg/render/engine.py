@@ -190,7 +190,39 @@ class GenerationRequest:
         return hash(json.dumps(self.params(), sort_keys=True))
 
 
-def _configure_compiler() -> None:
+_PERSISTENT_ROWS = 4096  # widest row the engine's compiled kernels reduce in one pass (see _configure_compiler)
+_ROWS_CHOICES = None
+
+
+def _persistent_rows_choices():
+    """inductor's heuristics, except that "inner" reductions (along contiguous rows) of up to
+    :data:`_PERSISTENT_ROWS` elements keep the whole row in registers (persistent) instead of
+    looping over it; inductor's own limit is 1,024, under SDXL's rows of 1,280."""
+    global _ROWS_CHOICES
+    if _ROWS_CHOICES is None:
+        from torch._inductor.choices import InductorChoices
+        from torch._inductor.runtime.hints import ReductionHint
+        from torch._inductor.virtualized import V
+
+        class PersistentRowsChoices(InductorChoices):
+            @staticmethod
+            def should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs) -> bool:
+                if InductorChoices.should_use_persistent_reduction(features, cooperative_reduction, *args, **kwargs):
+                    return True
+                import torch._inductor.config as config
+
+                return bool(config.triton.persistent_reductions and not cooperative_reduction
+                            and features.get_reduction_hint() == ReductionHint.INNER
+                            and V.graph.sizevars.statically_known_leq(features.reduction_numel, _PERSISTENT_ROWS))
+
+            def uuid(self) -> str:
+                return f"rayimg-persistent-rows-{_PERSISTENT_ROWS}"
+
+        _ROWS_CHOICES = PersistentRowsChoices
+    return _ROWS_CHOICES()
+
+
+def _configure_compiler(persistent_rows: bool | None = None) -> None:
     """Process-wide torch.compile settings for the engine's graphs (the ones bench/ measures):
     room for one graph per batch/image size, 1x1 convolutions lowered to matmuls, and cooperative
     reductions (Triton): the channels-last GroupNorm statistics have few outputs (batch × 32
@@ -198,7 +230,13 @@ def _configure_compiler() -> None:
     took 3 ms per SDXL step at batch 4); split across blocks, the UNet step at UNet batch 8 went
     from 111.0 to 106.3 ms on an H100 (docs/BENCHMARKS.md, render run 6). The choice is static,
     so results stay deterministic (inductor's ``multi_kernel``, which picks by timing at run
-    time, gained 0.9 ms more but could pick differently in another process)."""
+    time, gained 0.9 ms more but could pick differently in another process).
+
+    ``persistent_rows`` (default: on unless the environment sets ``RAYIMG_PERSISTENT_ROWS=0``):
+    row reductions of up to 4,096 elements run persistent (:func:`_persistent_rows_choices`). SDXL's
+    residual add + LayerNorm + float8 scaling kernels at width 1,280 went from 58 to 34 µs each
+    (``bench/norm_fp8_bench.py``) and the UNet step at UNet batch 8 from 105.7 to 102.3 ms on an
+    H100 (render run 7)."""
     import torch._dynamo
     import torch._inductor.config
 
@@ -208,6 +246,22 @@ def _configure_compiler() -> None:
     torch._inductor.config.conv_1x1_as_mm = True
     if hasattr(torch._inductor.config.triton, "cooperative_reductions") and "TORCHINDUCTOR_COOPERATIVE_REDUCTIONS" not in os.environ:
         torch._inductor.config.triton.cooperative_reductions = True  # unless the user chose
+    if persistent_rows is None:
+        persistent_rows = os.environ.get("RAYIMG_PERSISTENT_ROWS", "1") not in ("", "0")
+    if hasattr(torch._inductor.config, "inductor_choices_class"):
+        from torch._inductor.virtualized import V
+
+        factory = _persistent_rows_choices if persistent_rows else None
+        if torch._inductor.config.inductor_choices_class in (None, _persistent_rows_choices):
+            torch._inductor.config.inductor_choices_class = factory
+            # this thread may have built its handler already
+            from torch._inductor.choices import InductorChoices
+
+            V.set_choices_handler(factory() if factory else InductorChoices())
+    elif persistent_rows:  # an older torch: this thread's handler only
+        from torch._inductor.virtualized import V
+
+        V.set_choices_handler(_persistent_rows_choices())
 
 
 _PINNED_CLASSES: dict[type, type] = {}
