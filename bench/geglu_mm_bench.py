@@ -2,8 +2,9 @@
 
 Today (``engine.fp8``) the projection ``ff.net.0.proj`` is a cuBLAS float8 GEMM writing the
 ``M x 2N`` bf16 output, then an inductor kernel reads it back for ``value * gelu(gate)`` (7.0 ms
-of a UNet step at batch 8, render run 6). :func:`rayimg.render.fp8.geglu_mm_launch` computes both
-halves in one Triton GEMM and writes only the product.
+of a UNet step at batch 8, render run 6). :func:`geglu_mm_launch` (below) computes both halves in
+one Triton GEMM and writes only the product. It was slower than cuBLAS + the GEGLU kernel at every
+config tried (render run 7), so the engine does not use it.
 
 Per level and UNet batch, each captured in a CUDA graph over rotating inputs:
 
@@ -31,6 +32,87 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+FP8_DTYPE = torch.float8_e4m3fn
+
+_GEGLU_MM_KERNEL = None
+GEGLU_MM_CONFIG = (128, 128, 128, 8, 3, 8)  # BM, BN, BK, warps, stages, GROUP_M
+
+
+def _geglu_mm_kernel():
+    """A Triton kernel (built on first use; CUDA, compute capability 9.0+): the GEGLU projection
+    as one float8 GEMM whose epilogue applies the GEGLU. A program computes a ``BM x BN`` tile of
+    the value half and the same tile of the gate half (two accumulators over the same row block of
+    ``x``), scales both (row scale x column scale), adds the biases, rounds each to bf16 (as the
+    projection's output would be) and writes ``value * gelu(gate)`` (exact GELU): the projection's
+    ``M x 2N`` output never reaches memory."""
+    global _GEGLU_MM_KERNEL
+    if _GEGLU_MM_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def geglu_mm_fp8(a_desc, w_desc, sa_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                         HAS_BIAS: tl.constexpr):
+            pid = tl.program_id(0)
+            num_m = tl.cdiv(M, BM)
+            num_n = tl.cdiv(N, BN)
+            in_group = GROUP_M * num_n
+            first_m = (pid // in_group) * GROUP_M
+            group_m = min(num_m - first_m, GROUP_M)
+            pid_m = first_m + (pid % in_group) % group_m
+            pid_n = (pid % in_group) // group_m
+            om = pid_m * BM
+            on = pid_n * BN
+            acc_v = tl.zeros((BM, BN), dtype=tl.float32)
+            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+            for k in range(0, K, BK):  # pipelined over the launch's num_stages
+                a = a_desc.load([om, k])
+                wv = w_desc.load([on, k])
+                wg = w_desc.load([N + on, k])
+                acc_v = tl.dot(a, wv.T, acc_v, max_num_imprecise_acc=BK)
+                acc_g = tl.dot(a, wg.T, acc_g, max_num_imprecise_acc=BK)
+            rows = om + tl.arange(0, BM)
+            cols = on + tl.arange(0, BN)
+            rmask = rows < M
+            cmask = cols < N
+            sa = tl.load(sa_ptr + rows, mask=rmask, other=0.0)[:, None]
+            v = acc_v * sa * tl.load(sw_ptr + cols, mask=cmask, other=0.0)[None, :]
+            g = acc_g * sa * tl.load(sw_ptr + N + cols, mask=cmask, other=0.0)[None, :]
+            if HAS_BIAS:
+                v += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                g += tl.load(bias_ptr + N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            v = v.to(tl.bfloat16).to(tl.float32)
+            g = g.to(tl.bfloat16).to(tl.float32)
+            y = v * (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))
+            offs = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+        _GEGLU_MM_KERNEL = geglu_mm_fp8
+    return _GEGLU_MM_KERNEL
+
+
+def geglu_mm_launch(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None, config: tuple | None = None) -> torch.Tensor:
+    """``value * gelu(gate)`` of the float8 projection ``x8 @ w8.T`` (row scales ``x_scale (M, 1)``,
+    column scales ``w_scale (1, 2N)``, optional ``bias (2N,)``), in bf16 ``(M, N)``: one Triton
+    kernel (:func:`_geglu_mm_kernel`)."""
+    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    bm, bn, bk, warps, stages, group_m = config or GEGLU_MM_CONFIG
+    m, k = x8.shape
+    n = w8.shape[0] // 2
+    out = torch.empty((m, n), device=x8.device, dtype=torch.bfloat16)
+    a_desc = TensorDescriptor.from_tensor(x8, [bm, bk])
+    w_desc = TensorDescriptor.from_tensor(w8, [bn, bk])
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _geglu_mm_kernel()[grid](a_desc, w_desc, x_scale, w_scale, bias if bias is not None else w_scale, out, m, n, k,
+                             out.stride(0), BM=bm, BN=bn, BK=bk, GROUP_M=group_m,
+                             HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
+    return out
+
+
 LEVELS = [("64", 4096, 640, 2560, 10), ("32", 1024, 1280, 5120, 60)]  # (name, tokens/image, C=K, inner N, blocks)
 CONFIGS = [(128, 128, 128, 8, 3, 8), (128, 128, 128, 8, 4, 8), (128, 64, 128, 4, 4, 8), (128, 64, 128, 8, 4, 8),
            (64, 128, 128, 4, 4, 8), (128, 128, 64, 8, 4, 8), (128, 128, 64, 8, 5, 8), (128, 128, 128, 8, 3, 16)]
@@ -43,7 +125,7 @@ def main() -> None:
     from gemm_bench import time_graph
 
     from rayimg.render.engine import _configure_compiler
-    from rayimg.render.fp8 import FP8_DTYPE, FP8_MAX, geglu_mm_launch, quantize_rows
+    from rayimg.render.fp8 import FP8_MAX, quantize_rows
 
     _configure_compiler()
     dev, sets = "cuda", 3

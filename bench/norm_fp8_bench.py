@@ -11,7 +11,8 @@ Variants, each captured in a CUDA graph over rotating inputs (``gemm_bench.time_
 - ``inductor``: the engine's compile settings;
 - ``inductor_persistent``: the same with the persistent-reduction limit raised to 4,096
   (:class:`rayimg.render.engine.PersistentRowsChoices`);
-- ``triton``: one hand-written Triton kernel (:func:`rayimg.render.fp8.add_layernorm_rows_fp8`);
+- ``triton``: one hand-written Triton kernel (:func:`add_layernorm_rows_fp8` below; ``triton_rRwW``:
+  R rows per program, W warps);
 - ``copy``: ``torch.add`` of the two inputs (reads 2, writes 1), the memory-speed yardstick.
 
 ``GBps`` counts the bytes each variant must move (2 reads, the bf16 sum and the float8 codes
@@ -36,6 +37,82 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SWEEP = [(1, 4), (1, 8), (2, 4), (2, 8), (4, 8), (4, 16)]  # (rows per program, warps) for the Triton kernel
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+
+
+def quantize_rows(x2):
+    from rayimg.render.fp8 import quantize_rows as q
+
+    return q(x2)
+
+
+def add_layernorm_reference(y: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h = y + r
+    x8, scale = quantize_rows(torch.nn.functional.layer_norm(h, (h.shape[-1],), weight, bias, eps))
+    return h, x8, scale
+
+
+_ADD_LN_KERNEL = None
+
+
+def _add_layernorm_kernel():
+    """A Triton kernel (built on first use; CUDA only): ``ROWS`` rows per program, each read once
+    (``y`` and ``r``), written once as their sum ``h`` (the new residual, in the inputs' dtype) and
+    once as the float8 codes of ``layer_norm(h)`` with the row's scale. The norm is computed from
+    the rounded ``h`` and rounded to the inputs' dtype before its scaling, as the eager path
+    (``y + r``, ``F.layer_norm``, :func:`quantize_rows`) rounds."""
+    global _ADD_LN_KERNEL
+    if _ADD_LN_KERNEL is None:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def add_layernorm_rows_fp8(y_ptr, r_ptr, w_ptr, b_ptr, h_ptr, x8_ptr, scale_ptr, m, n, eps, fp8_max,
+                                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
+            row1 = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+            rows = row1[:, None]
+            cols = tl.arange(0, BLOCK)[None, :]
+            cmask = cols < n
+            mask = (rows < m) & cmask
+            off = rows * n + cols
+            y = tl.load(y_ptr + off, mask=mask, other=0.0)
+            h = (y.to(tl.float32) + tl.load(r_ptr + off, mask=mask, other=0.0).to(tl.float32)).to(y.dtype)
+            tl.store(h_ptr + off, h, mask=mask)
+            hf = h.to(tl.float32)
+            mean = tl.sum(hf, axis=1) / n
+            d = tl.where(mask, hf - mean[:, None], 0.0)
+            rstd = tl.math.rsqrt(tl.sum(d * d, axis=1) / n + eps)
+            w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            o = (d * rstd[:, None] * w + b).to(y.dtype).to(tl.float32)
+            o = tl.where(mask, o, 0.0)
+            scale = tl.maximum(tl.max(tl.abs(o), axis=1), 1e-12) / fp8_max
+            q = tl.clamp(o / scale[:, None], -fp8_max, fp8_max)
+            tl.store(x8_ptr + off, q.to(x8_ptr.dtype.element_ty), mask=mask)
+            tl.store(scale_ptr + row1, scale, mask=row1 < m)
+
+        _ADD_LN_KERNEL = add_layernorm_rows_fp8
+    return _ADD_LN_KERNEL
+
+
+def add_layernorm_rows_fp8(y, r, weight, bias, eps, rows: int | None = None, warps: int | None = None):
+    import triton
+
+    y, r = y.contiguous(), r.contiguous()
+    m, n = y.shape
+    h = torch.empty_like(y)
+    x8 = torch.empty((m, n), device=y.device, dtype=FP8_DTYPE)
+    scale = torch.empty((m, 1), device=y.device, dtype=torch.float32)
+    block = triton.next_power_of_2(n)
+    rows = rows or max(1, 2048 // block)
+    warps = warps or min(max(rows * block // 256, 4), 16)
+    _add_layernorm_kernel()[(triton.cdiv(m, rows),)](y, r, weight, bias, h, x8, scale, m, n, eps, FP8_MAX,
+                                                      ROWS=rows, BLOCK=block, num_warps=warps)
+    return h, x8, scale
+
+
 LEVELS = [("64", 4096, 640, 10), ("32", 1024, 1280, 60)]  # (name, tokens/image, width C, blocks)
 
 
@@ -50,7 +127,6 @@ def main() -> None:
     from torch._inductor.utils import run_and_get_code
 
     from rayimg.render import engine as eng
-    from rayimg.render.fp8 import _add_layernorm_launch, add_layernorm_rows_fp8, quantize_rows
 
     eng._configure_compiler(persistent_rows=False)
     iconfig.fx_graph_cache = False
@@ -93,7 +169,7 @@ def main() -> None:
             }
             for rows_, warps_ in SWEEP:
                 variants[f"triton_r{rows_}w{warps_}"] = (
-                    lambda i, rows_=rows_, warps_=warps_: _add_layernorm_launch(ys[i % sets], rs[i % sets], w, b, eps, rows_, warps_))
+                    lambda i, rows_=rows_, warps_=warps_: add_layernorm_rows_fp8(ys[i % sets], rs[i % sets], w, b, eps, rows_, warps_))
             row = {"batch": ub, "level": name, "M": m, "C": c}
             h0, x80, s0 = f(ys[0], rs[0], w, b)  # eager reference
             for v in ("inductor", "inductor_persistent", "triton"):

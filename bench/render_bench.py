@@ -414,6 +414,13 @@ def main() -> None:
         summary[f"ours_b{n}_s_per_image"] = by[f"ours b{n}"]["s_per_image"]
         summary[f"ours_b{n}_images_per_s"] = by[f"ours b{n}"]["images_per_s"]
     RESULTS["summary"] = summary
+    try:  # CUDA graphs (compile_mode reduce-overhead): graphs skipped, inputs copied at each replay
+        from torch._dynamo.utils import counters
+
+        RESULTS["notes"]["cudagraph_counters"] = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+        print("COUNTERS " + json.dumps(RESULTS["notes"]["cudagraph_counters"]), flush=True)
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        pass
     print("SUMMARY " + json.dumps(summary), flush=True)
     (out_dir() / "render_bench.json").write_text(json.dumps(RESULTS, indent=1))
 

@@ -3,7 +3,8 @@ fused QKV) at 1024², compiled as the engine compiles it (``nn.Module.compile``,
 called with the shapes a CFG pipeline step passes (batch = 2 × images).
 
 Per variant (``bf16`` / ``fp8`` (:mod:`rayimg.render.fp8`; ``:all`` every attention-block linear in float8, not only the LayerNorm-fed ones); flags ``:cl`` a channels-last UNet,
-``:cudnn`` cuDNN attention first, ``:loop`` inductor's own persistent-reduction limit (1,024) instead of the engine's 4,096 (``RAYIMG_PERSISTENT_ROWS``), ``:cdt`` coordinate-descent tuning, ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile) and
+``:cudnn`` cuDNN attention first, ``:loop`` inductor's own persistent-reduction limit (1,024) instead of the engine's 4,096 (``RAYIMG_PERSISTENT_ROWS``), ``:cdt`` coordinate-descent tuning, ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile, ``:ro`` compiled in mode reduce-overhead as ``engine.compile_mode``
+does, so its forward replays CUDA graph trees and no manual graph is taken) and
 batch, one ``RESULT`` line:
 
 - ``compile_s``: the first call (cold compile at this batch);
@@ -12,6 +13,8 @@ batch, one ``RESULT`` line:
   ``forward_s`` means the step is launch-bound;
 - ``graph_s``: the same compiled forward captured once in a CUDA graph and replayed (what
   ``engine.compile_mode: reduce-overhead`` buys, measured without a second compile);
+- ``sustained_s`` (``--sustain-s``): the step (graph replay, or the ``:ro`` forward) over the
+  second half of that many seconds back to back;
 - ``tflops``: achieved, from the model FLOPs (6.76 TFLOP per image forward at 1024², counted).
 
     python bench/unet_step_bench.py --variants bf16,fp8 --batches 2,8
@@ -77,7 +80,8 @@ def build_unet(args, variant: str):
         if "cdtall" in flags:
             inductor_config.coordinate_descent_tuning = True
             inductor_config.epilogue_fusion = False
-        unet.compile(dynamic=False)  # as the engine compiles it
+        # as the engine compiles it (``:ro``: engine.compile_mode reduce-overhead, CUDA graph trees)
+        unet.compile(mode="reduce-overhead" if "ro" in flags else None, dynamic=False)
     return unet
 
 
@@ -93,8 +97,27 @@ def sdpa_context(variant: str):
                        set_priority=True)
 
 
-def measure(call, dev, iters: int):
-    """(mean back-to-back forward, CPU launch times, CUDA-graph replay or None, graph vs eager max diff)."""
+def sustained(step, dev, seconds: float) -> float | None:
+    """Mean time of ``step`` over the second half of ``seconds`` of back-to-back runs (clocks
+    settle under a sustained load: a render runs for minutes, a timing loop for a second)."""
+    if seconds <= 0:
+        return None
+    times = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            step()
+        sync(dev)
+        times.append((time.perf_counter() - t0) / 5)
+    half = times[len(times) // 2:]
+    return sum(half) / len(half)
+
+
+def measure(call, dev, iters: int, graphs: bool = True, sustain_s: float = 0.0):
+    """(mean back-to-back forward, CPU launch times, CUDA-graph replay or None, graph vs eager
+    max diff, sustained step or None). ``graphs=False``: no manual CUDA graph (a ``:ro`` variant,
+    whose compiled forward replays CUDA graphs itself); the sustained step is then its forward."""
     for _ in range(3):
         call()
     sync(dev)
@@ -110,8 +133,10 @@ def measure(call, dev, iters: int):
         call()
         launches.append(time.perf_counter() - t0)
     sync(dev)
-    graph_s = graph_diff = None
-    if torch.device(dev).type == "cuda":
+    graph_s = graph_diff = sustain = None
+    if not graphs:
+        sustain = sustained(call, dev, sustain_s)
+    if graphs and torch.device(dev).type == "cuda":
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -130,8 +155,9 @@ def measure(call, dev, iters: int):
             graph.replay()
         sync(dev)
         graph_s = (time.perf_counter() - t0) / iters
+        sustain = sustained(graph.replay, dev, sustain_s)
         del graph, static_out
-    return forward_s, launches, graph_s, graph_diff
+    return forward_s, launches, graph_s, graph_diff, sustain
 
 
 def profile_kernels(call, variant: str, batch: int) -> None:
@@ -160,6 +186,7 @@ def main() -> None:
     ap.add_argument("--batches", default="2,8", help="UNet batch sizes (2 × images under CFG)")
     ap.add_argument("--variants", default="bf16,fp8")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--sustain-s", type=float, default=0.0, help="also time steps back to back for this long (sustained_s)")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one forward per variant")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new row after this many seconds")
     ap.add_argument("--save-compile-cache", action="store_true", help="write $OUT/compile_cache.bin (torch.compiler artifacts) at the end")
@@ -198,7 +225,7 @@ def main() -> None:
                 call()
                 sync(dev)
                 compile_s = time.perf_counter() - t0
-                runs = [(variant, measure(call, dev, args.iters))]
+                runs = [(variant, measure(call, dev, args.iters, graphs="ro" not in flags, sustain_s=args.sustain_s))]
                 if args.profile and torch.device(dev).type == "cuda":
                     profile_kernels(call, variant, b)
                 if "bench" in flags and torch.device(dev).type == "cuda":
@@ -206,13 +233,14 @@ def main() -> None:
                     torch.backends.cudnn.benchmark = True
                     for _ in range(3):
                         call()
-                    runs.append((variant + "+cudnn_benchmark", measure(call, dev, args.iters)))
+                    runs.append((variant + "+cudnn_benchmark", measure(call, dev, args.iters, graphs="ro" not in flags)))
                     torch.backends.cudnn.benchmark = False
-            for name, (forward_s, launches, graph_s, graph_diff) in runs:
+            for name, (forward_s, launches, graph_s, graph_diff, sustain) in runs:
                 n_img = b / 2
                 row = {"variant": name, "batch": b, "images": n_img, "compile_s": round(compile_s, 1), "forward_s": round(forward_s, 5),
                        "launch_s": round(min(launches), 5), "graph_s": round(graph_s, 5) if graph_s else None,
                        "graph_max_abs_diff": graph_diff if graph_s else None,
+                       "sustained_s": round(sustain, 5) if sustain else None,
                        "tflops_forward": round(b * FLOP_PER_SAMPLE / forward_s / 1e12, 1) if not args.tiny else None,
                        "tflops_graph": round(b * FLOP_PER_SAMPLE / graph_s / 1e12, 1) if graph_s and not args.tiny else None}
                 RESULTS["rows"].append(row)

@@ -854,3 +854,54 @@ def test_adapter_store_loads_in_parts_and_cleans_up_when_abandoned(cache_dir, lo
     with pytest.raises(AdapterCorrupt, match="sha256"):
         list(store.load_steps("a"))
     assert not list(disk.rglob("*.download")) and ("a", "1") not in store.cpu_keys()
+
+
+def test_engine_compile_settings_keep_rows_up_to_4096_persistent(monkeypatch):
+    """``_configure_compiler`` installs the engine's inductor heuristics (process-wide, and on this
+    thread): inner reductions of up to 4,096 elements (SDXL's LayerNorm rows of 1,280) run
+    persistent, where inductor's own limit is 1,024; wider rows and other reductions keep
+    inductor's choice; ``RAYIMG_PERSISTENT_ROWS=0`` restores inductor's heuristics."""
+    import types
+
+    import sympy
+    import torch._inductor.config as iconfig
+    from torch._inductor.choices import InductorChoices
+    from torch._inductor.runtime.hints import ReductionHint
+    from torch._inductor.sizevars import SizeVarAllocator
+    from torch._inductor.virtualized import V
+
+    from rayimg.render import engine as eng
+
+    if not hasattr(iconfig, "inductor_choices_class"):
+        pytest.skip("this torch has no inductor_choices_class")
+    saved = iconfig.inductor_choices_class
+    try:
+        monkeypatch.delenv("RAYIMG_PERSISTENT_ROWS", raising=False)
+        eng._configure_compiler()
+        assert iconfig.inductor_choices_class is eng._persistent_rows_choices
+        assert type(V.choices).__name__ == "PersistentRowsChoices"
+        choices = iconfig.inductor_choices_class()
+        assert choices.uuid() == "rayimg-persistent-rows-4096"  # the compile cache keys on it
+
+        def features(rnumel: int, hint=ReductionHint.INNER):
+            return types.SimpleNamespace(reduction_numel=sympy.Integer(rnumel), numel=sympy.Integer(8192),
+                                         get_reduction_hint=lambda: hint)
+
+        with V.set_graph_handler(types.SimpleNamespace(sizevars=SizeVarAllocator())):
+            ours = {n: choices.should_use_persistent_reduction(features(n), False) for n in (640, 1280, 4096, 5120)}
+            theirs = {n: InductorChoices.should_use_persistent_reduction(features(n), False) for n in (640, 1280, 4096, 5120)}
+            assert ours == {640: True, 1280: True, 4096: True, 5120: False}
+            assert theirs == {640: True, 1280: False, 4096: False, 5120: False}
+            # reductions along strided dimensions (e.g. GroupNorm statistics) keep inductor's choice
+            assert not choices.should_use_persistent_reduction(features(1280, ReductionHint.OUTER), False)
+            # a cooperative reduction keeps inductor's choice too
+            assert (choices.should_use_persistent_reduction(features(1280), True)
+                    == InductorChoices.should_use_persistent_reduction(features(1280), True))
+
+        monkeypatch.setenv("RAYIMG_PERSISTENT_ROWS", "0")
+        eng._configure_compiler()
+        assert iconfig.inductor_choices_class is None
+        assert type(V.choices) is InductorChoices
+    finally:
+        iconfig.inductor_choices_class = saved
+        V.set_choices_handler(saved() if saved else InductorChoices())

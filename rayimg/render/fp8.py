@@ -21,9 +21,10 @@ set of converted linears (see ``Renderer.key``).
 
 ``norm_fed+ff`` (``engine.fp8_linears``) also converts each GEGLU feed-forward's output linear:
 :func:`geglu_rows_fp8` (one Triton kernel on CUDA) turns the projection output into the GEGLU
-product in float8 with its row scales, so that product's scaling is fused too. On an H100 it saves
-0.9 ms per UNet step at UNet batch 8 and costs 0.3 ms at batch 2 (the kernel reaches 1.7 TB/s;
-``bench/geglu_bench.py``, render run 6), so it is not the default.
+product in float8 with its row scales, so that product's scaling is fused too. On an H100 its part
+alone saves 0.9 ms per UNet step at UNet batch 8 and costs 0.3 ms at batch 2 (the kernel reaches
+1.7 TB/s; ``bench/geglu_bench.py``, render run 6), but the whole UNet step at UNet batch 8 was 4.9 ms
+slower with it than without (render run 7), so it is not the default.
 
 Measured on an H100 (docs/BENCHMARKS.md, render run 5), compiled with CUDA graphs, 1024² CFG
 step in the pipeline: 29.9 vs 32.6 ms (bf16) at batch 1, 112 vs 123-126 ms at batch 4. Converting every attention
@@ -38,7 +39,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["FP8_MAX", "Float8Linear", "add_layernorm_rows_fp8", "fp8_unavailable", "convert_unet", "geglu_reference", "geglu_rows_fp8", "quantize_rows",
+__all__ = ["FP8_MAX", "Float8Linear", "fp8_unavailable", "convert_unet", "geglu_reference", "geglu_rows_fp8", "quantize_rows",
            "requantize"]
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -154,170 +155,6 @@ def geglu_rows_fp8(h2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _(h2):
     m, n2 = h2.shape
     return h2.new_empty((m, n2 // 2), dtype=FP8_DTYPE), h2.new_empty((m, 1), dtype=torch.float32)
-
-
-def _add_layernorm_rows_reference(y: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    h = y + r
-    x8, scale = quantize_rows(torch.nn.functional.layer_norm(h, (h.shape[-1],), weight, bias, eps))
-    return h, x8, scale
-
-
-_ADD_LN_KERNEL = None
-
-
-def _add_layernorm_kernel():
-    """The Triton kernel (built on first use; CUDA only): ``ROWS`` rows per program, each read once
-    (``y`` and ``r``), written once as their sum ``h`` (the new residual, in the inputs' dtype) and
-    once as the float8 codes of ``layer_norm(h)`` with the row's scale. The norm is computed from
-    the rounded ``h`` and rounded to the inputs' dtype before its scaling, as the eager path
-    (``y + r``, ``F.layer_norm``, :func:`quantize_rows`) rounds."""
-    global _ADD_LN_KERNEL
-    if _ADD_LN_KERNEL is None:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def add_layernorm_rows_fp8(y_ptr, r_ptr, w_ptr, b_ptr, h_ptr, x8_ptr, scale_ptr, m, n, eps, fp8_max,
-                                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
-            row1 = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-            rows = row1[:, None]
-            cols = tl.arange(0, BLOCK)[None, :]
-            cmask = cols < n
-            mask = (rows < m) & cmask
-            off = rows * n + cols
-            y = tl.load(y_ptr + off, mask=mask, other=0.0)
-            h = (y.to(tl.float32) + tl.load(r_ptr + off, mask=mask, other=0.0).to(tl.float32)).to(y.dtype)
-            tl.store(h_ptr + off, h, mask=mask)
-            hf = h.to(tl.float32)
-            mean = tl.sum(hf, axis=1) / n
-            d = tl.where(mask, hf - mean[:, None], 0.0)
-            rstd = tl.math.rsqrt(tl.sum(d * d, axis=1) / n + eps)
-            w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-            o = (d * rstd[:, None] * w + b).to(y.dtype).to(tl.float32)
-            o = tl.where(mask, o, 0.0)
-            scale = tl.maximum(tl.max(tl.abs(o), axis=1), 1e-12) / fp8_max
-            q = tl.clamp(o / scale[:, None], -fp8_max, fp8_max)
-            tl.store(x8_ptr + off, q.to(x8_ptr.dtype.element_ty), mask=mask)
-            tl.store(scale_ptr + row1, scale, mask=row1 < m)
-
-        _ADD_LN_KERNEL = add_layernorm_rows_fp8
-    return _ADD_LN_KERNEL
-
-
-def _add_layernorm_launch(y, r, weight, bias, eps, rows: int | None = None, warps: int | None = None):
-    import triton
-
-    y, r = y.contiguous(), r.contiguous()
-    m, n = y.shape
-    h = torch.empty_like(y)
-    x8 = torch.empty((m, n), device=y.device, dtype=FP8_DTYPE)
-    scale = torch.empty((m, 1), device=y.device, dtype=torch.float32)
-    block = triton.next_power_of_2(n)
-    rows = rows or max(1, 2048 // block)
-    warps = warps or min(max(rows * block // 256, 4), 16)
-    _add_layernorm_kernel()[(triton.cdiv(m, rows),)](y, r, weight, bias, h, x8, scale, m, n, eps, FP8_MAX,
-                                                      ROWS=rows, BLOCK=block, num_warps=warps)
-    return h, x8, scale
-
-
-@torch.library.custom_op("rayimg::add_layernorm_rows_fp8", mutates_args=())
-def add_layernorm_rows_fp8(y: torch.Tensor, r: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                           eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A transformer block's residual add, its LayerNorm and the per-row float8 scaling of the norm,
-    on 2-D ``(M, C)`` inputs: ``(h = y + r, x8 (M, C), scale (M, 1) float32)``, where ``x8 * scale``
-    is ``layer_norm(h)``, the input of a float8 linear. On CUDA one Triton kernel that reads each
-    row once (inductor loops over rows wider than 1,024: the same math took 11.2 ms of a UNet step
-    at batch 8); elsewhere the torch ops."""
-    if y.device.type != "cuda":
-        return _add_layernorm_rows_reference(y, r, weight, bias, eps)
-    return _add_layernorm_launch(y, r, weight, bias, eps)
-
-
-@add_layernorm_rows_fp8.register_fake
-def _(y, r, weight, bias, eps):
-    m, n = y.shape
-    return torch.empty_like(y), y.new_empty((m, n), dtype=FP8_DTYPE), y.new_empty((m, 1), dtype=torch.float32)
-
-
-_GEGLU_MM_KERNEL = None
-GEGLU_MM_CONFIG = (128, 128, 128, 8, 3, 8)  # BM, BN, BK, warps, stages, GROUP_M
-
-
-def _geglu_mm_kernel():
-    """The Triton kernel (built on first use; CUDA, compute capability 9.0+): the GEGLU projection
-    as one float8 GEMM whose epilogue applies the GEGLU. A program computes a ``BM x BN`` tile of
-    the value half and the same tile of the gate half (two accumulators over the same row block of
-    ``x``), scales both (row scale x column scale), adds the biases, rounds each to bf16 (as the
-    projection's output would be) and writes ``value * gelu(gate)`` (exact GELU): the projection's
-    ``M x 2N`` output never reaches memory."""
-    global _GEGLU_MM_KERNEL
-    if _GEGLU_MM_KERNEL is None:
-        import triton
-        import triton.language as tl
-
-        @triton.jit
-        def geglu_mm_fp8(a_desc, w_desc, sa_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                         HAS_BIAS: tl.constexpr):
-            pid = tl.program_id(0)
-            num_m = tl.cdiv(M, BM)
-            num_n = tl.cdiv(N, BN)
-            in_group = GROUP_M * num_n
-            first_m = (pid // in_group) * GROUP_M
-            group_m = min(num_m - first_m, GROUP_M)
-            pid_m = first_m + (pid % in_group) % group_m
-            pid_n = (pid % in_group) // group_m
-            om = pid_m * BM
-            on = pid_n * BN
-            acc_v = tl.zeros((BM, BN), dtype=tl.float32)
-            acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-            for k in range(0, K, BK):  # pipelined over the launch's num_stages
-                a = a_desc.load([om, k])
-                wv = w_desc.load([on, k])
-                wg = w_desc.load([N + on, k])
-                acc_v = tl.dot(a, wv.T, acc_v, max_num_imprecise_acc=BK)
-                acc_g = tl.dot(a, wg.T, acc_g, max_num_imprecise_acc=BK)
-            rows = om + tl.arange(0, BM)
-            cols = on + tl.arange(0, BN)
-            rmask = rows < M
-            cmask = cols < N
-            sa = tl.load(sa_ptr + rows, mask=rmask, other=0.0)[:, None]
-            v = acc_v * sa * tl.load(sw_ptr + cols, mask=cmask, other=0.0)[None, :]
-            g = acc_g * sa * tl.load(sw_ptr + N + cols, mask=cmask, other=0.0)[None, :]
-            if HAS_BIAS:
-                v += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-                g += tl.load(bias_ptr + N + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-            v = v.to(tl.bfloat16).to(tl.float32)
-            g = g.to(tl.bfloat16).to(tl.float32)
-            y = v * (0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476)))
-            offs = rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
-            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
-
-        _GEGLU_MM_KERNEL = geglu_mm_fp8
-    return _GEGLU_MM_KERNEL
-
-
-def geglu_mm_launch(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
-                    bias: torch.Tensor | None, config: tuple | None = None) -> torch.Tensor:
-    """``value * gelu(gate)`` of the float8 projection ``x8 @ w8.T`` (row scales ``x_scale (M, 1)``,
-    column scales ``w_scale (1, 2N)``, optional ``bias (2N,)``), in bf16 ``(M, N)``: one Triton
-    kernel (:func:`_geglu_mm_kernel`)."""
-    import triton
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    bm, bn, bk, warps, stages, group_m = config or GEGLU_MM_CONFIG
-    m, k = x8.shape
-    n = w8.shape[0] // 2
-    out = torch.empty((m, n), device=x8.device, dtype=torch.bfloat16)
-    a_desc = TensorDescriptor.from_tensor(x8, [bm, bk])
-    w_desc = TensorDescriptor.from_tensor(w8, [bn, bk])
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _geglu_mm_kernel()[grid](a_desc, w_desc, x_scale, w_scale, bias if bias is not None else w_scale, out, m, n, k,
-                             out.stride(0), BM=bm, BN=bn, BK=bk, GROUP_M=group_m,
-                             HAS_BIAS=bias is not None, num_warps=warps, num_stages=stages)
-    return out
 
 
 class Float8Linear(nn.Linear):
