@@ -101,6 +101,64 @@ def build(args):
     return pipe
 
 
+def compare_unets(args, opts: set, pipe, n: int, inputs, engine_unet_s: float, device) -> None:
+    """``--unet-compare``: why the engine's UNet may step slower than ``unet_step_bench.py``'s.
+    In this process, with the same inputs: the engine's UNet with the timestep as a fresh 0-d
+    tensor (the step bench's) instead of a view of the scheduler's timesteps; the host time of
+    one call; and a UNet built and compiled the way ``unet_step_bench.py`` builds it (a second
+    cold compile), timed alternately with the engine's. One ``RESULT`` row."""
+    lat, tt, emb, added = inputs
+    unet = pipe.unet
+    t500 = torch.tensor(float(tt), device=device)
+
+    def five(model, t):
+        return lambda: [model(lat, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False) for _ in range(5)]
+
+    row = {"name": f"unet compare b{n}", "engine_unet_s": round(engine_unet_s, 5)}
+    with torch.no_grad():
+        for _ in range(2):
+            five(unet, t500)()
+        row["engine_unet_fresh_timestep_s"] = round(statistics.median(time_calls(five(unet, t500), 3, device)) / 5, 5)
+        sync(device)
+        t = time.perf_counter()
+        unet(lat, tt, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)
+        row["engine_unet_host_s"] = round(time.perf_counter() - t, 5)
+        sync(device)
+        from rayimg.models.real_size import build_sdxl_unet
+        from rayimg.render.fp8 import convert_unet
+
+        if args.tiny:
+            from rayimg.models.tiny import build_tiny_sdxl
+
+            fresh = build_tiny_sdxl(0).unet.to(device=device, dtype=unet.dtype)
+        else:
+            fresh = build_sdxl_unet(unet.dtype, device)
+        fresh.eval().requires_grad_(False)
+        if "fuse_qkv" in opts:
+            fresh.fuse_qkv_projections()
+        if "channels_last" in opts:
+            fresh.to(memory_format=torch.channels_last)
+        if "fp8" in opts:
+            convert_unet(fresh, "norm_fed")
+        if "compile" in opts:
+            fresh.compile(mode="reduce-overhead" if "cudagraphs" in opts else None, dynamic=False)
+        t = time.perf_counter()
+        for _ in range(3):
+            five(fresh, tt)()
+        sync(device)
+        row["fresh_unet_warmup_s"] = round(time.perf_counter() - t, 1)
+        engine_times, fresh_times = [], []
+        for _ in range(3):  # alternately, so that clocks and heat are shared
+            engine_times += time_calls(five(unet, tt), 1, device)
+            fresh_times += time_calls(five(fresh, tt), 1, device)
+        row["engine_unet_alternating_s"] = round(statistics.median(engine_times) / 5, 5)
+        row["fresh_unet_alternating_s"] = round(statistics.median(fresh_times) / 5, 5)
+    del fresh
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    record(row)
+
+
 def time_calls(fn, calls: int, device) -> list[float]:
     times = []
     for _ in range(calls):
@@ -182,6 +240,8 @@ def main() -> None:
     ap.add_argument("--png-level", type=int, default=1, help="engine.png_compress_level")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--unet-compare", action="store_true",
+                    help="also time the engine's UNet against one built as unet_step_bench.py builds it (a second cold compile)")
     ap.add_argument("--stream-variants", action="store_true", help="also stream without prompt prefetch, and again with it")
     ap.add_argument("--sizes", default="", help="batch sizes of the 'ours' rows (default: 1 and --batch)")
     ap.add_argument("--profile-step", action="store_true",
@@ -329,6 +389,8 @@ def main() -> None:
         with torch.no_grad():
             unet_s = statistics.median(time_calls(lambda: [unet(lat, tt, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)
                                                           for _ in range(5)], 3, device)) / 5
+        if args.unet_compare:
+            compare_unets(args, opts, pipe, n, (lat, tt, emb, added), unet_s, device)
         # the text encoders as a diffusers call runs them (n prompts + n negative prompts, each
         # through both encoders), one text at a time as the engine encodes (cache bypassed)
         texts = [r.prompt for r in requests(n, 500)] + [""] * n
