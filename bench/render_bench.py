@@ -480,7 +480,9 @@ def main() -> None:
         from torch._dynamo.utils import counters
 
         RESULTS["notes"]["cudagraph_counters"] = {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
-        print("COUNTERS " + json.dumps(RESULTS["notes"]["cudagraph_counters"]), flush=True)
+        # graphs dynamo made, and why it broke any (a break splits a forward into several graphs)
+        RESULTS["notes"]["dynamo_counters"] = {"stats": dict(counters["stats"]), "graph_breaks": {k[:200]: v for k, v in counters["graph_break"].items()}}
+        print("COUNTERS " + json.dumps({**RESULTS["notes"]["cudagraph_counters"], **RESULTS["notes"]["dynamo_counters"]}), flush=True)
     except Exception:  # noqa: BLE001 - a diagnostic only
         pass
     print("SUMMARY " + json.dumps(summary), flush=True)
