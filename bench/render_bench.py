@@ -153,10 +153,36 @@ def compare_unets(args, opts: set, pipe, n: int, inputs, engine_unet_s: float, d
             fresh_times += time_calls(five(fresh, tt), 1, device)
         row["engine_unet_alternating_s"] = round(statistics.median(engine_times) / 5, 5)
         row["fresh_unet_alternating_s"] = round(statistics.median(fresh_times) / 5, 5)
+        if torch.device(device).type == "cuda":
+            # the same 5 calls of each under the profiler: is it the kernels (which?) or the gaps
+            ek, fk = kernel_times(five(unet, tt)), kernel_times(five(fresh, tt))
+            for tag, k in (("engine", ek), ("fresh", fk)):
+                row[f"{tag}_kernel_ms_per_call"] = round(sum(v[0] for v in k.values()) / 5, 3)
+                row[f"{tag}_kernels_per_call"] = sum(v[1] for v in k.values()) / 5
+            diffs = sorted(((name, round((ek.get(name, (0, 0))[0] - fk.get(name, (0, 0))[0]) / 5, 4),
+                             ek.get(name, (0, 0))[1] // 5, fk.get(name, (0, 0))[1] // 5) for name in set(ek) | set(fk)),
+                           key=lambda d: -abs(d[1]))
+            row["kernel_diffs_ms_per_call"] = [(n[:90], d, ce, cf) for n, d, ce, cf in diffs[:20]]
+            RESULTS["notes"][f"unet_compare_b{n}_kernels"] = {"engine": ek, "fresh": fk}  # full tables, in the json
+            cats: dict[str, list[float]] = {}
+            for tag, k in ((0, ek), (1, fk)):
+                for name, (ms, _) in k.items():
+                    cats.setdefault(kernel_category(name), [0.0, 0.0])[tag] += ms / 5
+            row["category_ms_per_call_engine_fresh"] = {c: [round(a, 3), round(b, 3)] for c, (a, b) in cats.items()}
     del fresh
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     record(row)
+
+
+def kernel_times(fn) -> dict[str, tuple[float, int]]:
+    """GPU kernel name -> (total ms, count) over one ``fn()`` (CUDA-graph replays included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key: (e.device_time_total / 1e3, e.count) for e in prof.key_averages() if e.device_type.name == "CUDA"}
 
 
 def time_calls(fn, calls: int, device) -> list[float]:
@@ -233,6 +259,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="the bulk batch size")
     ap.add_argument("--b1-images", type=int, default=4)
     ap.add_argument("--bulk-calls", type=int, default=3)
+    ap.add_argument("--stream-calls", type=int, default=5, help="calls in the timed render_stream (at least the calls above)")
     ap.add_argument("--adapters", type=int, default=20)
     ap.add_argument("--rows-per-adapter", type=int, default=4)
     ap.add_argument("--rank", type=int, default=16)
@@ -308,12 +335,13 @@ def main() -> None:
                        fp8_linears="norm_fed+ff" if "fp8ff" in opts else "norm_fed",
                        compile_mode="reduce-overhead" if "cudagraphs" in opts else "default",
                        png_compress_level=args.png_level)
-    probe = GenerationRequest(prompt=prompts(1, 7)[0], negative_prompt="", steps=S, guidance_scale=args.guidance, width=R, height=R,
-                              scheduler="euler", seed=7)
+    # the fp8 check runs at the first batch size measured, so that it compiles no graph of its own
+    probe = [GenerationRequest(prompt=p, negative_prompt="", steps=S, guidance_scale=args.guidance, width=R, height=R,
+                               scheduler="euler", seed=7 + i) for i, p in enumerate(prompts(sizes[0], 7))]
     exact_latent = None
     if cfg.fp8:
-        # the final latents of one request with the exact (bf16) engine, before the UNet is converted
-        exact_latent = Engine(pipe, batch_invariant=False).generate([probe], output_type="latent")[0].float()
+        # the final latents of the probe batch with the exact (bf16) engine, before the UNet is converted
+        exact_latent = torch.stack(Engine(pipe, batch_invariant=False).generate(probe, output_type="latent")).float()
     registry = tempfile.mkdtemp(prefix="rayimg-bench-registry-")
     t = time.perf_counter()
     names = publish_adapters(pipe, registry, args.adapters, args.rank, "bench/sdxl-random", "0" * 64) if args.adapters else []
@@ -324,7 +352,7 @@ def main() -> None:
     RESULTS["notes"]["engine"] = {k: getattr(cfg, k) for k in ("compile", "compile_mode", "compile_vae", "fuse_qkv", "channels_last", "fp8", "fp8_linears", "batch_invariant",
                                                                 "png_compress_level")}
     if exact_latent is not None:
-        fp8_latent = renderer.engine.generate([probe], output_type="latent")[0].float()
+        fp8_latent = torch.stack(renderer.engine.generate(probe, output_type="latent")).float()
         RESULTS["notes"]["fp8_final_latent_rel_diff"] = round(float((fp8_latent - exact_latent).norm() / exact_latent.norm()), 5)
         print(f"[bench] fp8 vs bf16 final latents: relative difference {RESULTS['notes']['fp8_final_latent_rel_diff']}", flush=True)
 
@@ -348,7 +376,7 @@ def main() -> None:
         # batch k is yielded right after batch k+1's generation, the last one after its own
         # encode: the interval between the 2nd and the next-to-last yield is the steady state of a
         # long job (the wall time also holds one unhidden encode, the last batch's)
-        streamed = max(calls, 5)
+        streamed = max(calls, args.stream_calls)
 
         def stream(start):
             sync(device)

@@ -244,7 +244,13 @@ def test_request_params_keys_and_validation():
 
 def test_engine_wiring(cache_dir):
     model = _load(cache_dir)
+    models = [m for m in model.pipeline.components.values() if isinstance(m, torch.nn.Module)]
+    assert any(p.requires_grad for p in model.pipeline.unet.parameters())  # as diffusers loads it
+    model.pipeline.vae.train()
     engine = Engine.from_config(model.pipeline, EngineConfig(compile=True, vae_slicing=True))
+    # inference only: a weight that requires grad changes the compiled graph (render run 8)
+    assert len(models) == 3 and not any(p.requires_grad for m in models for p in m.parameters())
+    assert not any(m.training for m in models)
     # Compiled in place (nothing runs here): the module and its parameter paths stay the same.
     assert engine.compiled and model.pipeline.unet._compiled_call_impl is not None
     assert type(model.pipeline.unet).__name__ == "UNet2DConditionModel"

@@ -264,6 +264,22 @@ def _configure_compiler(persistent_rows: bool | None = None) -> None:
         V.set_choices_handler(_persistent_rows_choices())
 
 
+def inference_only(model) -> None:
+    """Put a pipeline's models (or one model) in eval mode with no parameter requiring grad.
+
+    diffusers and transformers load weights with ``requires_grad=True``, and under
+    ``torch.compile`` that changes the inference graph even inside ``no_grad``: a 3-D input times
+    a weight that requires grad stays a batched matmul over an expanded weight instead of being
+    folded into one matmul, and inductor fused SDXL's upsample + concatenation + GroupNorm
+    differently, into one reduction reading across channels (4.5 ms of a 33 ms step at UNet
+    batch 2 on an H100, against 29 ms for the same UNet without grad; docs/BENCHMARKS.md, render
+    run 8). Weights change later only under ``no_grad`` (adapter fusing copies in place)."""
+    modules = [model] if isinstance(model, torch.nn.Module) else [m for m in model.components.values() if isinstance(m, torch.nn.Module)]
+    for module in modules:
+        module.eval()
+        module.requires_grad_(False)
+
+
 _PINNED_CLASSES: dict[type, type] = {}
 
 
@@ -345,6 +361,7 @@ class Engine:
         self.batch_invariant = batch_invariant
         self.family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
         self.base_scheduler_config = pipe.scheduler.config
+        inference_only(pipe)
         if vae_slicing:
             pipe.vae.enable_slicing()
         if vae_tiling:
@@ -385,7 +402,7 @@ class Engine:
         if controlnet is not None:
             if controlnet.device != pipe.unet.device or controlnet.dtype != pipe.unet.dtype:
                 controlnet.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
-            controlnet.eval()
+            inference_only(controlnet)
         self.controlnet = controlnet
         self.controlnet_id = controlnet_id
         self.fused = FusedAdapters(pipe, originals_device=originals_device)
