@@ -269,7 +269,9 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--unet-compare", action="store_true",
                     help="also time the engine's UNet against one built as unet_step_bench.py builds it (a second cold compile)")
-    ap.add_argument("--stream-variants", action="store_true", help="also stream without prompt prefetch, and again with it")
+    ap.add_argument("--stream-variants", action="store_true",
+                    help="also stream without prompt prefetch, again with it, with PNGs encoded by one thread, and without PNGs")
+    ap.add_argument("--vae-cl-compare", action="store_true", help="also time the VAE decode with the decoder in channels-last")
     ap.add_argument("--sizes", default="", help="batch sizes of the 'ours' rows (default: 1 and --batch)")
     ap.add_argument("--profile-step", action="store_true",
                     help="profile one 4-step generate per size: GPU kernel time vs wall, copies, top kernels")
@@ -379,6 +381,8 @@ def main() -> None:
         streamed = max(calls, args.stream_calls)
 
         def stream(start):
+            renderer.stream_stats.update({k: 0 for k in renderer.stream_stats})
+            renderer.engine.prefetch_wait_s = 0.0
             sync(device)
             t = time.perf_counter()
             yields, gen_s = [], []
@@ -386,7 +390,11 @@ def main() -> None:
                 yields.append(time.perf_counter())
                 gen_s.append(batch[0][0].seconds * n)  # the generate() call of this batch, wall
             sync(device)
+            phases[start] = {**{k: round(v, 3) for k, v in renderer.stream_stats.items()},
+                             "prefetch_wait_s": round(renderer.engine.prefetch_wait_s, 3)}
             return (time.perf_counter() - t) / streamed, (yields[-2] - yields[0]) / (streamed - 2), statistics.median(gen_s[1:])
+
+        phases: dict = {}
 
         per_call, steady, stream_gen = stream(200)
         variants = {}
@@ -396,6 +404,18 @@ def main() -> None:
             variants["no_prefetch"] = [round(x, 4) for x in stream(600)]
             renderer.engine.prefetch_text = torch.device(device).type == "cuda"
             variants["again"] = [round(x, 4) for x in stream(700)]
+            # PNGs encoded by one thread instead of the pool, then not at all (the floor)
+            from concurrent.futures import ThreadPoolExecutor
+
+            from rayimg.render.renderer import RenderedImage
+
+            pool, renderer._png_pool = renderer._png_pool, ThreadPoolExecutor(max_workers=1)
+            variants["png_1_thread"] = [round(x, 4) for x in stream(800)]
+            renderer._png_pool = pool
+            renderer._encode_and_sink = lambda reqs, images, seconds, sink: [(RenderedImage("", b"", {}, seconds), None) for _ in images]
+            variants["no_png"] = [round(x, 4) for x in stream(900)]
+            print("[bench] stream variants (per call, steady, generate) " + json.dumps(variants), flush=True)
+            del renderer._encode_and_sink
         # where the time goes: generation at S and at 2 steps (no PNG) -> per-step and fixed cost;
         # the VAE decode alone; one PNG encode
         gen = {}
@@ -406,6 +426,30 @@ def main() -> None:
         latents = torch.randn(n, 4, R // 8, R // 8, device=device, dtype=pipe.vae.dtype)
         with torch.no_grad():
             vae_s = statistics.median(time_calls(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor), 3, device))
+            vae_cl = {}
+            if args.vae_cl_compare:
+                # a second VAE with the same weights, its decoder in channels-last and compiled
+                # as the engine compiles it (a module's layout cannot change under its compiled graph)
+                vae2 = type(pipe.vae).from_config(pipe.vae.config).to(device=device, dtype=pipe.vae.dtype)
+                if vae2 is not None:
+                    if any(".to_qkv." in k for k in pipe.vae.state_dict()):
+                        vae2.fuse_qkv_projections()
+                    vae2.load_state_dict(pipe.vae.state_dict())
+                    vae2.eval().requires_grad_(False)
+                    vae2.decoder.to(memory_format=torch.channels_last)
+                    vae2.decoder.compile(dynamic=False)
+                    ref_img = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample.float()
+                    t = time.perf_counter()
+                    cl_img = vae2.decode(latents / pipe.vae.config.scaling_factor).sample.float()
+                    sync(device)
+                    vae_cl = {"first_call_s": round(time.perf_counter() - t, 1),
+                              "rel_diff": round(float((cl_img - ref_img).norm() / ref_img.norm()), 6),
+                              "vae_decode_channels_last_s": round(statistics.median(
+                                  time_calls(lambda: vae2.decode(latents / pipe.vae.config.scaling_factor), 3, device)), 4),
+                              "vae_decode_again_s": round(statistics.median(
+                                  time_calls(lambda: pipe.vae.decode(latents / pipe.vae.config.scaling_factor), 3, device)), 4)}
+                    print("[bench] VAE channels-last " + json.dumps(vae_cl), flush=True)
+                    del ref_img, cl_img, vae2
         # the UNet alone at this batch (CFG doubles it), same shapes as in the pipeline: the
         # compiled graph is reused; step minus this is the pipeline's own per-step overhead
         unet = pipe.unet
@@ -428,11 +472,11 @@ def main() -> None:
         record({"name": f"ours b{n}", "batch": n, "first_call_s": round(warm, 2), "s_per_call": round(per_call, 4),
                 "s_per_image": round(per_call / n, 4), "images_per_s": round(n / per_call, 3), "streamed_calls": streamed,
                 "steady_s_per_image": round(steady / n, 4), "steady_images_per_s": round(n / steady, 3),
-                "stream_generate_s_per_call": round(stream_gen, 4), "stream_variants_s_per_call_steady_generate": variants,
+                "stream_generate_s_per_call": round(stream_gen, 4), "stream_phases_s": phases, "stream_variants_s_per_call_steady_generate": variants,
                 "latency_s_per_call": round(latency, 4), "latency_calls": [round(t, 4) for t in times],
                 "breakdown": {"generate_s": round(gen[S], 4), "unet_step_s": round(step_s, 5), "unet_forward_alone_s": round(unet_s, 5),
                               "fixed_s": round(gen[2] - 2 * step_s, 4), "vae_decode_s": round(vae_s, 4),
-                              "png_encode_s_per_image": round(png_s, 4), "text_encoders_s_per_call_uncached": round(text_s, 4)},
+                              "vae_channels_last": vae_cl, "png_encode_s_per_image": round(png_s, 4), "text_encoders_s_per_call_uncached": round(text_s, 4)},
                 "text_stats": dict(renderer.engine.text_stats)})
 
     if args.save_compile_cache:

@@ -421,6 +421,7 @@ class Engine:
         self._warm_keys: set[tuple] = set()
         # texts encoded in place, encoded in the background, and found in the cache
         self.text_stats = {"encoded": 0, "prefetched": 0, "hits": 0}
+        self.prefetch_wait_s = 0.0  # time spent waiting for background encodings to finish
         self.busy_stats: dict[str, Any] = {"parts": 0, "seconds": 0.0, "lead_steps": []}  # while_busy work (see generate)
 
     @classmethod
@@ -845,7 +846,9 @@ class Engine:
         future, self._prefetch_future = self._prefetch_future, None
         if future is None:
             return
+        start = time.perf_counter()
         state, out = future.result()
+        self.prefetch_wait_s += time.perf_counter() - start
         if state != self._state():
             return
         for text, (embeds, pooled) in out.items():

@@ -46,6 +46,9 @@ class Renderer:
         self.adapter_store = adapter_store
         self._pool: ThreadPoolExecutor | None = None
         self._png_pool: ThreadPoolExecutor | None = None
+        # render_stream's wall time by phase (seconds, all batches): where a stream's time goes
+        # besides generate(); "handoff" waits for the previous batch's PNGs, "consumer" is the caller's
+        self.stream_stats = {"batches": 0, "adapters_s": 0.0, "prefetch_s": 0.0, "generate_s": 0.0, "handoff_s": 0.0, "consumer_s": 0.0}
         self.prefetched_adapters = 0  # adapters loaded ahead by render_stream, during the batch before theirs
         # loads ahead: how many, their host seconds, and how many ended with the GPU still busy
         self.prefetch_stats = {"calls": 0, "seconds": 0.0, "hidden": 0}
@@ -92,26 +95,35 @@ class Renderer:
         pool = self._encoder_pool()
         pending: Future | None = None
         queue = (requests for requests in batches if requests)
+        stats = self.stream_stats
+        clock = time.perf_counter()
         requests = next(queue, None)
         while requests is not None:
             upcoming = next(queue, None)  # one batch ahead: its prompts are encoded during this one
             try:
                 self.use_adapters(requests[0].adapters)
+                clock = _lap(stats, "adapters_s", clock)
                 work = None
                 if upcoming is not None:
                     if tuple(upcoming[0].adapters) == self.engine.adapter_identity:
                         self.engine.prefetch(upcoming)
                     else:  # a swap comes first: load its adapters while this batch denoises
                         work = self._prepare(upcoming)
+                clock = _lap(stats, "prefetch_s", clock)
                 images, seconds = self._generate(requests, while_busy=work)  # on the caller's thread: owns the model
+                clock = _lap(stats, "generate_s", clock)
             except Exception:
                 if pending is not None:  # the batch before the failing one is complete: hand it over first
                     done, pending = pending.result(), None
                     yield done
                 raise
             future = pool.submit(self._encode_and_sink, requests, images, seconds, sink)
+            stats["batches"] += 1
             if pending is not None:
-                yield pending.result()
+                done = pending.result()
+                clock = _lap(stats, "handoff_s", clock)
+                yield done
+                clock = _lap(stats, "consumer_s", clock)
             pending = future
             requests = upcoming
         if pending is not None:
@@ -179,3 +191,9 @@ class Renderer:
             # one thread: batches are encoded in order, and zlib releases the GIL while it works
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayimg-png")
         return self._pool
+
+
+def _lap(stats: dict, name: str, since: float) -> float:
+    now = time.perf_counter()
+    stats[name] += now - since
+    return now
