@@ -311,7 +311,9 @@ def pin_execution_device(pipe) -> None:
 
 
 class Engine:
-    """Wraps a loaded StableDiffusion(XL)Pipeline and generates images for requests.
+    """Wraps a loaded StableDiffusion(XL)Pipeline and generates images for requests. The
+    pipeline's models become inference-only (eval mode, no parameter requiring grad; see
+    :func:`inference_only`): do not train a pipeline an engine wraps.
 
     ``controlnet``: a ControlNetModel for mode ``controlnet`` (named ``controlnet_id`` in
     requests). ``compile``: ``torch.compile`` the UNet in place (adapter swaps keep the
