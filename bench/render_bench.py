@@ -270,7 +270,8 @@ def main() -> None:
     ap.add_argument("--unet-compare", action="store_true",
                     help="also time the engine's UNet against one built as unet_step_bench.py builds it (a second cold compile)")
     ap.add_argument("--stream-variants", action="store_true",
-                    help="also stream without prompt prefetch, again with it, with PNGs encoded by one thread, and without PNGs")
+                    help="also stream without prompt prefetch, again with it, with step-wise prefetch, with PNGs encoded by one thread, "
+                         "and without PNGs")
     ap.add_argument("--vae-cl-compare", action="store_true", help="also time the VAE decode with the decoder in channels-last")
     ap.add_argument("--sizes", default="", help="batch sizes of the 'ours' rows (default: 1 and --batch)")
     ap.add_argument("--profile-step", action="store_true",
@@ -404,6 +405,10 @@ def main() -> None:
             variants["no_prefetch"] = [round(x, 4) for x in stream(600)]
             renderer.engine.prefetch_text = torch.device(device).type == "cuda"
             variants["again"] = [round(x, 4) for x in stream(700)]
+            # prompts encoded on this thread, one per step callback (Engine.prefetch_mode "steps")
+            renderer.engine.prefetch_mode = "steps"
+            variants["prefetch_steps"] = [round(x, 4) for x in stream(750)]
+            renderer.engine.prefetch_mode = "thread"
             # PNGs encoded by one thread instead of the pool, then not at all (the floor)
             from concurrent.futures import ThreadPoolExecutor
 

@@ -707,6 +707,37 @@ def test_render_stream_prefetches_the_next_batch(cache_dir):
     assert streamed == [image.png for batch in batches for image in fresh.render(batch)]
 
 
+def test_step_wise_prefetch_encodes_one_text_per_step(cache_dir):
+    """``prefetch_mode = "steps"``: the next batch's prompts are encoded on the calling thread, one
+    per denoising-step callback (never two between UNet calls), and the stream's PNGs are those of
+    plain render() calls."""
+    from rayimg.render.renderer import Renderer
+
+    model = _load(cache_dir)
+    renderer = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family,
+                                      EngineConfig(batch_invariant=False))
+    renderer.engine.prefetch_text = True
+    renderer.engine.prefetch_mode = "steps"
+    prompts = ["p0", "p1", "p0", "p1", "p2", "p3", "p4", "p5"]  # batch 2 repeats batch 1: all cached
+    batches = [[req(seed=s, steps=2, prompt=prompts[s]) for s in range(2 * b, 2 * b + 2)] for b in range(4)]
+    events: list[str] = []
+    hooks = [model.pipeline.unet.register_forward_hook(lambda *_: events.append("U")),
+             model.pipeline.text_encoder.register_forward_hook(lambda *_: events.append("T"))]
+    try:
+        streamed = [image.png for batch in renderer.render_stream(batches) for image, _ in batch]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # batch 1 encodes its 3 texts in place; batches 3 and 4 are encoded during batches 2 and 3
+    assert renderer.engine.text_stats["prefetched"] == 4
+    after_first_step = "".join(events[events.index("U"):])
+    assert "TT" not in after_first_step and after_first_step.count("T") == 4, events
+    assert renderer.engine._prefetch_steps is None and renderer.engine._prefetch_future is None
+    fresh = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family,
+                                   EngineConfig(batch_invariant=False))
+    assert streamed == [image.png for batch in batches for image in fresh.render(batch)]
+
+
 def test_while_busy_runs_once_after_the_last_step_is_queued(engine):
     """The host work of a call runs once, after the last denoising step, before the decode; the
     images are those of a call without it."""

@@ -335,7 +335,10 @@ class Engine:
     are dropped whenever the text encoders' weights change (adapters with text-encoder layers,
     textual inversions). ``prefetch_text`` (default: on CUDA) lets :meth:`prefetch` encode in a
     background thread on a side stream (on CPU, where it is off by default, the same bookkeeping
-    encodes inline during the next call); off, :meth:`prefetch` does nothing.
+    encodes inline during the next call); off, :meth:`prefetch` does nothing. ``prefetch_mode``:
+    ``"thread"`` (default) encodes in that thread; ``"steps"`` on the calling thread and stream,
+    one text per denoising-step callback of the call in flight (no second thread; the host time
+    hides behind the steps queued ahead). Both give the bits of encoding in place.
     """
 
     text_cache_size = 64
@@ -417,6 +420,11 @@ class Engine:
         self.prefetch_text = self.device.type == "cuda"
         self._prefetch_pool: ThreadPoolExecutor | None = None
         self._prefetch_future: Future | None = None
+        # "thread": background encodings run in a worker thread on a side stream (CUDA); "steps":
+        # on this thread and stream, one text per denoising-step callback of the call in flight
+        # (the accelerator works through the steps queued ahead meanwhile; no second thread)
+        self.prefetch_mode = "thread"
+        self._prefetch_steps: Iterator[None] | None = None
         self._prefetch_pending: tuple[int, list[str]] | None = None
         self._side_stream = None
         self._weights_queued = None  # CUDA event: the current call's start, after every weight change
@@ -632,6 +640,7 @@ class Engine:
                     # the next batch's prompts are encoded once this call's first step is queued:
                     # the CPU then runs ahead of the accelerator (and the compiled graphs exist)
                     self._start_prefetch()
+                self._advance_prefetch_steps()  # "steps" mode: one text per step
                 if busy:
                     if self.device.type == "cuda":
                         queued.append(torch.cuda.Event())
@@ -814,6 +823,11 @@ class Engine:
         returns the callback's tensor dict unchanged)."""
         pending, self._prefetch_pending = self._prefetch_pending, None
         if pending is not None and self._prefetch_future is None:
+            if self.prefetch_mode == "steps":
+                future = Future()
+                self._prefetch_future = future
+                self._prefetch_steps = self._encode_steps(*pending, future)
+                return args[3] if len(args) == 4 else {}
             if self.device.type != "cuda":
                 # CPU: encoded here, in the step callback. A second thread would only compete for
                 # the same cores, and CPU kernels running concurrently split their work
@@ -841,20 +855,49 @@ class Engine:
         if side is not None:
             side.synchronize()  # complete before the main stream reads them
         self.text_stats["prefetched"] += len(out)
-        return state, out
+        return state, out, side is not None
+
+    def _encode_steps(self, state: int, texts: list[str], future: Future) -> Iterator[None]:
+        """``prefetch_mode == "steps"``: one text per ``next()``, on the current stream; the
+        future gets the encodings with the last one."""
+        out = {}
+        for i, text in enumerate(texts):
+            out[text] = self._encode_text(text)
+            if i == len(texts) - 1:
+                self.text_stats["prefetched"] += len(out)
+                future.set_result((state, out, False))
+            yield
+
+    def _advance_prefetch_steps(self, everything: bool = False) -> None:
+        """The next text of a step-wise background encoding (``everything``: all that is left)."""
+        while self._prefetch_steps is not None:
+            try:
+                next(self._prefetch_steps)
+            except StopIteration:
+                self._prefetch_steps = None
+                return
+            except BaseException as exc:
+                steps, self._prefetch_steps = self._prefetch_steps, None
+                steps.close()
+                if self._prefetch_future is not None and not self._prefetch_future.done():
+                    self._prefetch_future.set_exception(exc)
+                raise
+            if not everything:
+                return
 
     def _collect_prefetch(self) -> None:
         """Wait for a background encoding and put what it made into the cache."""
+        start = time.perf_counter()
+        self._advance_prefetch_steps(everything=True)  # "steps": what the step callbacks did not reach
         future, self._prefetch_future = self._prefetch_future, None
         if future is None:
             return
-        start = time.perf_counter()
-        state, out = future.result()
+        state, out, side = future.result()
         self.prefetch_wait_s += time.perf_counter() - start
         if state != self._state():
             return
         for text, (embeds, pooled) in out.items():
-            self._text_cache.setdefault((state, text), (embeds, pooled, self.device.type == "cuda"))
+            self._text_cache.setdefault((state, text), (embeds, pooled, side))
 
 
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:
