@@ -10,7 +10,12 @@ feed-forward output, each variant captured in a CUDA graph over rotating inputs
   ``ff.net.2`` (what ``engine.fp8_linears: all`` ran);
 - ``triton_fp8``: :func:`rayimg.render.fp8.geglu_rows_fp8` (one Triton kernel) and the float8
   product, as :class:`rayimg.render.fp8.Float8FeedForward` runs it;
-- ``geglu_bf16`` / ``inductor_quant`` / ``triton_kernel``: the pointwise part alone.
+- ``blk_fp8``: the GEGLU and its float8 scaling per 1×128 block compiled together, then the
+  block-scaled float8 ``ff.net.2`` (``engine.fp8_linears: norm_fed+ff128``; cuBLAS, no fast
+  accumulation);
+- ``geglu_bf16`` / ``inductor_quant`` / ``triton_kernel`` / ``blk_quant``: the pointwise part alone;
+- ``mm_bf16`` / ``mm_row`` / ``mm_row_slow`` / ``mm_blk``: the product alone (bf16; float8 per row
+  with and without fast accumulation; float8 per 1×128 block).
 
 Errors are relative to a float32 GEGLU and product. A ``TOTAL`` row sums one UNet step.
 
@@ -37,11 +42,12 @@ LEVELS = [("64", 4096, 2560, 640, 10), ("32", 1024, 5120, 1280, 60)]  # (name, t
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="2,8", help="UNet batch sizes (2 × images under CFG)")
+    ap.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
     args = ap.parse_args()
     from gemm_bench import time_graph
 
     from rayimg.render.engine import _configure_compiler
-    from rayimg.render.fp8 import FP8_DTYPE, FP8_MAX, geglu_rows_fp8, quantize_rows
+    from rayimg.render.fp8 import FP8_DTYPE, FP8_MAX, blockwise_mm, geglu_rows_fp8, quantize_blocks, quantize_rows
 
     _configure_compiler()
     dev, sets = "cuda", 3
@@ -52,6 +58,8 @@ def main() -> None:
 
     geglu_c = torch.compile(geglu, dynamic=False)
     quant_c = torch.compile(lambda h: quantize_rows(geglu(h)), dynamic=False)
+    blk_quant_c = torch.compile(lambda h: quantize_blocks(geglu(h)), dynamic=False)
+    blk_c = torch.compile(lambda h, w8, ws: blockwise_mm(*quantize_blocks(geglu(h)), w8, ws, torch.bfloat16), dynamic=False)
     result = {"gpu": torch.cuda.get_device_name(), "rows": []}
     for ub in [int(x) for x in args.batches.split(",") if x]:
         totals: dict[str, float] = {}
@@ -65,6 +73,12 @@ def main() -> None:
                 w8.append((w.float() / sc).to(FP8_DTYPE))
                 wsc.append(sc.t().contiguous())
 
+            wb = [quantize_blocks(w) for w in ws]
+            wb = [(q, sc.t().contiguous()) for q, sc in wb]
+            ys = [geglu_c(h) for h in hs]
+            rows = [quantize_rows(y) for y in ys]
+            blks = [quantize_blocks(y) for y in ys]
+
             def mm8(x8, s, i):
                 return torch._scaled_mm(x8, w8[i % sets].t(), scale_a=s, scale_b=wsc[i % sets], out_dtype=torch.bfloat16,
                                         use_fast_accum=True)
@@ -76,7 +90,17 @@ def main() -> None:
                 "geglu_bf16": lambda i: geglu_c(hs[i % sets]),
                 "inductor_quant": lambda i: quant_c(hs[i % sets]),
                 "triton_kernel": lambda i: geglu_rows_fp8(hs[i % sets]),
+                "blk_fp8": lambda i: blk_c(hs[i % sets], *wb[i % sets]),
+                "blk_quant": lambda i: blk_quant_c(hs[i % sets]),
+                "mm_bf16": lambda i: F.linear(ys[i % sets], ws[i % sets]),
+                "mm_row": lambda i: mm8(*rows[i % sets], i),
+                "mm_row_slow": lambda i: torch._scaled_mm(rows[i % sets][0], w8[i % sets].t(), scale_a=rows[i % sets][1],
+                                                          scale_b=wsc[i % sets], out_dtype=torch.bfloat16, use_fast_accum=False),
+                "mm_blk": lambda i: blockwise_mm(*blks[i % sets], *wb[i % sets], torch.bfloat16),
             }
+            only = {v for v in args.variants.split(",") if v}
+            if only:
+                variants = {k: v for k, v in variants.items() if k in only}
             row = {"batch": ub, "level": name, "M": m, "N": n, "C": c}
             ref = F.linear(geglu(hs[0].float()), ws[0].float())
             x8r, sr = quantize_rows(geglu(hs[0]))
@@ -87,11 +111,11 @@ def main() -> None:
                 t = time_graph(fn)
                 row[v + "_us"] = round(t * 1e6, 2)
                 totals[v] = totals.get(v, 0.0) + t * blocks
-                if v in ("bf16", "inductor_fp8", "triton_fp8"):
+                if v in ("bf16", "inductor_fp8", "triton_fp8", "blk_fp8"):
                     row[v + "_rel_err"] = round(float((fn(0).float() - ref).norm() / ref.norm()), 5)
             print("RESULT " + json.dumps(row), flush=True)
             result["rows"].append(row)
-            del hs, ws, w8
+            del hs, ws, w8, wb, ys, rows, blks
             torch.cuda.empty_cache()
         total = {"batch": ub, "level": "TOTAL per UNet step (ms)", **{k + "_ms": round(v * 1e3, 3) for k, v in totals.items()}}
         print("RESULT " + json.dumps(total), flush=True)

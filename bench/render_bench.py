@@ -211,8 +211,10 @@ def kernel_category(name: str) -> str:
         return "gemm"
     if "geglu" in low:
         return "geglu_fp8 (triton)"
+    if "triton_poi" in low:
+        return "triton pointwise"
     if "triton" in low:
-        return "triton (fused pointwise/norm)"
+        return "triton reduction (norms, fused)"
     return "other"
 
 
@@ -334,8 +336,8 @@ def main() -> None:
     if args.no_compile:
         opts.discard("compile")
     cfg = EngineConfig(batch_size=B, compile="compile" in opts, compile_vae="compile_vae" in opts, fuse_qkv="fuse_qkv" in opts,
-                       channels_last="channels_last" in opts, fp8="fp8" in opts or "fp8ff" in opts, batch_invariant=False,
-                       fp8_linears="norm_fed+ff" if "fp8ff" in opts else "norm_fed",
+                       channels_last="channels_last" in opts, fp8="fp8" in opts or "fp8ff" in opts or "fp8ff128" in opts, batch_invariant=False,
+                       fp8_linears="norm_fed+ff" if "fp8ff" in opts else "norm_fed+ff128" if "fp8ff128" in opts else "norm_fed",
                        compile_mode="reduce-overhead" if "cudagraphs" in opts else "default",
                        png_compress_level=args.png_level)
     # the fp8 check runs at the first batch size measured, so that it compiles no graph of its own
@@ -409,6 +411,10 @@ def main() -> None:
             renderer.engine.prefetch_mode = "steps"
             variants["prefetch_steps"] = [round(x, 4) for x in stream(750)]
             renderer.engine.prefetch_mode = "thread"
+            # the background encoding's side stream at the default priority (the engine's is high)
+            renderer.engine.prefetch_priority = 0
+            variants["prefetch_low_priority"] = [round(x, 4) for x in stream(780)]
+            renderer.engine.prefetch_priority = -1
             # PNGs encoded by one thread instead of the pool, then not at all (the floor)
             from concurrent.futures import ThreadPoolExecutor
 

@@ -2,7 +2,7 @@
 fused QKV) at 1024², compiled as the engine compiles it (``nn.Module.compile``, default mode),
 called with the shapes a CFG pipeline step passes (batch = 2 × images).
 
-Per variant (``bf16`` / ``fp8`` (:mod:`rayimg.render.fp8`; ``:all`` every attention-block linear in float8, not only the LayerNorm-fed ones); flags ``:cl`` a channels-last UNet,
+Per variant (``bf16`` / ``fp8`` (:mod:`rayimg.render.fp8`; ``:all`` every attention-block linear in float8, not only the LayerNorm-fed ones; ``:ff`` / ``:ff128`` also ``ff.net.2``, per row through the Triton GEGLU kernel / per 1×128 block); flags ``:cl`` a channels-last UNet,
 ``:cudnn`` cuDNN attention first, ``:loop`` inductor's own persistent-reduction limit (1,024) instead of the engine's 4,096 (``RAYIMG_PERSISTENT_ROWS``), ``:cdt`` coordinate-descent tuning, ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile, ``:ro`` compiled in mode reduce-overhead as ``engine.compile_mode``
 does, so its forward replays CUDA graph trees and no manual graph is taken) and
 batch, one ``RESULT`` line:
@@ -66,7 +66,8 @@ def build_unet(args, variant: str):
     if variant.startswith("fp8"):
         from rayimg.render.fp8 import convert_unet
 
-        RESULTS.setdefault("notes", {})[f"fp8_linears_{variant}"] = convert_unet(unet, "all" if "all" in flags else "norm_fed+ff" if "ff" in flags else "norm_fed")
+        RESULTS.setdefault("notes", {})[f"fp8_linears_{variant}"] = convert_unet(
+            unet, "all" if "all" in flags else "norm_fed+ff" if "ff" in flags else "norm_fed+ff128" if "ff128" in flags else "norm_fed")
     if "eager" not in flags:
         from rayimg.render.engine import _configure_compiler
 
@@ -170,10 +171,19 @@ def profile_kernels(call, variant: str, batch: int) -> None:
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     total = sum(e.device_time_total for e in events)
     events.sort(key=lambda e: -e.device_time_total)
-    top = [(e.key[:90], round(e.device_time_total / 1e3, 3), e.count) for e in events[:12]]
+    top = [(e.key[:90], round(e.device_time_total / 1e3, 3), e.count) for e in events[:25]]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from render_bench import kernel_category
+
+    categories: dict[str, list] = {}
+    for e in events:
+        c = categories.setdefault(kernel_category(e.key), [0.0, 0])
+        c[0] += e.device_time_total / 1e3
+        c[1] += e.count
     attention = [(e.key[:90], round(e.device_time_total / 1e3, 3), e.count) for e in events
                  if any(w in e.key.lower() for w in ("sdpa", "flash", "fmha", "attention", "attn"))]
-    row = {"variant": variant, "batch": batch, "profile_total_ms": round(total / 1e3, 2), "top_kernels_ms": top, "attention_kernels_ms": attention}
+    row = {"variant": variant, "batch": batch, "profile_total_ms": round(total / 1e3, 2),
+           "categories_ms_calls": {k: [round(v[0], 2), v[1]] for k, v in sorted(categories.items(), key=lambda kv: -kv[1][0])}, "top_kernels_ms": top, "attention_kernels_ms": attention}
     RESULTS.setdefault("profiles", []).append(row)
     print("PROFILE " + json.dumps(row), flush=True)
 

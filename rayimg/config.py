@@ -452,8 +452,8 @@ class EngineConfig:
         "default", doc="torch.compile mode of the UNet: 'reduce-overhead' replays CUDA graphs (the SDXL step at batch 1 is launch-bound: 40-49 ms -> 32 ms on an H100; adapters still swap in place)")
     compile_vae: bool = field(False, doc="torch.compile the VAE decoder (one graph per batch and image size)")
     fp8: bool = field(False, doc="float8 matmuls for the UNet's LayerNorm-fed linears (self-attention q/k/v, cross-attention q, feed-forward GEGLU proj; H100/Ada GPUs with a bfloat16 model, or CPU); pixels differ from bf16 (final latents about 1 % apart; recorded in the output key). On an H100 with compile and CUDA graphs: 29.9 vs 32.6 ms per 1024² CFG step at batch 1, 112 vs 123-126 ms at batch 4 (docs/BENCHMARKS.md, render run 5)")
-    fp8_linears: Literal["norm_fed", "norm_fed+ff", "all"] = field(
-        "norm_fed", doc="with fp8, which UNet linears multiply in float8: 'norm_fed' the LayerNorm-fed ones; 'norm_fed+ff' also the feed-forward output (its input comes in float8 from a fused GEGLU kernel, CUDA: Triton); 'all' every attention-block linear (slower: separate scaling kernels)")
+    fp8_linears: Literal["norm_fed", "norm_fed+ff", "norm_fed+ff128", "all"] = field(
+        "norm_fed", doc="with fp8, which UNet linears multiply in float8: 'norm_fed' the LayerNorm-fed ones; 'norm_fed+ff' also the feed-forward output (its input comes in float8 from a fused GEGLU kernel, CUDA: Triton); 'norm_fed+ff128' the feed-forward output in float8 with one scale per 1x128 block (GEGLU and scaling fused by inductor, cuBLAS block-scaled GEMM); 'all' every attention-block linear (slower: separate scaling kernels)")
     fuse_qkv: bool = field(False, doc="fuse attention QKV projections")
     channels_last: bool = field(False, doc="UNet in channels-last memory format: with compile, 2% faster than contiguous on an H100 for SDXL (CUDA-graph step 30.8 vs 31.4 ms); eager, 6-8% slower (docs/BENCHMARKS.md)")
     batch_invariant: bool = field(True, doc="render each image in its own pipeline call so it is byte-identical whatever batch it lands in (GPU kernels pick algorithms by batch size); false batches for throughput")

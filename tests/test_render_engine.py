@@ -828,18 +828,45 @@ def test_render_stream_loads_the_next_batchs_adapters_while_a_batch_denoises(cac
     assert sunk == received == [5]  # the batch before the failing one was written and handed over
 
 
-def test_fp8_feed_forward_set_stays_close_follows_swaps_and_has_its_own_key(cache_dir, sd, tmp_path):
-    """engine.fp8_linears norm_fed+ff: the GEGLU feed-forwards multiply their output linear in
-    float8 too (module paths and state dict unchanged); close to the exact engine; an adapter on
-    ff.net.2 reaches the float8 copy; the output key tells the sets apart; a bad set is refused."""
-    from rayimg.render.fp8 import Float8FeedForward, Float8Linear
+def test_quantize_blocks_scales_each_1x128_block_and_the_product_stays_close():
+    """quantize_blocks: one scale per row and 128 columns, laid out outer-dim-major (as cuBLAS's
+    block-scaled GEMM reads it); each block's largest value maps to the float8 maximum; a zero block
+    stays zero; blockwise_mm of the codes is close to the bf16 product."""
+    from rayimg.render.fp8 import FP8_MAX, blockwise_mm, quantize_blocks
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(6, 384, generator=g) * torch.tensor([1.0, 100.0, 0.01]).repeat_interleave(128)).to(torch.bfloat16)
+    x[2, 128:256] = 0
+    x8, scale = quantize_blocks(x)
+    assert x8.dtype == torch.float8_e4m3fn and scale.shape == (6, 3) and scale.stride() == (1, 6)
+    blocks = x8.float().reshape(6, 3, 128).abs().amax(2)
+    assert torch.all((blocks == FP8_MAX) | (x.reshape(6, 3, 128).abs().amax(2) == 0))
+    assert torch.all(x8[2, 128:256].float() == 0)
+    # the block scales follow each block's range (per-row scaling would flush the 0.01 blocks)
+    assert torch.allclose(scale[:, 2] / scale[:, 0], x.reshape(6, 3, 128)[:, 2].float().abs().amax(1) / x.reshape(6, 3, 128)[:, 0].float().abs().amax(1))
+    w = (torch.randn(32, 384, generator=g) / 20).to(torch.bfloat16)
+    w8, ws = quantize_blocks(w)
+    y = blockwise_mm(x8, scale, w8, ws.t().contiguous(), torch.float32)
+    exact = x.float() @ w.float().t()
+    assert y.shape == (6, 32) and float((y - exact).norm() / exact.norm()) < 0.05
+
+
+@pytest.mark.parametrize("targets", ["norm_fed+ff", "norm_fed+ff128"])
+def test_fp8_feed_forward_set_stays_close_follows_swaps_and_has_its_own_key(cache_dir, sd, tmp_path, targets):
+    """engine.fp8_linears norm_fed+ff / norm_fed+ff128: the GEGLU feed-forwards multiply their
+    output linear in float8 too (per row / per 1x128 block; module paths and state dict unchanged);
+    close to the exact engine; an adapter on ff.net.2 reaches the float8 copy; the output key tells
+    the sets apart; a bad set is refused."""
+    from rayimg.render.fp8 import Float8BlockFeedForward, Float8BlockLinear, Float8FeedForward, Float8Linear
     from rayimg.render.renderer import Renderer
 
     model = _load(cache_dir)
     keys_before = list(model.pipeline.unet.state_dict())
-    engine = Engine(model.pipeline, fp8=True, fp8_targets="norm_fed+ff")
+    engine = Engine(model.pipeline, fp8=True, fp8_targets=targets)
     ffs = [m for m in model.pipeline.unet.modules() if isinstance(m, Float8FeedForward)]
-    assert ffs and all(isinstance(f.net[2], Float8Linear) for f in ffs)
+    blocks = targets.endswith("128")
+    assert ffs and all(isinstance(f, Float8BlockFeedForward) == blocks for f in ffs)
+    assert all(isinstance(f.net[2], Float8Linear) and isinstance(f.net[2], Float8BlockLinear) == blocks for f in ffs)
     assert list(model.pipeline.unet.state_dict()) == keys_before
     exact = Engine(sd.pipeline)
     base8, base = latents(engine, [req(seed=5)]), latents(exact, [req(seed=5)])
@@ -858,9 +885,9 @@ def test_fp8_feed_forward_set_stays_close_follows_swaps_and_has_its_own_key(cach
     assert torch.equal(latents(engine, [req(seed=5)]), base8)
 
     keys = {t: Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family,
-                                      EngineConfig(fp8=True, fp8_linears=t)).key(req()) for t in ("norm_fed", "norm_fed+ff")}
+                                      EngineConfig(fp8=True, fp8_linears=t)).key(req()) for t in ("norm_fed", targets)}
     plain = Renderer.from_pipeline(sd.pipeline, sd.model_id, sd.model_hash, sd.family)
-    assert len({keys["norm_fed"], keys["norm_fed+ff"], plain.key(req())}) == 3
+    assert len({keys["norm_fed"], keys[targets], plain.key(req())}) == 3
     with pytest.raises(ValueError, match="fp8_linears must be one of"):
         Engine(_load(cache_dir).pipeline, fp8=True, fp8_targets="most")
 

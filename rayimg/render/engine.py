@@ -339,6 +339,9 @@ class Engine:
     ``"thread"`` (default) encodes in that thread; ``"steps"`` on the calling thread and stream,
     one text per denoising-step callback of the call in flight (no second thread; the host time
     hides behind the steps queued ahead). Both give the bits of encoding in place.
+    ``prefetch_priority``: the CUDA priority of the side stream (-1, the default, is high: the
+    encoder's small kernels are scheduled ahead of the denoising steps' queued work instead of
+    waiting behind it; 0 is the default stream priority).
     """
 
     text_cache_size = 64
@@ -427,6 +430,8 @@ class Engine:
         self._prefetch_steps: Iterator[None] | None = None
         self._prefetch_pending: tuple[int, list[str]] | None = None
         self._side_stream = None
+        self.prefetch_priority = -1
+        self._side_stream_priority = None
         self._weights_queued = None  # CUDA event: the current call's start, after every weight change
         self._warm_keys: set[tuple] = set()
         # texts encoded in place, encoded in the background, and found in the cache
@@ -838,8 +843,9 @@ class Engine:
                 return args[3] if len(args) == 4 else {}
             if self._prefetch_pool is None:
                 self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayimg-text")
-            if self._side_stream is None:
-                self._side_stream = torch.cuda.Stream(self.device)
+            if self._side_stream is None or self._side_stream_priority != self.prefetch_priority:
+                self._side_stream = torch.cuda.Stream(self.device, priority=self.prefetch_priority)
+                self._side_stream_priority = self.prefetch_priority
             side = self._side_stream
             if self._weights_queued is not None:
                 side.wait_event(self._weights_queued)

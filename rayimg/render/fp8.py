@@ -39,8 +39,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["FP8_MAX", "Float8Linear", "fp8_unavailable", "convert_unet", "geglu_reference", "geglu_rows_fp8", "quantize_rows",
-           "requantize"]
+__all__ = ["FP8_MAX", "Float8BlockLinear", "Float8Linear", "blockwise_mm", "fp8_unavailable", "convert_unet", "geglu_reference",
+           "geglu_rows_fp8", "quantize_blocks", "quantize_rows", "requantize"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -55,11 +55,17 @@ FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 # scaling is fused too.
 _NORM_FED = re.compile(r"(^|\.)attentions\.\d+\.transformer_blocks\.\d+\."
                        r"(attn1\.(to_qkv|to_q|to_k|to_v)|attn2\.to_q|ff\.net\.0\.proj)$")
+# ``norm_fed+ff128``: ``ff.net.2`` too, in float8 with one scale per 1×128 block of its input
+# (each row's 128-column slices; weights likewise, per output row and 128 inputs): the GEGLU and
+# this scaling are a plain (row-local) reduction that inductor fuses into one kernel at memory
+# speed, where a whole-row maximum could not be (:func:`quantize_blocks`, :func:`blockwise_mm`).
 TARGETS = {
     "norm_fed": _NORM_FED,
     "norm_fed+ff": _NORM_FED,
+    "norm_fed+ff128": _NORM_FED,
     "all": re.compile(r"(^|\.)attentions\.\d+\."),
 }
+BLOCK = 128  # the block width of ``norm_fed+ff128`` (what cuBLAS's block-scaled float8 GEMM takes)
 _FEED_FORWARD = re.compile(r"(^|\.)attentions\.\d+\.transformer_blocks\.\d+\.ff$")
 
 
@@ -86,6 +92,33 @@ def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
     x8 = (x2.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return x8, scale
+
+
+def quantize_blocks(x2: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D tensor ``(M, K)`` to float8 with one float32 scale per ``1 × block`` slice of each row:
+    ``(x8 (M, K), scale (M, K / block))``, the scale outer-dim-major (strides ``(1, M)``), as cuBLAS's
+    block-scaled GEMM reads it. Each block's maximum is taken in the input's dtype (exact); under
+    ``torch.compile`` it fuses with the op that produced ``x2`` (a reduction over 128 contiguous
+    elements, no whole-row pass)."""
+    m, k = x2.shape
+    xb = x2.reshape(m, k // block, block)
+    scale = xb.abs().amax(dim=2).float().clamp(min=1e-12) / FP8_MAX  # (M, K / block)
+    x8 = (xb.float() / scale.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).reshape(m, k)
+    return x8, scale.t().contiguous().t()
+
+
+def blockwise_mm(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype,
+                 block: int = BLOCK) -> torch.Tensor:
+    """``x @ w.t()`` from 1×``block``-scaled float8 operands: ``x8 (M, K)`` with ``x_scale (M, K/block)``
+    (outer-dim-major), ``w8 (N, K)`` with ``w_scale (K/block, N)``. On CUDA one cuBLAS block-scaled
+    GEMM (fp32 accumulation; cuBLAS has no fast accumulation for block scales); elsewhere the same
+    product from the dequantized operands in float32."""
+    if x8.is_cuda:
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=out_dtype, use_fast_accum=False)
+    m, k = x8.shape
+    x = (x8.float().reshape(m, k // block, block) * x_scale.unsqueeze(2)).reshape(m, k)
+    w = (w8.float().reshape(w8.shape[0], k // block, block) * w_scale.t().unsqueeze(2)).reshape(w8.shape)
+    return (x @ w.t()).to(out_dtype)
 
 
 def geglu_reference(h2: torch.Tensor) -> torch.Tensor:
@@ -189,7 +222,37 @@ class Float8Linear(nn.Linear):
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
-_FF_CLASSES: dict[type, type] = {}
+class Float8BlockLinear(Float8Linear):
+    """A :class:`Float8Linear` with 1×128 block scales (``norm_fed+ff128``'s ``ff.net.2``): ``w8``
+    with ``w_scale (K/128, N)``, one scale per output row and 128 inputs; its input is scaled per
+    1×128 block too (:func:`quantize_blocks`), and the product is :func:`blockwise_mm`."""
+
+    def quantize_weight(self) -> None:
+        with torch.no_grad():
+            w = self.weight.detach()
+            q, scale = quantize_blocks(w)  # scale (out, in/128), outer-dim-major
+            scale = scale.t().contiguous()  # (in/128, out): the layout of a block-scaled mat2's scales
+            if getattr(self, "w8", None) is None:
+                self.register_buffer("w8", q, persistent=False)
+                self.register_buffer("w_scale", scale, persistent=False)
+            else:
+                self.w8.copy_(q)
+                self.w_scale.copy_(scale)
+
+    @staticmethod
+    def fits(module: nn.Module) -> bool:
+        return _convertible(module) and module.in_features % BLOCK == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x8, scale = quantize_blocks(x.reshape(-1, shape[-1]))
+        y = blockwise_mm(x8, scale, self.w8, self.w_scale, x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+_FF_CLASSES: dict[tuple[type, type], type] = {}
 
 
 def _convertible(module: nn.Module) -> bool:
@@ -211,17 +274,19 @@ def convert_unet(unet: nn.Module, targets: str = "norm_fed") -> int:
             module.__class__ = Float8Linear
             module.quantize_weight()
             count += 1
-        elif (targets.endswith("+ff") and _FEED_FORWARD.search(name) and not isinstance(module, Float8FeedForward)
+        elif (targets.endswith(("+ff", "+ff128")) and _FEED_FORWARD.search(name) and not isinstance(module, Float8FeedForward)
               and Float8FeedForward.fits(module)):
+            blocks = targets.endswith("+ff128")
             out = module.net[2]
-            if _convertible(out):
-                out.__class__ = Float8Linear
-                out.quantize_weight()
-                count += 1
-            base = type(module)
-            if base not in _FF_CLASSES:
-                _FF_CLASSES[base] = type(f"Float8{base.__name__}", (Float8FeedForward, base), {"__module__": __name__})
-            module.__class__ = _FF_CLASSES[base]
+            if not (Float8BlockLinear.fits(out) if blocks else _convertible(out)):
+                continue
+            out.__class__ = Float8BlockLinear if blocks else Float8Linear
+            out.quantize_weight()
+            count += 1
+            base, mixin = type(module), Float8BlockFeedForward if blocks else Float8FeedForward
+            if (base, mixin) not in _FF_CLASSES:
+                _FF_CLASSES[base, mixin] = type(f"{mixin.__name__[:-len('FeedForward')]}{base.__name__}", (mixin, base), {"__module__": __name__})
+            module.__class__ = _FF_CLASSES[base, mixin]
     return count
 
 
@@ -255,6 +320,24 @@ class Float8FeedForward:
         if out.bias is not None:
             y = y + out.bias
         return y.reshape(*shape[:-1], y.shape[-1])
+
+
+class Float8BlockFeedForward(Float8FeedForward):
+    """``norm_fed+ff128``: the GEGLU product scaled to float8 per 1×128 block in plain torch ops
+    (inductor fuses the GEGLU, the block maxima and the scaling into one kernel), then the block-scaled
+    float8 ``ff.net.2`` (:class:`Float8BlockLinear`)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        geglu, out = self.net[0], self.net[2]
+        h = geglu.proj(hidden_states)
+        value, gate = h.chunk(2, dim=-1)
+        y = value * geglu.gelu(gate)  # diffusers' GEGLU, in the activations' dtype
+        shape = y.shape
+        x8, scale = quantize_blocks(y.reshape(-1, shape[-1]))
+        z = blockwise_mm(x8, scale, out.w8, out.w_scale, y.dtype)
+        if out.bias is not None:
+            z = z + out.bias
+        return z.reshape(*shape[:-1], z.shape[-1])
 
 
 def requantize(modules: Iterable[nn.Module] | nn.Module, weights: set[int] | None = None) -> int:
