@@ -271,9 +271,9 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--unet-compare", action="store_true",
                     help="also time the engine's UNet against one built as unet_step_bench.py builds it (a second cold compile)")
-    ap.add_argument("--stream-variants", action="store_true",
-                    help="also stream without prompt prefetch, again with it, with step-wise prefetch, with PNGs encoded by one thread, "
-                         "and without PNGs")
+    ap.add_argument("--stream-variants", nargs="?", const="all", default="",
+                    help="also stream these variants (comma-separated; bare flag: all): no_prefetch (each call encodes its prompts), again, "
+                         "prefetch_steps (step-wise prefetch), prefetch_low_priority (side stream at default priority), png_1_thread, no_png")
     ap.add_argument("--vae-cl-compare", action="store_true", help="also time the VAE decode with the decoder in channels-last")
     ap.add_argument("--sizes", default="", help="batch sizes of the 'ours' rows (default: 1 and --batch)")
     ap.add_argument("--profile-step", action="store_true",
@@ -401,32 +401,42 @@ def main() -> None:
 
         per_call, steady, stream_gen = stream(200)
         variants = {}
-        if args.stream_variants:
+        wanted = {v for v in args.stream_variants.split(",") if v}
+        if "all" in wanted:
+            wanted = {"no_prefetch", "again", "prefetch_steps", "prefetch_low_priority", "png_1_thread", "no_png"}
+        if "no_prefetch" in wanted:
             # the same stream without the background prompt encoding (each call encodes its own)
             renderer.engine.prefetch_text = False
             variants["no_prefetch"] = [round(x, 4) for x in stream(600)]
             renderer.engine.prefetch_text = torch.device(device).type == "cuda"
+        if "again" in wanted:
             variants["again"] = [round(x, 4) for x in stream(700)]
+        if "prefetch_steps" in wanted:
             # prompts encoded on this thread, one per step callback (Engine.prefetch_mode "steps")
             renderer.engine.prefetch_mode = "steps"
             variants["prefetch_steps"] = [round(x, 4) for x in stream(750)]
             renderer.engine.prefetch_mode = "thread"
+        if "prefetch_low_priority" in wanted:
             # the background encoding's side stream at the default priority (the engine's is high)
             renderer.engine.prefetch_priority = 0
             variants["prefetch_low_priority"] = [round(x, 4) for x in stream(780)]
             renderer.engine.prefetch_priority = -1
-            # PNGs encoded by one thread instead of the pool, then not at all (the floor)
+        if "png_1_thread" in wanted:
+            # PNGs encoded by one thread instead of the pool
             from concurrent.futures import ThreadPoolExecutor
-
-            from rayimg.render.renderer import RenderedImage
 
             pool, renderer._png_pool = renderer._png_pool, ThreadPoolExecutor(max_workers=1)
             variants["png_1_thread"] = [round(x, 4) for x in stream(800)]
             renderer._png_pool = pool
+        if "no_png" in wanted:
+            # no PNGs at all (the floor)
+            from rayimg.render.renderer import RenderedImage
+
             renderer._encode_and_sink = lambda reqs, images, seconds, sink: [(RenderedImage("", b"", {}, seconds), None) for _ in images]
             variants["no_png"] = [round(x, 4) for x in stream(900)]
-            print("[bench] stream variants (per call, steady, generate) " + json.dumps(variants), flush=True)
             del renderer._encode_and_sink
+        if variants:
+            print("[bench] stream variants (per call, steady, generate) " + json.dumps(variants), flush=True)
         # where the time goes: generation at S and at 2 steps (no PNG) -> per-step and fixed cost;
         # the VAE decode alone; one PNG encode
         gen = {}
