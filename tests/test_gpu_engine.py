@@ -82,10 +82,12 @@ def test_cuda_graph_engine_swaps_adapters_in_place(tmp_path, scheduler):
     assert torch.equal(engine.generate([req], output_type="latent")[0].float(), base)
 
 
-def test_background_prompt_encoding_equals_encoding_in_place(tmp_path):
-    """On CUDA the next batch's prompts are encoded in a worker thread on a side stream while the
-    CUDA-graph UNet denoises the current batch: the streamed PNGs equal render()'s bit for bit,
-    and a text-encoder LoRA fused while a background encoding is in flight is honoured."""
+@pytest.mark.parametrize("mode", ["thread", "steps"])
+def test_background_prompt_encoding_equals_encoding_in_place(tmp_path, mode):
+    """On CUDA the next batch's prompts are encoded on a side stream (from a worker thread, or from
+    this thread one text per step callback) while the CUDA-graph UNet denoises the current batch:
+    the streamed PNGs equal render()'s bit for bit, and a text-encoder LoRA fused while a background
+    encoding is in flight is honoured."""
     from rayimg.config import EngineConfig
     from rayimg.render.adapters import load_lora_file
     from rayimg.render.engine import GenerationRequest
@@ -98,6 +100,7 @@ def test_background_prompt_encoding_equals_encoding_in_place(tmp_path):
                                       EngineConfig(compile=True, compile_mode="reduce-overhead", batch_invariant=False))
     engine = renderer.engine
     assert engine.prefetch_text
+    engine.prefetch_mode = mode
 
     def req(seed, **kw):
         return GenerationRequest(prompt=f"a blue star {seed}", negative_prompt="blurry", steps=4, width=64, height=64, seed=seed, **kw)

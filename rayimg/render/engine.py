@@ -824,16 +824,13 @@ class Engine:
         return any(c.startswith("text_encoder") and modules for weights, _ in adapters for c, modules in weights.layers.items())
 
     def _start_prefetch(self, *args) -> dict:
-        """Submit the pending encodings to the worker thread (also a pipeline step callback:
-        returns the callback's tensor dict unchanged)."""
+        """Start the pending encodings (also a pipeline step callback: returns the callback's
+        tensor dict unchanged): in the worker thread, or (``prefetch_mode == "steps"``) as a
+        generator the step callbacks advance. On CUDA both run on the side stream, after every
+        weight change queued so far, so their kernels overlap the denoising steps."""
         pending, self._prefetch_pending = self._prefetch_pending, None
         if pending is not None and self._prefetch_future is None:
-            if self.prefetch_mode == "steps":
-                future = Future()
-                self._prefetch_future = future
-                self._prefetch_steps = self._encode_steps(*pending, future)
-                return args[3] if len(args) == 4 else {}
-            if self.device.type != "cuda":
+            if self.device.type != "cuda" and self.prefetch_mode != "steps":
                 # CPU: encoded here, in the step callback. A second thread would only compete for
                 # the same cores, and CPU kernels running concurrently split their work
                 # differently, which changes the last bits.
@@ -841,19 +838,32 @@ class Engine:
                 future.set_result(self._encode_texts(*pending, None))
                 self._prefetch_future = future
                 return args[3] if len(args) == 4 else {}
+            side = self._prefetch_stream()
+            if self.prefetch_mode == "steps":
+                future = Future()
+                self._prefetch_future = future
+                self._prefetch_steps = self._encode_steps(*pending, future, side)
+                return args[3] if len(args) == 4 else {}
             if self._prefetch_pool is None:
                 self._prefetch_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayimg-text")
-            if self._side_stream is None or self._side_stream_priority != self.prefetch_priority:
-                self._side_stream = torch.cuda.Stream(self.device, priority=self.prefetch_priority)
-                self._side_stream_priority = self.prefetch_priority
-            side = self._side_stream
-            if self._weights_queued is not None:
-                side.wait_event(self._weights_queued)
-            else:
-                side.wait_stream(torch.cuda.current_stream(self.device))  # after every weight change queued so far
             # the GPU: the side stream's kernels are the same kernels, so the bits are the same
             self._prefetch_future = self._prefetch_pool.submit(self._encode_texts, *pending, side)
         return args[3] if len(args) == 4 else {}
+
+    def _prefetch_stream(self):
+        """The side stream for background encodings (CUDA; None elsewhere), made to wait for every
+        weight change queued so far (this call's start when a call is running)."""
+        if self.device.type != "cuda":
+            return None
+        if self._side_stream is None or self._side_stream_priority != self.prefetch_priority:
+            self._side_stream = torch.cuda.Stream(self.device, priority=self.prefetch_priority)
+            self._side_stream_priority = self.prefetch_priority
+        side = self._side_stream
+        if self._weights_queued is not None:
+            side.wait_event(self._weights_queued)
+        else:
+            side.wait_stream(torch.cuda.current_stream(self.device))  # after every weight change queued so far
+        return side
 
     def _encode_texts(self, state: int, texts: list[str], side) -> tuple[int, dict]:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
@@ -863,15 +873,22 @@ class Engine:
         self.text_stats["prefetched"] += len(out)
         return state, out, side is not None
 
-    def _encode_steps(self, state: int, texts: list[str], future: Future) -> Iterator[None]:
-        """``prefetch_mode == "steps"``: one text per ``next()``, on the current stream; the
-        future gets the encodings with the last one."""
+    def _encode_steps(self, state: int, texts: list[str], future: Future, side=None) -> Iterator[None]:
+        """``prefetch_mode == "steps"``: one text per ``next()``, on this thread (no second Python
+        thread competing for the GIL with the one that launches the steps) and on ``side`` (CUDA;
+        else the current stream); the future gets the encodings with the last one, and an event
+        the main stream waits for before it reads them."""
         out = {}
         for i, text in enumerate(texts):
-            out[text] = self._encode_text(text)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                out[text] = self._encode_text(text)
             if i == len(texts) - 1:
                 self.text_stats["prefetched"] += len(out)
-                future.set_result((state, out, False))
+                done = None
+                if side is not None:
+                    done = torch.cuda.Event()
+                    done.record(side)
+                future.set_result((state, out, done if side is not None else False))
             yield
 
     def _advance_prefetch_steps(self, everything: bool = False) -> None:
@@ -899,6 +916,9 @@ class Engine:
         if future is None:
             return
         state, out, side = future.result()
+        if isinstance(side, torch.cuda.Event):  # encoded on the side stream from this thread: ordered, not waited for
+            torch.cuda.current_stream(self.device).wait_event(side)
+            side = True
         self.prefetch_wait_s += time.perf_counter() - start
         if state != self._state():
             return
