@@ -273,7 +273,7 @@ def main() -> None:
                     help="also time the engine's UNet against one built as unet_step_bench.py builds it (a second cold compile)")
     ap.add_argument("--stream-variants", nargs="?", const="all", default="",
                     help="also stream these variants (comma-separated; bare flag: all): no_prefetch (each call encodes its prompts), again, "
-                         "prefetch_steps (step-wise prefetch), prefetch_low_priority (side stream at default priority), png_1_thread, no_png")
+                         "prefetch_steps (step-wise prefetch), prefetch_thread (prefetch in a worker thread), prefetch_low_priority (side stream at default priority), png_1_thread, no_png")
     ap.add_argument("--gil-probe", action="store_true",
                     help="count a pure-Python loop in a second thread during the first stream and while idle: the share of the "
                          "GIL a background thread gets while the engine denoises")
@@ -436,7 +436,7 @@ def main() -> None:
         variants = {}
         wanted = {v for v in args.stream_variants.split(",") if v}
         if "all" in wanted:
-            wanted = {"no_prefetch", "again", "prefetch_steps", "prefetch_low_priority", "png_1_thread", "no_png"}
+            wanted = {"no_prefetch", "again", "prefetch_steps", "prefetch_thread", "prefetch_low_priority", "png_1_thread", "no_png"}
         if "no_prefetch" in wanted:
             # the same stream without the background prompt encoding (each call encodes its own)
             renderer.engine.prefetch_text = False
@@ -446,9 +446,14 @@ def main() -> None:
             variants["again"] = [round(x, 4) for x in stream(700)]
         if "prefetch_steps" in wanted:
             # prompts encoded on this thread, one per step callback (Engine.prefetch_mode "steps")
-            renderer.engine.prefetch_mode = "steps"
+            mode, renderer.engine.prefetch_mode = renderer.engine.prefetch_mode, "steps"
             variants["prefetch_steps"] = [round(x, 4) for x in stream(750)]
-            renderer.engine.prefetch_mode = "thread"
+            renderer.engine.prefetch_mode = mode
+        if "prefetch_thread" in wanted:
+            # prompts encoded in a worker thread (Engine.prefetch_mode "thread"; the default is "steps")
+            mode, renderer.engine.prefetch_mode = renderer.engine.prefetch_mode, "thread"
+            variants["prefetch_thread"] = [round(x, 4) for x in stream(760)]
+            renderer.engine.prefetch_mode = mode
         if "prefetch_low_priority" in wanted:
             # the background encoding's side stream at the default priority (the engine's is high)
             renderer.engine.prefetch_priority = 0

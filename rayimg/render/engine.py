@@ -336,9 +336,10 @@ class Engine:
     textual inversions). ``prefetch_text`` (default: on CUDA) lets :meth:`prefetch` encode in a
     background thread on a side stream (on CPU, where it is off by default, the same bookkeeping
     encodes inline during the next call); off, :meth:`prefetch` does nothing. ``prefetch_mode``:
-    ``"thread"`` (default) encodes in that thread; ``"steps"`` on the calling thread and stream,
-    one text per denoising-step callback of the call in flight (no second thread; the host time
-    hides behind the steps queued ahead). Both give the bits of encoding in place.
+    ``"steps"`` (default) encodes on the calling thread, one text per denoising-step callback of the
+    call in flight (the host time hides behind the steps queued ahead; on CUDA the kernels run on a
+    side stream); ``"thread"`` in a worker thread (on CUDA a second Python thread that competes for
+    the GIL with the thread launching the steps). Both give the bits of encoding in place.
     ``prefetch_priority``: the CUDA priority of the side stream (-1, the default, is high: the
     encoder's small kernels are scheduled ahead of the denoising steps' queued work instead of
     waiting behind it; 0 is the default stream priority).
@@ -423,10 +424,11 @@ class Engine:
         self.prefetch_text = self.device.type == "cuda"
         self._prefetch_pool: ThreadPoolExecutor | None = None
         self._prefetch_future: Future | None = None
-        # "thread": background encodings run in a worker thread on a side stream (CUDA); "steps":
-        # on this thread and stream, one text per denoising-step callback of the call in flight
-        # (the accelerator works through the steps queued ahead meanwhile; no second thread)
-        self.prefetch_mode = "thread"
+        # "steps" (default): background encodings run on this thread, one text per denoising-step
+        # callback of the call in flight, on a side stream (CUDA): the accelerator works through the
+        # steps queued ahead meanwhile. "thread": in a worker thread on the side stream; a second
+        # Python thread competes for the GIL with the one launching the steps (render run 9).
+        self.prefetch_mode = "steps"
         self._prefetch_steps: Iterator[None] | None = None
         self._prefetch_pending: tuple[int, list[str]] | None = None
         self._side_stream = None
