@@ -3,7 +3,7 @@ fused QKV) at 1024², compiled as the engine compiles it (``nn.Module.compile``,
 called with the shapes a CFG pipeline step passes (batch = 2 × images).
 
 Per variant (``bf16`` / ``fp8`` (:mod:`rayimg.render.fp8`; ``:all`` every attention-block linear in float8, not only the LayerNorm-fed ones; ``:ff`` / ``:ff128`` also ``ff.net.2``, per row through the Triton GEGLU kernel / per 1×128 block); flags ``:cl`` a channels-last UNet,
-``:cudnn`` cuDNN attention first, ``:loop`` inductor's own persistent-reduction limit (1,024) instead of the engine's 4,096 (``RAYIMG_PERSISTENT_ROWS``), ``:cdt`` coordinate-descent tuning, ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile, ``:ro`` compiled in mode reduce-overhead as ``engine.compile_mode``
+``:cudnn`` cuDNN attention first, ``:loop`` inductor's own persistent-reduction limit (1,024) instead of the engine's 4,096 (``RAYIMG_PERSISTENT_ROWS``), ``:cdt`` coordinate-descent tuning, ``:pdl`` programmatic dependent launch of inductor's Triton kernels, ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile, ``:ro`` compiled in mode reduce-overhead as ``engine.compile_mode``
 does, so its forward replays CUDA graph trees and no manual graph is taken) and
 batch, one ``RESULT`` line:
 
@@ -76,6 +76,12 @@ def build_unet(args, variant: str):
 
         # ``:cdt``: inductor's coordinate-descent tuning of its Triton kernels (longer compile)
         inductor_config.coordinate_descent_tuning = "cdt" in flags
+        # ``:pdl``: programmatic dependent launch for inductor's Triton kernels (Hopper: a kernel's
+        # launch overlaps the tail of the one before it; same math)
+        if hasattr(inductor_config.triton, "enable_pdl"):
+            inductor_config.triton.enable_pdl = "pdl" in flags
+        elif "pdl" in flags:
+            raise SystemExit(f"this torch ({torch.__version__}) has no torch._inductor.config.triton.enable_pdl")
         # ``:cdtall``: the published diffusers recipe (coordinate descent in all directions, no epilogue fusion)
         inductor_config.coordinate_descent_check_all_directions = "cdtall" in flags
         if "cdtall" in flags:
