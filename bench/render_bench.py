@@ -274,9 +274,6 @@ def main() -> None:
     ap.add_argument("--stream-variants", nargs="?", const="all", default="",
                     help="also stream these variants (comma-separated; bare flag: all): no_prefetch (each call encodes its prompts), again, "
                          "prefetch_steps (step-wise prefetch), prefetch_thread (prefetch in a worker thread), prefetch_low_priority (side stream at default priority), png_1_thread, no_png")
-    ap.add_argument("--gil-probe", action="store_true",
-                    help="count a pure-Python loop in a second thread during the first stream and while idle: the share of the "
-                         "GIL a background thread gets while the engine denoises")
     ap.add_argument("--vae-cl-compare", action="store_true", help="also time the VAE decode with the decoder in channels-last")
     ap.add_argument("--sizes", default="", help="batch sizes of the 'ours' rows (default: 1 and --batch)")
     ap.add_argument("--profile-step", action="store_true",
@@ -386,26 +383,6 @@ def main() -> None:
         # long job (the wall time also holds one unhidden encode, the last batch's)
         streamed = max(calls, args.stream_calls)
 
-        def gil_probe(seconds=None):
-            """A thread spinning a pure-Python counter; returns (stop() -> (count, seconds))."""
-            import threading
-
-            box = {"n": 0, "stop": False}
-
-            def spin():
-                while not box["stop"]:
-                    box["n"] += 1
-
-            thread = threading.Thread(target=spin, daemon=True)
-            t0 = time.perf_counter()
-            thread.start()
-
-            def stop():
-                box["stop"] = True
-                thread.join()
-                return box["n"], time.perf_counter() - t0
-            return stop
-
         def stream(start):
             renderer.stream_stats.update({k: 0 for k in renderer.stream_stats})
             renderer.engine.prefetch_wait_s = 0.0
@@ -422,17 +399,7 @@ def main() -> None:
 
         phases: dict = {}
 
-        if args.gil_probe:
-            stop = gil_probe()
-            time.sleep(1.0)
-            idle_n, idle_s = stop()
-            stop = gil_probe()
         per_call, steady, stream_gen = stream(200)
-        if args.gil_probe:
-            busy_n, busy_s = stop()
-            RESULTS["notes"][f"gil_probe_b{n}"] = {"idle_per_s": round(idle_n / idle_s), "stream_per_s": round(busy_n / busy_s),
-                                                   "share": round(busy_n / busy_s / (idle_n / idle_s), 4)}
-            print("[bench] GIL probe " + json.dumps(RESULTS["notes"][f"gil_probe_b{n}"]), flush=True)
         variants = {}
         wanted = {v for v in args.stream_variants.split(",") if v}
         if "all" in wanted:
