@@ -197,24 +197,31 @@ def time_calls(fn, calls: int, device) -> list[float]:
 
 
 def kernel_category(name: str) -> str:
-    """A GPU kernel's family, from its name (cuBLAS/cuDNN/Triton naming)."""
+    """A GPU kernel's family, from its name (cuBLAS/cuDNN/Triton naming; inductor names its
+    Triton kernels after the ops they fuse, so a float8 scaling fused into a LayerNorm reads
+    ``triton_per_fused__scaled_mm_..._native_layer_norm``)."""
     low = name.lower()
     if "memcpy" in low or "memset" in low:
         return "copies"
+    if low.startswith("triton"):
+        if "geglu" in low:
+            return "geglu_fp8 (triton)"
+        if "layer_norm" in low:
+            return "triton layer norm (+ float8 scaling)"
+        if "group_norm" in low:
+            return "triton group norm (+ SiLU, conv epilogues)"
+        if "gelu" in low:
+            return "triton GEGLU"
+        return "triton pointwise" if low.startswith("triton_poi") else "triton reduction"
     if "sdpa" in low or "fmha" in low or "flash" in low or "attention" in low:
         return "attention"
     if "fprop" in low or "conv" in low or "implicit" in low or "winograd" in low:
         return "convolution"
-    if "e4m3" in low or "f8" in low or "fp8" in low or "scaled_mm" in low:
-        return "gemm fp8" if "geglu" not in low else "geglu_fp8 (triton)"
+    # cuBLAS's nvjet kernels name float8 inputs "qq" (e.g. nvjet_sm90_qqtst_...)
+    if "e4m3" in low or "f8" in low or "fp8" in low or "scaled_mm" in low or low.startswith("nvjet_sm90_qq"):
+        return "gemm fp8"
     if "gemm" in low or "nvjet" in low or "cutlass" in low or "xmma" in low:
-        return "gemm"
-    if "geglu" in low:
-        return "geglu_fp8 (triton)"
-    if "triton_poi" in low:
-        return "triton pointwise"
-    if "triton" in low:
-        return "triton reduction (norms, fused)"
+        return "gemm bf16"
     return "other"
 
 

@@ -5,6 +5,7 @@ pipeline makes (``vae.decode(latents / scaling_factor)``). One ``RESULT`` line p
 batch): first call, then the median of back-to-back decodes and of CUDA-graph replays.
 
     python bench/vae_bench.py --batches 1,4 --variants eager,compiled,compiled_cl
+    python bench/vae_bench.py --batches 16 --variants compiled --profile     # where the decode's time goes
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def timed(fn, n: int) -> float:
@@ -33,12 +35,31 @@ def timed(fn, n: int) -> float:
     return statistics.median(times)
 
 
+def profile(call) -> dict:
+    """Kernel families (ms, calls) and the top 15 kernels of one ``call()``."""
+    from render_bench import kernel_category
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch.no_grad(), torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.key_averages() if e.device_type.name == "CUDA"), key=lambda e: -e.device_time_total)
+    families: dict[str, list] = {}
+    for e in events:
+        f = families.setdefault(kernel_category(e.key), [0.0, 0])
+        f[0] += e.device_time_total / 1e3
+        f[1] += e.count
+    return {"families_ms_calls": {k: [round(v[0], 2), v[1]] for k, v in sorted(families.items(), key=lambda kv: -kv[1][0])},
+            "top_kernels_ms": [(e.key[:90], round(e.device_time_total / 1e3, 3), e.count) for e in events[:15]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--variants", default="eager,compiled,compiled_cl")
     ap.add_argument("--resolution", type=int, default=1024)
     ap.add_argument("--budget-s", type=float, default=1e9)
+    ap.add_argument("--profile", action="store_true", help="kernel families and the top kernels of one decode per row")
     args = ap.parse_args()
     from rayimg.models.real_size import build_sdxl_vae
     from rayimg.render.engine import _configure_compiler
@@ -76,6 +97,8 @@ def main() -> None:
                 graph = timed(g.replay, 5)
                 del g
             row = {"variant": variant, "batch": b, "first_s": round(first, 2), "decode_s": round(decode, 5), "graph_s": round(graph, 5)}
+            if args.profile:
+                row["profile"] = profile(call)
             print("RESULT " + json.dumps(row), flush=True)
             result["rows"].append(row)
         del vae
