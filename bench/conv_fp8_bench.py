@@ -21,6 +21,7 @@ CUDA-graph check (the fp8 graph captured in a torch CUDA graph and replayed give
 
     python bench/conv_fp8_bench.py --batch 32            # the UNet at batch-16 CFG
     python bench/conv_fp8_bench.py --model vae --batch 16
+    python bench/conv_fp8_bench.py --tune 2,8,32 --iters 5 --write-table   # the plan table the engine reads
 """
 
 from __future__ import annotations
@@ -76,6 +77,70 @@ def conv_shapes(model: str) -> Counter:
     del net
     torch.cuda.empty_cache()
     return shapes
+
+
+def tune(batches: list[int], iters: int, write_table: bool) -> None:
+    """Time every cuDNN plan of each float8 convolution the engine runs (``engine.fp8_convs``: the
+    converted ResNet convolutions and upsamplers of the real-size SDXL UNet at 1024², not the 1×1
+    shortcuts, which are GEMMs) at each UNet batch; write the fastest per shape as a
+    :data:`rayimg.render.fp8_conv.PLAN_TABLE` section."""
+    from rayimg.models.real_size import build_sdxl_unet
+    from rayimg.render import fp8_conv
+
+    dev, dt = "cuda", torch.bfloat16
+    net = build_sdxl_unet(dt, dev).eval().requires_grad_(False)
+    net.to(memory_format=torch.channels_last)
+    fp8_conv.convert_convs(net)
+    shapes: Counter = Counter()
+    weights = {}
+
+    def hook(mod, inputs):
+        if mod.fp8_role != "rows":
+            x = inputs[0]
+            key = (tuple(x.shape[1:]), tuple(mod.w8.shape), mod.stride[0], mod.padding[0])
+            shapes[key] += 1
+            weights[key] = mod.w8
+
+    handles = [m.register_forward_pre_hook(hook) for m in net.modules() if isinstance(m, fp8_conv.Float8Conv2d)]
+    with torch.no_grad():
+        added = {"text_embeds": torch.randn(1, 1280, device=dev, dtype=dt),
+                 "time_ids": torch.tensor([[1024, 1024, 0, 0, 1024, 1024]], device=dev, dtype=dt)}
+        net(torch.randn(1, 4, 128, 128, device=dev, dtype=dt).to(memory_format=torch.channels_last), torch.tensor([500], device=dev),
+            encoder_hidden_states=torch.randn(1, 77, 2048, device=dev, dtype=dt), added_cond_kwargs=added)
+    for h in handles:
+        h.remove()
+    section = fp8_conv.table_section(torch.device(dev))
+    table = {section: dict(fp8_conv.PLAN_TABLE.get(section, {}))}
+    print(f"[bench] tune: {sum(shapes.values())} float8 convolutions, {len(shapes)} shapes, section {section!r}", flush=True)
+    for n in batches:
+        totals = Counter()
+        for (chw, wshape, stride, pad), count in shapes.items():
+            w8 = weights[(chw, wshape, stride, pad)]
+            x8 = torch.randn(n, *chw, device=dev).to(memory_format=torch.channels_last).to(torch.float8_e4m3fn)
+            heuristic, timings = fp8_conv.plan_timings(x8, w8, stride, pad, iters)
+            if not timings:
+                print(f"TUNE {json.dumps({'batch': n, 'x': list(x8.shape), 'error': 'no plan ran'})}", flush=True)
+                continue
+            t = dict(timings)
+            best_name, best_us = timings[0]
+            xb = torch.randn(n, *chw, device=dev, dtype=dt).to(memory_format=torch.channels_last)
+            wb = torch.randn(*wshape, device=dev, dtype=dt).to(memory_format=torch.channels_last)
+            bf16 = time_us(lambda: F.conv2d(xb, wb, stride=stride, padding=pad), iters)
+            table[section][fp8_conv.plan_key(x8.shape, w8.shape, stride, pad)] = best_name
+            totals["best"] += best_us * count
+            totals["heuristic"] += t.get(heuristic, float("nan")) * count
+            totals["bf16"] += bf16 * count
+            print("TUNE " + json.dumps({"batch": n, "x": list(x8.shape), "w": list(wshape), "stride": stride, "count": count,
+                                        "best": best_name, "best_us": round(best_us, 1), "heuristic": heuristic,
+                                        "heuristic_us": round(t.get(heuristic, float("nan")), 1), "bf16_us": round(bf16, 1),
+                                        "plans": len(timings)}), flush=True)
+            del x8, xb, wb
+        print("TUNED " + json.dumps({"batch": n, "ms_per_forward": {k: round(v / 1000, 3) for k, v in totals.items()}}), flush=True)
+    text = json.dumps(table, indent=1, sort_keys=True) + "\n"
+    (out_dir() / "fp8_conv_plans.json").write_text(text)
+    if write_table:
+        fp8_conv.PLAN_TABLE_PATH.write_text(text)
+        print(f"[bench] wrote {fp8_conv.PLAN_TABLE_PATH}", flush=True)
 
 
 def time_us(fn, iters: int) -> float:
@@ -151,7 +216,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--no-best", action="store_true", help="skip timing every cuDNN plan")
+    ap.add_argument("--tune", default="", help="UNet batches (e.g. 2,8,32): time every plan of the engine's float8 "
+                    "convolutions (engine.fp8_convs) and write the fastest to $OUT/fp8_conv_plans.json")
+    ap.add_argument("--write-table", action="store_true", help="with --tune: also into rayimg/render/fp8_conv_plans.json")
     args = ap.parse_args()
+    if args.tune:
+        tune([int(b) for b in args.tune.split(",")], args.iters, args.write_table)
+        return
 
     torch.backends.cudnn.version()  # torch loads libcudnn; the frontend binds to the loaded library
     import cudnn

@@ -162,3 +162,69 @@ def test_geglu_rows_fp8_kernel_matches_the_torch_path():
         err = float((x8.float() * scale - y).norm() / y.norm())
         assert err < 0.05, err
         assert torch.all(x8[1].float() == 0)
+
+
+def _fp8_convs_unavailable() -> str | None:
+    from rayimg.render.fp8_conv import fp8_conv_unavailable
+
+    return fp8_conv_unavailable(torch.device("cuda"))
+
+
+def test_fp8_conv_op_on_cuda_matches_the_float32_product():
+    """cuDNN's float8 convolution (the op engine.fp8_convs runs) against the same float8 operands
+    multiplied in float32: equal up to the bf16 rounding of the output, for a 3x3 and a strided
+    convolution, with the plan table's plan and with every plan cuDNN offers."""
+    why = _fp8_convs_unavailable()
+    if why:
+        pytest.skip(why)
+    from rayimg.render.fp8_conv import fp8_conv2d, plan_timings
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for n, c, h, k, stride in [(2, 64, 24, 32, 1), (3, 32, 16, 64, 2)]:
+        x8 = (torch.randn(n, c, h, h, device="cuda", generator=g) * 2).to(memory_format=torch.channels_last).to(torch.float8_e4m3fn)
+        w8 = (torch.randn(k, c, 3, 3, device="cuda", generator=g) * 8).to(memory_format=torch.channels_last).to(torch.float8_e4m3fn)
+        ref = fp8_conv2d(x8.cpu(), w8.cpu(), stride, 1, torch.float32)
+        ours = fp8_conv2d(x8, w8, stride, 1, torch.bfloat16)
+        assert ours.shape == ref.shape and ours.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(ours.float().cpu(), ref, rtol=1e-2, atol=1e-2)
+        heuristic, timings = plan_timings(x8, w8, stride, 1, iters=2)
+        assert timings and heuristic in dict(timings)
+
+
+def test_fp8_convs_compiled_engine_close_to_bf16_and_swaps_without_recompiling(tmp_path):
+    """engine.fp8_convs with fp8 linears, compiled with CUDA graphs as the bench runs it: close to
+    the bf16 engine; a conv adapter swap requantizes in place (no recompile), and the restore gives
+    the same bits."""
+    why = _fp8_convs_unavailable()
+    if why:
+        pytest.skip(why)
+    import torch._dynamo
+
+    from rayimg.render.adapters import load_lora_file
+    from rayimg.render.engine import Engine, GenerationRequest
+    from rayimg.render.fp8_conv import Float8Conv2d
+    from tests.test_render_engine import make_lora
+
+    cfg = ModelConfig(pretrained=SDXL, device="cuda", dtype="bfloat16")
+    exact = Engine(load_pipeline(cfg), fuse_qkv=True)
+    pipe = load_pipeline(cfg)
+    engine = Engine(pipe, compile=True, compile_mode="reduce-overhead", fuse_qkv=True, channels_last=True, fp8=True, fp8_convs=True)
+    assert {m.fp8_role for m in pipe.unet.modules() if isinstance(m, Float8Conv2d)} >= {"normed", "sample"}
+    req = GenerationRequest(prompt="a blue star", steps=3, width=64, height=64, seed=5)
+    base = engine.generate([req], output_type="latent")[0].float()
+    ref = exact.generate([req], output_type="latent")[0].float()
+    rel = float((base - ref).norm() / ref.norm())
+    assert 0 < rel < 0.15, rel
+
+    d = tmp_path / "lora"
+    make_lora(d, "sdxl", 1, rank=4, alpha=4, unet_targets=["to_q", "conv1", "conv2"])
+    weights = load_lora_file(d / "pytorch_lora_weights.safetensors", name="l1", unet_config=pipe.unet.config)
+    torch._dynamo.utils.counters.clear()
+    engine.set_adapters([(weights, 1.0)], [("l1", "1", 1.0)])
+    adapted = engine.generate([GenerationRequest(prompt="a blue star", steps=3, width=64, height=64, seed=5,
+                                                 adapters=(("l1", "1", 1.0),))], output_type="latent")[0].float()
+    engine.set_adapters([], [])
+    back = engine.generate([req], output_type="latent")[0].float()
+    assert torch._dynamo.utils.counters["stats"].get("unique_graphs", 0) == 0, dict(torch._dynamo.utils.counters["stats"])
+    assert float((adapted - base).abs().mean()) > 1e-3
+    np.testing.assert_array_equal(back.cpu().numpy(), base.cpu().numpy())

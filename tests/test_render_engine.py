@@ -969,3 +969,62 @@ def test_engine_compile_settings_keep_rows_up_to_4096_persistent(monkeypatch):
     finally:
         iconfig.inductor_choices_class = saved
         V.set_choices_handler(saved() if saved else InductorChoices())
+
+
+def test_fp8_convs_stay_close_follow_swaps_keep_images_independent_and_change_the_key(cache_dir, sd, loras):
+    """engine.fp8_convs: the ResNet convolutions (GroupNorm-fed: unscaled; 1x1 shortcuts: per pixel)
+    and upsampler convolutions (per image) multiply in float8 (module paths and state dict
+    unchanged); close to the exact engine; an adapter on conv1 reaches the float8 copy and leaves
+    bit for bit; an image does not depend on the others of its batch beyond the kernels' own
+    batch dependence; the key tells it apart."""
+    from rayimg.render.fp8_conv import Float8Conv2d, convert_convs, fp8_conv2d, fp8_conv_unavailable
+    from rayimg.render.renderer import Renderer
+
+    model = _load(cache_dir)
+    keys_before = list(model.pipeline.unet.state_dict())
+    engine = Engine(model.pipeline, fp8_convs=True)
+    named = {n: m for n, m in model.pipeline.unet.named_modules() if isinstance(m, Float8Conv2d)}
+    roles = {}
+    for n, m in named.items():
+        roles.setdefault(m.fp8_role, set()).add(n.rsplit(".", 1)[-1])
+    assert roles == {"normed": {"conv1", "conv2"}, "rows": {"conv_shortcut"}, "sample": {"conv"}}, roles
+    assert list(model.pipeline.unet.state_dict()) == keys_before
+    assert convert_convs(model.pipeline.unet) == {}  # converting twice is a no-op
+    assert not isinstance(model.pipeline.unet.conv_in, Float8Conv2d)
+
+    # the op: float8 operands multiplied exactly in float32
+    g = torch.Generator().manual_seed(0)
+    x8 = (torch.randn(2, 16, 6, 6, generator=g) * 4).to(torch.float8_e4m3fn)
+    w8 = (torch.randn(32, 16, 3, 3, generator=g) * 4).to(torch.float8_e4m3fn)
+    y = fp8_conv2d(x8, w8, 1, 1, torch.float32)
+    assert y.shape == (2, 32, 6, 6) and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x8.double(), w8.double(), padding=1).float())
+
+    exact = Engine(sd.pipeline)
+    base8, base = latents(engine, [req(seed=5)]), latents(exact, [req(seed=5)])
+    rel = float((base8 - base).norm() / base.norm())
+    assert 0 < rel < 0.1, rel
+
+    # per-image scales: an image next to a very different one stays within the kernels' noise
+    conv = next(m for m in named.values() if m.fp8_role == "sample")
+    xs = torch.randn(2, conv.in_channels, 8, 8, generator=g)
+    alone = conv(xs[:1])
+    loud = conv(torch.cat([xs[:1], xs[1:] * 1000]))[:1]
+    torch.testing.assert_close(loud, alone, rtol=1e-5, atol=1e-5)
+
+    lora_a = load_lora_file(loras["a"], name="a")
+    conv1 = next(m for n, m in named.items() if n.endswith("conv1"))
+    before = conv1.w8.float().clone()
+    engine.set_adapters([(lora_a, 1.0)], [("a", "1", 1.0)])
+    assert not torch.equal(conv1.w8.float(), before)  # requantized after the fuse
+    deq, w = conv1.w8.float() * conv1.w_scale[:, None, None, None], conv1.weight.detach().float()
+    assert float((deq - w).abs().max()) <= float(w.abs().max()) / 8
+    engine.set_adapters([], [])
+    assert torch.equal(latents(engine, [req(seed=5)]), base8)
+
+    plain = Renderer.from_pipeline(sd.pipeline, sd.model_id, sd.model_hash, sd.family)
+    r8 = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family, EngineConfig(fp8_convs=True))
+    both = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family, EngineConfig(fp8=True, fp8_convs=True))
+    assert len({plain.key(req()), r8.key(req()), both.key(req())}) == 3
+    assert fp8_conv_unavailable(torch.device("cpu")) is None
+    assert "not available on meta" in fp8_conv_unavailable(torch.device("meta"))

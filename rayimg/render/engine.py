@@ -320,7 +320,9 @@ class Engine:
     compiled graph; ``compile_mode`` ``"reduce-overhead"`` replays CUDA graphs, which read the
     weights in place too); ``compile_vae`` the VAE decoder. ``fp8``: the UNet's transformer linears
     that read a LayerNorm multiply in float8 (:mod:`rayimg.render.fp8`; H100/Ada or CPU; pixels
-    differ from bf16, and :meth:`Renderer.key` records it). ``fuse_qkv``: fuse the attention QKV projections (adapters still apply).
+    differ from bf16, and :meth:`Renderer.key` records it). ``fp8_convs``: the UNet's ResNet and
+    upsampler convolutions in float8 (:mod:`rayimg.render.fp8_conv`; CUDA: Hopper and the
+    ``nvidia-cudnn-frontend`` package; CPU: a float32 reference; also in the key). ``fuse_qkv``: fuse the attention QKV projections (adapters still apply).
     ``originals_device``: where the base copies of adapted weights live (default: with the
     weights; ``"cpu"`` saves GPU memory at the cost of slower swaps).
 
@@ -362,6 +364,7 @@ class Engine:
         fuse_qkv: bool = False,
         fp8: bool = False,
         fp8_targets: str = "norm_fed",
+        fp8_convs: bool = False,
         channels_last: bool = False,
         originals_device: torch.device | str | None = None,
         batch_invariant: bool = True,
@@ -395,6 +398,16 @@ class Engine:
             if why:
                 raise ValueError(f"engine.fp8: {why}")
             convert_unet(pipe.unet, self.fp8_targets)  # after fuse_qkv: the fused projections are converted too
+        self.fp8_convs = bool(fp8_convs)
+        if fp8_convs:
+            from rayimg.render.fp8_conv import convert_convs, fp8_conv_unavailable
+
+            why = fp8_conv_unavailable(pipe.unet.device)
+            if why is None and pipe.unet.device.type == "cuda" and pipe.unet.dtype != torch.bfloat16:
+                why = f"on CUDA the model must be bfloat16 (model.dtype), not {str(pipe.unet.dtype).replace('torch.', '')}"
+            if why:
+                raise ValueError(f"engine.fp8_convs: {why}")
+            convert_convs(pipe.unet)
         if compile or compile_vae:
             _configure_compiler()
         if compile:
@@ -446,7 +459,7 @@ class Engine:
         """An engine with the memory and compile options of an EngineConfig."""
         return cls(pipe, vae_slicing=cfg.vae_slicing, vae_tiling=cfg.vae_tiling, attention_slicing=cfg.attention_slicing,
                    compile=cfg.compile, compile_vae=cfg.compile_vae, compile_mode=cfg.compile_mode, fuse_qkv=cfg.fuse_qkv,
-                   fp8=cfg.fp8, fp8_targets=cfg.fp8_linears, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
+                   fp8=cfg.fp8, fp8_targets=cfg.fp8_linears, fp8_convs=cfg.fp8_convs, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -483,7 +496,7 @@ class Engine:
             changed = self.fused.apply([pair for _, pair in named], identity=canonical)
         if changed and (text_before or any(c.startswith("text_encoder") for c in self.fused.modified_components)):
             self._text_encoders_changed()
-        if changed and self.fp8:
+        if changed and (self.fp8 or self.fp8_convs):
             from rayimg.render.fp8 import requantize
 
             requantize(self.pipe.unet, self.fused.touched_parameters())

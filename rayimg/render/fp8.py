@@ -341,13 +341,16 @@ class Float8BlockFeedForward(Float8FeedForward):
 
 
 def requantize(modules: Iterable[nn.Module] | nn.Module, weights: set[int] | None = None) -> int:
-    """Refresh the float8 copies of the :class:`Float8Linear` modules (of a model, or an iterable of
+    """Refresh the float8 copies of the :class:`Float8Linear` and
+    :class:`~rayimg.render.fp8_conv.Float8Conv2d` modules (of a model, or an iterable of
     modules) after their weights changed; ``weights``: only those whose ``id(weight)`` is in it."""
+    from rayimg.render.fp8_conv import Float8Conv2d
+
     if isinstance(modules, nn.Module):
         modules = getattr(modules, "_orig_mod", modules).modules()
     count = 0
     for module in modules:
-        if isinstance(module, Float8Linear) and (weights is None or id(module.weight) in weights):
+        if isinstance(module, (Float8Linear, Float8Conv2d)) and (weights is None or id(module.weight) in weights):
             module.quantize_weight()
             count += 1
     return count

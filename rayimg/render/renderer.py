@@ -60,6 +60,8 @@ class Renderer:
             # other pixels than the bf16 engine's: another key (absent otherwise, so keys stay); the
             # set of float8 linears is part of it (each set gives other pixels)
             params["numerics"] = f"fp8:{self.engine.fp8_targets}"
+        if self.engine.fp8_convs:
+            params["numerics"] = params.get("numerics", "bf16") + "+fp8-convs"
         return output_key(self.model_id, self.model_hash, adapters, params)
 
     def use_adapters(self, identity) -> float:
