@@ -83,7 +83,8 @@ def tune(batches: list[int], iters: int, write_table: bool) -> None:
     """Time every cuDNN plan of each float8 convolution the engine runs (``engine.fp8_convs``: the
     converted ResNet convolutions and upsamplers of the real-size SDXL UNet at 1024², not the 1×1
     shortcuts, which are GEMMs) at each UNet batch; write the fastest per shape as a
-    :data:`rayimg.render.fp8_conv.PLAN_TABLE` section."""
+    :data:`rayimg.render.fp8_conv.PLAN_TABLE` section, for the shapes where it beats the bf16
+    convolution (the others are left out, so the engine runs them in bf16)."""
     from rayimg.models.real_size import build_sdxl_unet
     from rayimg.render import fp8_conv
 
@@ -126,8 +127,13 @@ def tune(batches: list[int], iters: int, write_table: bool) -> None:
             xb = torch.randn(n, *chw, device=dev, dtype=dt).to(memory_format=torch.channels_last)
             wb = torch.randn(*wshape, device=dev, dtype=dt).to(memory_format=torch.channels_last)
             bf16 = time_us(lambda: F.conv2d(xb, wb, stride=stride, padding=pad), iters)
-            table[section][fp8_conv.plan_key(x8.shape, w8.shape, stride, pad)] = best_name
+            key = fp8_conv.plan_key(x8.shape, w8.shape, stride, pad)
+            if best_us < bf16:  # only where float8 wins: the others stay bf16 (fp8_conv.UNTUNED)
+                table[section][key] = best_name
+            else:
+                table[section].pop(key, None)
             totals["best"] += best_us * count
+            totals["kept"] += min(best_us, bf16) * count
             totals["heuristic"] += t.get(heuristic, float("nan")) * count
             totals["bf16"] += bf16 * count
             print("TUNE " + json.dumps({"batch": n, "x": list(x8.shape), "w": list(wshape), "stride": stride, "count": count,

@@ -20,11 +20,13 @@ feeds it, so that an image's pixels never depend on the other images of its batc
 
 Downsamplers, ``conv_in`` and ``conv_out`` stay in bf16 (small, or their input is not normalized).
 
-cuDNN offers several plans per convolution and its heuristic first choice is often not the fastest.
-A plan changes the order of the sums, so the plan is never picked by timing at run time (two workers
-could pick differently and render different bits): it comes from :data:`PLAN_TABLE` (device name,
-cuDNN version, shape -> plan name; written by ``bench/conv_fp8_bench.py --tune``) or, for a shape not
-in it, from cuDNN's heuristics, both of which depend only on the hardware and software.
+cuDNN offers several plans per convolution, and on an H100 its heuristic first choice ran at about
+half the bf16 rate where the fastest plan beat bf16 by up to 30 % (``bench/conv_fp8_bench.py``). A plan
+changes the order of the sums, so the plan is never picked by timing at run time (two workers could
+pick differently and render different bits): it comes from :data:`PLAN_TABLE` (device name, cuDNN
+version, shape -> plan name; written by ``bench/conv_fp8_bench.py --tune``), which depends only on the
+hardware and software. A CUDA convolution whose shape is not in the table runs in bf16 (see
+:data:`UNTUNED`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torch import nn
 
 from rayimg.render.fp8 import FP8_DTYPE, FP8_MAX, quantize_rows
 
-__all__ = ["Float8Conv2d", "PLAN_TABLE", "convert_convs", "fp8_conv2d", "fp8_conv_unavailable", "plan_key"]
+__all__ = ["Float8Conv2d", "PLAN_TABLE", "UNTUNED", "convert_convs", "fp8_conv2d", "fp8_conv_unavailable", "has_plan", "plan_key", "plan_timings"]
 
 # which convolutions, and how their input is scaled (module-name patterns, tried in order)
 _ROLES = (
@@ -50,6 +52,11 @@ _ROLES = (
 )
 PLAN_TABLE_PATH = Path(__file__).with_name("fp8_conv_plans.json")
 PLAN_TABLE: dict = json.loads(PLAN_TABLE_PATH.read_text()) if PLAN_TABLE_PATH.exists() else {}
+
+# a CUDA convolution whose shape has no PLAN_TABLE entry: "bf16" runs it as the bf16 model would
+# (cuDNN's heuristic float8 plans ran at about half the bf16 rate on an H100, bench/conv_fp8_bench.py);
+# "heuristic" in float8 with cuDNN's heuristic plan (tests on shapes no table covers)
+UNTUNED = "bf16"
 
 _LOCK = threading.Lock()
 _GRAPHS: dict = {}
@@ -87,6 +94,11 @@ def plan_key(x_shape, w_shape, stride: int, padding: int) -> str:
 
 def table_section(device: torch.device) -> str:
     return f"{torch.cuda.get_device_name(device)}|cudnn {_cudnn().backend_version()}"
+
+
+def has_plan(x_shape, w_shape, stride: int, padding: int, device: torch.device) -> bool:
+    """Whether :data:`PLAN_TABLE` names a plan for this convolution on ``device``."""
+    return plan_key(tuple(x_shape), tuple(w_shape), stride, padding) in PLAN_TABLE.get(table_section(device), {})
 
 
 class _ConvGraph:
@@ -240,13 +252,17 @@ class Float8Conv2d(nn.Conv2d):
         bias = self.bias
         if self.fp8_role == "rows":
             n, c, h, w = x.shape
-            x2 = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view when x is channels last
+            # a view when x is channels last; a copy otherwise (a plain reshape of a contiguous
+            # batch of one would be a column-major view, which float8 GEMMs do not take)
+            x2 = x.permute(0, 2, 3, 1).contiguous().view(-1, c)
             x8, scale = quantize_rows(x2)
             y = torch._scaled_mm(x8, self.w8.t(), scale_a=scale, scale_b=self.w_scale, out_dtype=x.dtype, use_fast_accum=x.is_cuda)
             if bias is not None:
                 y = y + bias
             return y.reshape(n, h, w, -1).permute(0, 3, 1, 2)
         stride, padding = self.stride[0], self.padding[0]
+        if x.is_cuda and UNTUNED == "bf16" and not has_plan(x.shape, self.w8.shape, stride, padding, x.device):
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
         w_scale = self.w_scale[None, :, None, None]
         if self.fp8_role == "sample":
             x_scale = x.abs().amax(dim=(1, 2, 3), keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # (N, 1, 1, 1)
