@@ -6,6 +6,7 @@ batch): first call, then the median of back-to-back decodes and of CUDA-graph re
 
     python bench/vae_bench.py --batches 1,4 --variants eager,compiled,compiled_cl
     python bench/vae_bench.py --batches 16 --variants compiled --profile     # where the decode's time goes
+    python bench/vae_bench.py --batches 16 --variants compiled,compiled:gn:attn --profile
 """
 
 from __future__ import annotations
@@ -67,10 +68,16 @@ def main() -> None:
     t_start = time.perf_counter()
     result = {"gpu": torch.cuda.get_device_name(), "rows": []}
     R = args.resolution // 8
+    first_images: dict = {}
     for variant in args.variants.split(","):
         vae = build_sdxl_vae(torch.bfloat16, "cuda").eval().requires_grad_(False)
-        if variant.endswith("_cl"):
+        flags = set(variant.split(":")[1:])
+        if variant.split(":")[0].endswith("_cl"):
             vae.to(memory_format=torch.channels_last)
+        if flags & {"gn", "attn"}:
+            from rayimg.render.vae_decode import speed_up_decoder
+
+            result.setdefault("notes", {})[variant] = speed_up_decoder(vae, group_norms="gn" in flags, attention="attn" in flags)
         if variant.startswith("compiled"):
             _configure_compiler()
             vae.decoder.compile(dynamic=False)
@@ -78,6 +85,7 @@ def main() -> None:
             if time.perf_counter() - t_start > args.budget_s:
                 print(f"[vae] budget spent, skipping {variant} b{b}", flush=True)
                 continue
+            torch.manual_seed(0)
             z = torch.randn(b, 4, R, R, device="cuda", dtype=torch.bfloat16)
 
             def call():
@@ -97,6 +105,14 @@ def main() -> None:
                 graph = timed(g.replay, 5)
                 del g
             row = {"variant": variant, "batch": b, "first_s": round(first, 2), "decode_s": round(decode, 5), "graph_s": round(graph, 5)}
+            with torch.no_grad():
+                image = call().float()
+            if b not in first_images:
+                first_images[b] = (variant, image)
+            else:  # the same latents through the first variant's decoder
+                base_variant, base = first_images[b]
+                row["rel_diff_vs_" + base_variant] = float((image - base).norm() / base.norm())
+            del image
             if args.profile:
                 row["profile"] = profile(call)
             print("RESULT " + json.dumps(row), flush=True)
