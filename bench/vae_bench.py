@@ -70,6 +70,7 @@ def main() -> None:
     R = args.resolution // 8
     first_images: dict = {}
     for variant in args.variants.split(","):
+        torch.manual_seed(0)  # the same random weights for every variant: their outputs compare
         vae = build_sdxl_vae(torch.bfloat16, "cuda").eval().requires_grad_(False)
         flags = set(variant.split(":")[1:])
         if variant.split(":")[0].endswith("_cl"):

@@ -231,3 +231,25 @@ def test_fp8_convs_compiled_engine_close_to_bf16_and_swaps_without_recompiling(t
     assert torch._dynamo.utils.counters["stats"].get("unique_graphs", 0) == 0, dict(torch._dynamo.utils.counters["stats"])
     assert float((adapted - base).abs().mean()) > 1e-3
     np.testing.assert_array_equal(back.cpu().numpy(), base.cpu().numpy())
+
+
+def test_vae_decoder_speedups_on_cuda_match_diffusers():
+    """rayimg.render.vae_decode on CUDA (bf16): the GroupNorm statistics from cuBLAS products and the
+    float32-score attention give diffusers' GroupNorm / SDPA up to bf16 rounding, in both layouts."""
+    from rayimg.render.vae_decode import ChannelStatsGroupNorm, attention_scores
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for shape, groups in [((2, 128, 64, 64), 32), ((3, 64, 40), 32)]:
+        norm = torch.nn.GroupNorm(groups, shape[1]).cuda().to(torch.bfloat16)
+        with torch.no_grad():
+            norm.weight.normal_(generator=g)
+            norm.bias.normal_(generator=g)
+        x = (torch.randn(*shape, device="cuda", generator=g) * 2 + 0.5).to(torch.bfloat16)
+        ref = norm(x).float()
+        norm.__class__ = ChannelStatsGroupNorm
+        layouts = [x] + ([x.to(memory_format=torch.channels_last)] if x.ndim == 4 else [])
+        for xl in layouts:
+            torch.testing.assert_close(norm(xl).float(), ref, rtol=2e-2, atol=2e-2)
+    q, k, v = (torch.randn(2, 1, 1024, 512, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
+    torch.testing.assert_close(attention_scores(q, k, v).float(), ref, rtol=2e-2, atol=2e-2)

@@ -3,12 +3,13 @@ two places where inductor's kernels for it ran far from the H100's rates (``benc
 --profile``, 16 SDXL images at 1024², 0.51 s per decode: GroupNorm kernels 175 ms, the one
 attention 78 ms, convolutions 215 ms):
 
-- :class:`ChannelStatsGroupNorm`: the GroupNorm statistics as a mean and variance per channel
-  (Welford, float32; a reduction over the pixels that reads memory in order in either layout),
+- :class:`ChannelStatsGroupNorm`: the GroupNorm statistics as a mean and variance per channel,
   combined per group exactly (the group mean is the mean of its channel means, the group variance
-  the mean of the channel variances plus the variance of the channel means). Inductor's own
-  GroupNorm reduction reads a group's few channels out of a channels-last tensor (one such kernel
-  took 26 ms at 1024²);
+  the mean of the channel variances plus the variance of the channel means). On CUDA the channel
+  sums and sums of squares come from two cuBLAS products (``x · 1`` and the diagonal of ``x xᵀ``,
+  float32 accumulation), which read the tensor at memory speed in either layout; inductor's own
+  GroupNorm reduction (one kernel took 26 ms at 1024² for 16 images) and a per-channel
+  ``var_mean`` (16 ms) read a channels-last tensor a few channels at a time;
 - :class:`ScoresAttnProcessor`: the mid block's single-head attention (head dim 512, 16,384 tokens
   at 1024²: only PyTorch's memory-efficient kernel takes it, at about 110 TFLOP/s) as two cuBLAS
   GEMMs around a softmax, a few images at a time: scores in float32 (as a fused attention keeps
@@ -34,8 +35,17 @@ class ChannelStatsGroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
         g = self.num_groups
-        dims = tuple(range(2, x.ndim))
-        var_c, mean_c = torch.var_mean(x.float(), dim=dims, correction=0)  # (N, C)
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            # two cuBLAS products that read x once each, in whatever layout it has: the channel sums
+            # (x · 1) and the channel sums of squares (the diagonal of x xᵀ), accumulated in float32
+            xf = x.flatten(2)  # (N, C, L)
+            length = xf.shape[2]
+            ones = torch.ones(1, length, 1, device=x.device, dtype=x.dtype).expand(n, length, 1)
+            mean_c = torch.ops.aten.bmm.dtype(xf, ones, torch.float32).squeeze(2) / length
+            sq_c = torch.diagonal(torch.ops.aten.bmm.dtype(xf, xf.transpose(1, 2), torch.float32), dim1=1, dim2=2) / length
+            var_c = (sq_c - mean_c.square()).clamp(min=0)
+        else:
+            var_c, mean_c = torch.var_mean(x.float(), dim=tuple(range(2, x.ndim)), correction=0)  # (N, C)
         mean_c, var_c = mean_c.view(n, g, c // g), var_c.view(n, g, c // g)
         mean_g = mean_c.mean(dim=2, keepdim=True)
         var_g = var_c.mean(dim=2, keepdim=True) + (mean_c - mean_g).square().mean(dim=2, keepdim=True)
