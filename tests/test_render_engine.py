@@ -1028,3 +1028,45 @@ def test_fp8_convs_stay_close_follow_swaps_keep_images_independent_and_change_th
     assert len({plain.key(req()), r8.key(req()), both.key(req())}) == 3
     assert fp8_conv_unavailable(torch.device("cpu")) is None
     assert "not available on meta" in fp8_conv_unavailable(torch.device("meta"))
+
+
+def test_vae_decoder_speedups_keep_the_decoders_output(cache_dir):
+    """engine.compile_vae converts the VAE decoder (GroupNorms with per-channel statistics, the
+    mid-block attention as GEMMs + softmax; parameters and state dict unchanged, the encoder left
+    alone), and the converted decoder decodes what diffusers' does, to float32 rounding."""
+    import copy
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from rayimg.render.vae_decode import ChannelStatsGroupNorm, ScoresAttnProcessor, attention_scores, speed_up_decoder
+
+    model = _load(cache_dir, "rayimg-tiny-sdxl")
+    vae = model.pipeline.vae
+    plain = copy.deepcopy(vae)
+    keys = list(vae.state_dict())
+    Engine(model.pipeline, compile_vae=True)
+    norms = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(type(m) is ChannelStatsGroupNorm for m in norms)
+    assert all(type(m) is torch.nn.GroupNorm for m in vae.encoder.modules() if isinstance(m, torch.nn.GroupNorm))
+    procs = [m.processor for m in vae.decoder.modules() if hasattr(m, "processor")]
+    assert procs and all(isinstance(p, ScoresAttnProcessor) for p in procs)
+    assert list(vae.state_dict()) == keys
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    decoder = getattr(vae.decoder, "_orig_mod", vae.decoder)
+    with torch.no_grad():
+        ours = decoder(z / vae.config.scaling_factor)
+        ref = plain.decoder(z / vae.config.scaling_factor)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert speed_up_decoder(plain, group_norms=False) == {"group_norms": 0, "attentions": 1}
+
+    # the attention alone, against SDPA, with the scores in chunks of (image, head) pairs
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 40, 16, generator=g) for _ in range(3))
+    import rayimg.render.vae_decode as vd
+
+    saved, vd.SCORES_BYTES = vd.SCORES_BYTES, 40 * 40 * 4 * 2  # two pairs per chunk: 3 chunks
+    try:
+        torch.testing.assert_close(attention_scores(q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    finally:
+        vd.SCORES_BYTES = saved
+    assert isinstance(ScoresAttnProcessor().fallback, AttnProcessor2_0)

