@@ -4,7 +4,7 @@ called with the shapes a CFG pipeline step passes (batch = 2 × images).
 
 Per variant (``bf16`` / ``fp8`` (:mod:`rayimg.render.fp8`; ``:all`` every attention-block linear in float8, not only the LayerNorm-fed ones; ``:ff`` / ``:ff128`` also ``ff.net.2``, per row through the Triton GEGLU kernel / per 1×128 block); flags ``:cl`` a channels-last UNet,
 ``:cudnn`` cuDNN attention first, ``:conv`` the ResNet and upsampler convolutions in float8
-(:mod:`rayimg.render.fp8_conv`, as ``engine.fp8_convs``), ``:loop`` inductor's own persistent-reduction limit (1,024) instead of the engine's 4,096 (``RAYIMG_PERSISTENT_ROWS``), ``:cdt`` coordinate-descent tuning, ``:pdl`` programmatic dependent launch of inductor's Triton kernels, ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile, ``:ro`` compiled in mode reduce-overhead as ``engine.compile_mode``
+(:mod:`rayimg.render.fp8_conv`, as ``engine.fp8_convs``; ``:convn`` only the GroupNorm-fed ones, ``:convns`` those and the upsamplers), ``:loop`` inductor's own persistent-reduction limit (1,024) instead of the engine's 4,096 (``RAYIMG_PERSISTENT_ROWS``), ``:cdt`` coordinate-descent tuning, ``:pdl`` programmatic dependent launch of inductor's Triton kernels, ``:cdtall`` the same in all directions without epilogue fusion, ``:bench`` a second row of the same graph with ``cudnn.benchmark``, ``:eager`` no compile, ``:ro`` compiled in mode reduce-overhead as ``engine.compile_mode``
 does, so its forward replays CUDA graph trees and no manual graph is taken) and
 batch, one ``RESULT`` line:
 
@@ -69,10 +69,11 @@ def build_unet(args, variant: str):
 
         RESULTS.setdefault("notes", {})[f"fp8_linears_{variant}"] = convert_unet(
             unet, "all" if "all" in flags else "norm_fed+ff" if "ff" in flags else "norm_fed+ff128" if "ff128" in flags else "norm_fed")
-    if "conv" in flags:
+    if flags & {"conv", "convn", "convns"}:
         from rayimg.render.fp8_conv import convert_convs
 
-        RESULTS.setdefault("notes", {})[f"fp8_convs_{variant}"] = convert_convs(unet)
+        roles = ("normed",) if "convn" in flags else ("normed", "sample") if "convns" in flags else ("normed", "rows", "sample")
+        RESULTS.setdefault("notes", {})[f"fp8_convs_{variant}"] = convert_convs(unet, roles)
     if "eager" not in flags:
         from rayimg.render.engine import _configure_compiler
 

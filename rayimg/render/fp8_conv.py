@@ -287,17 +287,17 @@ class Float8Conv2d(nn.Conv2d):
         return module.in_channels % 16 == 0 and module.out_channels % 16 == 0
 
 
-def convert_convs(unet: nn.Module) -> dict[str, int]:
-    """Convert the UNet's ResNet and upsampler convolutions to :class:`Float8Conv2d` in place
-    (module identity, parameter names and state dict unchanged); returns how many per role.
-    Convolutions whose channels are not multiples of 16 stay as they are."""
+def convert_convs(unet: nn.Module, roles: tuple[str, ...] = ("normed", "rows", "sample")) -> dict[str, int]:
+    """Convert the UNet's ResNet and upsampler convolutions (those of ``roles``) to
+    :class:`Float8Conv2d` in place (module identity, parameter names and state dict unchanged);
+    returns how many per role. Convolutions whose channels are not multiples of 16 stay as they are."""
     model = getattr(unet, "_orig_mod", unet)
     counts: dict[str, int] = {}
     for name, module in list(model.named_modules()):
         if isinstance(module, Float8Conv2d) or not Float8Conv2d.fits(module):
             continue
         role = next((r for pattern, r in _ROLES if pattern.search(name)), None)
-        if role is None or (role == "rows" and module.kernel_size != (1, 1)):
+        if role is None or role not in roles or (role == "rows" and module.kernel_size != (1, 1)):
             continue
         module.__class__ = Float8Conv2d
         module.fp8_role = role
