@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1070,3 +1071,26 @@ def test_vae_decoder_speedups_keep_the_decoders_output(cache_dir):
     finally:
         vd.SCORES_BYTES = saved
     assert isinstance(ScoresAttnProcessor().fallback, AttnProcessor2_0)
+
+
+def test_pending_output_and_the_first_step_index_give_the_same_images(engine):
+    """output_type="pending" returns images whose result() is the "pil" image; starting the
+    scheduler at index 0 (no lookup of the first timestep) gives the lookup's latents, for every
+    scheduler and for img2img (which keeps its own start)."""
+    from rayimg.render.engine import PendingImage
+
+    batch = [req(seed=3), req(seed=4, prompt="a green cat")]
+    pending = engine.generate(batch, output_type="pending")
+    assert all(isinstance(p, PendingImage) for p in pending)
+    assert [_png(p.result()) for p in pending] == [_png(im) for im in engine.generate(batch)]
+    assert pending[0].ready_at <= time.perf_counter()
+    cases = [[req(scheduler=name, steps=3)] for name in SCHEDULER_TABLE]
+    cases.append([req(mode="img2img", init_image=square(), strength=0.6, scheduler="euler")])
+    for case in cases:
+        fast = latents(engine, case)
+        engine.first_step_index = False
+        try:
+            looked_up = latents(engine, case)
+        finally:
+            engine.first_step_index = True
+        assert torch.equal(fast, looked_up), case[0].scheduler

@@ -30,6 +30,7 @@ import inspect
 import json
 import numbers
 import os
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -457,6 +458,9 @@ class Engine:
         # texts encoded in place, encoded in the background, and found in the cache
         self.text_stats = {"encoded": 0, "prefetched": 0, "hits": 0}
         self.prefetch_wait_s = 0.0  # time spent waiting for background encodings to finish
+        # txt2img/ControlNet calls start their scheduler at index 0 instead of looking the first
+        # timestep up (same steps; the lookup syncs the host with the device)
+        self.first_step_index = True
         self.busy_stats: dict[str, Any] = {"parts": 0, "seconds": 0.0, "lead_steps": []}  # while_busy work (see generate)
 
     @classmethod
@@ -613,7 +617,8 @@ class Engine:
     def generate(self, requests: list[GenerationRequest], *, output_type: str = "pil",
                  while_busy: Callable[[], Any] | Iterator[Any] | None = None):
         """One image per request, in order (PIL by default; ``"np"`` gives float arrays,
-        ``"latent"`` the final latents). All requests must share ``batch_key()`` and the
+        ``"latent"`` the final latents, ``"pending"`` :class:`PendingImage` objects: the call returns
+        without waiting for the accelerator, and each ``result()`` gives the ``"pil"`` image). All requests must share ``batch_key()`` and the
         fused adapters.
 
         ``while_busy``: host work (e.g. loading the next batch's adapters) run on this thread
@@ -645,6 +650,11 @@ class Engine:
         first = requests[0]
         # A fresh scheduler per call: schedulers carry per-run state (step index, model outputs).
         pipe.scheduler = make_scheduler(first.scheduler, self.base_scheduler_config)
+        if self.first_step_index and first.mode != "img2img" and hasattr(pipe.scheduler, "set_begin_index"):
+            # a full schedule starts at index 0: the scheduler then skips its lookup of the first
+            # timestep in the schedule, a device-to-host sync that would make the host wait for
+            # the previous call's decode before queuing this call's first step (img2img sets its own)
+            pipe.scheduler.set_begin_index(0)
         generators = [torch.Generator(device="cpu").manual_seed(r.seed) for r in requests]
         kwargs: dict[str, Any] = dict(
             **self._prompt_embeds(requests),
@@ -686,7 +696,12 @@ class Engine:
             kwargs.update(width=first.width, height=first.height)
         if first.mode == "controlnet":
             kwargs.update(image=[r.control_image.convert("RGB") for r in requests], controlnet_conditioning_scale=first.controlnet_scale)
-        if output_type != "pil":
+        if output_type == "pending":
+            # pixels on their way to pinned host memory: nothing here waits for the accelerator,
+            # so the caller can set up (and queue) its next call while this one decodes
+            kwargs["output_type"] = "pt"
+            images = _to_pending(pipe(**kwargs).images)
+        elif output_type != "pil":
             images = list(pipe(**kwargs).images)
         else:
             # PIL through device-side rounding: the same math as diffusers' "pil" output
@@ -944,6 +959,57 @@ class Engine:
             return
         for text, (embeds, pooled) in out.items():
             self._text_cache.setdefault((state, text), (embeds, pooled, side))
+
+
+class _PendingPixels:
+    """A batch's uint8 pixels ``(B, H, W, 3)`` being copied into pinned host memory, and the CUDA
+    event that marks the end of the copy (None: already on the host)."""
+
+    def __init__(self, host: torch.Tensor, event: "torch.cuda.Event | None"):
+        self.host, self.event = host, event
+        self.ready = time.perf_counter() if event is None else None
+        self._lock = threading.Lock()
+
+    def array(self):
+        with self._lock:
+            if self.ready is None:
+                self.event.synchronize()
+                self.ready = time.perf_counter()
+        return self.host.numpy()
+
+
+class PendingImage:
+    """An image of :meth:`Engine.generate` ``output_type="pending"``: :meth:`result` waits for its
+    pixels (the first wait of a batch waits for the copy of the whole batch) and gives the PIL image
+    that ``"pil"`` gives; :attr:`ready_at` is when the batch's pixels reached the host
+    (``time.perf_counter()``)."""
+
+    __slots__ = ("_batch", "_index")
+
+    def __init__(self, batch: _PendingPixels, index: int):
+        self._batch, self._index = batch, index
+
+    def result(self) -> Image.Image:
+        return Image.fromarray(self._batch.array()[self._index])
+
+    @property
+    def ready_at(self) -> float:
+        self._batch.array()
+        return self._batch.ready
+
+
+def _to_pending(images: torch.Tensor) -> list[PendingImage]:
+    """:func:`_to_pil`'s rounding on the device, then an asynchronous copy into pinned memory."""
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    if pixels.device.type == "cuda":
+        host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        host.copy_(pixels, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(pixels.device))
+        batch = _PendingPixels(host, event)
+    else:
+        batch = _PendingPixels(pixels.cpu(), None)
+    return [PendingImage(batch, i) for i in range(pixels.shape[0])]
 
 
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from rayimg.config import EngineConfig, ModelConfig
 from rayimg.models.loader import load_model
-from rayimg.render.engine import Engine, GenerationRequest
+from rayimg.render.engine import Engine, GenerationRequest, PendingImage
 from rayimg.render.output import output_key, png_bytes
 
 
@@ -112,7 +112,9 @@ class Renderer:
                     else:  # a swap comes first: load its adapters while this batch denoises
                         work = self._prepare(upcoming)
                 clock = _lap(stats, "prefetch_s", clock)
-                images, seconds = self._generate(requests, while_busy=work)  # on the caller's thread: owns the model
+                # on the caller's thread (it owns the model); the pixels arrive in the worker, so
+                # the next batch is set up and queued while this one decodes
+                images, seconds = self._generate(requests, while_busy=work, pending=True)
                 clock = _lap(stats, "generate_s", clock)
             except Exception:
                 if pending is not None:  # the batch before the failing one is complete: hand it over first
@@ -131,11 +133,17 @@ class Renderer:
         if pending is not None:
             yield pending.result()
 
-    def _generate(self, requests: list[GenerationRequest], while_busy=None):
+    def _generate(self, requests: list[GenerationRequest], while_busy=None, pending: bool = False):
+        """``(images, seconds per image)``; ``pending``: the images are :class:`PendingImage` (the
+        call returns before the accelerator is done) and the seconds a callable that waits for
+        the pixels and measures up to their arrival."""
         self.use_adapters(requests[0].adapters)
         start = time.perf_counter()
-        images = self.engine.generate(requests, while_busy=while_busy)
-        return images, (time.perf_counter() - start) / len(requests)
+        if not pending:
+            images = self.engine.generate(requests, while_busy=while_busy)
+            return images, (time.perf_counter() - start) / len(requests)
+        images = self.engine.generate(requests, while_busy=while_busy, output_type="pending")
+        return images, lambda: (max(image.ready_at for image in images) - start) / len(requests)
 
     def _prepare(self, upcoming: list[GenerationRequest]) -> Iterator[None]:
         """Bring the adapters of ``upcoming`` to the store's CPU tier, in parts (a generator: the
@@ -173,6 +181,9 @@ class Renderer:
         """The batch's PNGs, encoded in parallel threads (zlib and PIL's encoder release the GIL:
         a 1024² PNG takes 0.1-0.3 s, so a batch of 4 encoded one by one added up to 0.9 s to the
         last batch of a stream and to each ``render()`` call); same bytes as one by one."""
+        images = [image.result() if isinstance(image, PendingImage) else image for image in images]
+        if callable(seconds):
+            seconds = seconds()
         keys = [self.key(request) for request in requests]
         jobs = [(image, {"rayimg:key": key, "rayimg:model": self.model_id, "parameters": request.params()}, self.png_compress_level)
                 for key, request, image in zip(keys, requests, images)]
