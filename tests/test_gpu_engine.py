@@ -186,11 +186,13 @@ def test_fp8_conv_op_on_cuda_matches_the_float32_product():
         ref = fp8_conv2d(x8.cpu(), w8.cpu(), stride, 1, torch.float32)
         ours = fp8_conv2d(x8, w8, stride, 1, torch.bfloat16)
         assert ours.shape == ref.shape and ours.is_contiguous(memory_format=torch.channels_last)
-        # float8 tensor cores accumulate with fewer bits than float32 between promotions: the
-        # difference is relative to the size of the sums, not to each output
+        # the bf16 output's rounding (half an ulp: 2^-8 of the value), plus float8 tensor cores'
+        # accumulation with fewer bits than float32 between promotions (relative to the size of
+        # the sums, not to each output)
         diff = (ours.float().cpu() - ref).abs()
-        assert float(diff.max()) < 2e-3 * float(ref.abs().max()), float(diff.max())
-        assert float(diff.norm() / ref.norm()) < 2e-3
+        bound = ref.abs() * 2 ** -8 + 1e-3 * ref.abs().max()
+        assert bool((diff <= bound).all()), float((diff - bound).max())
+        assert float(diff.norm() / ref.norm()) < 5e-3
         heuristic, timings = plan_timings(x8, w8, stride, 1, iters=2)
         assert timings and heuristic in dict(timings)
 
