@@ -21,6 +21,7 @@ Pixels differ from diffusers' decoder only by the order of float32 sums and one 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ChannelStatsGroupNorm", "ScoresAttnProcessor", "attention_scores", "speed_up_decoder"]
@@ -61,10 +62,13 @@ class ChannelStatsGroupNorm(nn.GroupNorm):
 def attention_scores(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """``softmax(q kᵀ · scale) v`` for ``(B, H, S, D)`` tensors, without a fused kernel: float32
     scores from one GEMM, the softmax, the probabilities in ``v``'s dtype times ``v`` in a second
-    GEMM, for as many (image, head) pairs at a time as :data:`SCORES_BYTES` of scores allow."""
+    GEMM, for as many (image, head) pairs at a time as :data:`SCORES_BYTES` of scores allow (SDPA
+    when even one pair's scores would not fit: 2048² images and up)."""
     b, h, s, d = q.shape
     t = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
+    if s * t * 4 > SCORES_BYTES:  # one pair's scores alone too large (a large image): the fused kernel
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     q3, k3, v3 = q.reshape(b * h, s, d), k.reshape(b * h, t, d), v.reshape(b * h, t, v.shape[-1])
     chunk = max(1, min(b * h, SCORES_BYTES // (s * t * 4)))
     outs = []
