@@ -258,6 +258,80 @@ def profile_generate(engine, reqs, n: int) -> None:
         (out_dir() / f"trace_b{n}_{tag}.json.gz").write_bytes(gzip.compress(Path(f.name).read_bytes()))
 
 
+CLOCK_LOG = None
+
+
+def start_clock_log() -> None:
+    """``nvidia-smi`` sampling SM clock, power, temperature and throttle reasons every 500 ms into
+    ``$OUT/clocks.csv`` (when there is one): whether a sustained stream runs at lower clocks than
+    a short burst. :func:`phase` marks what ran when (wall clock, in the notes)."""
+    global CLOCK_LOG
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return
+    fields = "timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active"
+    CLOCK_LOG = subprocess.Popen(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-lms", "500"],
+                                 stdout=open(out_dir() / "clocks.csv", "w"), stderr=subprocess.DEVNULL)
+
+
+def phase(name: str) -> None:
+    RESULTS["notes"].setdefault("phases", []).append([name, time.strftime("%H:%M:%S"), round(time.time(), 2)])
+    print(f"[bench] phase {name}", flush=True)
+
+
+def profile_stream(renderer, batches, n: int) -> None:
+    """A render_stream over ``batches`` with the profiler recording GPU activity only (no host-side
+    op records, which would slow the launching thread): from the first to the last GPU activity,
+    the time some kernel or copy ran (the union over streams), the idle time by gap length, and the
+    largest gaps with the activity before and after each (where the GPU waits for the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in renderer.render_stream(batches):
+            pass
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    t = time.perf_counter()
+    events = [(e.start_ns(), e.end_ns(), e.name(), e.device_resource_id()) for e in prof.profiler.kineto_results.events()
+              if e.device_type().name == "CUDA" and e.duration_ns() > 0]
+    if not events:
+        print("[bench] profile_stream: no GPU activity recorded", flush=True)
+        return
+    events.sort()
+    busy, gaps, streams = 0, [], {}
+    cur_start, cur_end, prev_name = events[0][0], events[0][1], events[0][2]
+    for start, end, name, stream in events:
+        streams.setdefault(stream, [0, 0.0])
+        streams[stream][0] += 1
+        streams[stream][1] += (end - start) / 1e6
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gaps.append((start - cur_end, cur_end - events[0][0], prev_name, name))
+            cur_start = start
+        if end >= cur_end:
+            cur_end, prev_name = end, name
+    busy += cur_end - cur_start
+    span = cur_end - events[0][0]
+    buckets = {"<10us": 0.0, "10-100us": 0.0, "0.1-1ms": 0.0, "1-10ms": 0.0, ">10ms": 0.0}
+    for g, *_ in gaps:
+        key = "<10us" if g < 1e4 else "10-100us" if g < 1e5 else "0.1-1ms" if g < 1e6 else "1-10ms" if g < 1e7 else ">10ms"
+        buckets[key] += g / 1e6
+    gaps.sort(key=lambda g: -g[0])
+    row = {"batch": n, "calls": len(batches), "wall_s": round(wall, 3), "gpu_span_s": round(span / 1e9, 3),
+           "gpu_busy_s": round(busy / 1e9, 3), "gpu_idle_s": round((span - busy) / 1e9, 3),
+           "idle_ms_by_gap": {k: round(v, 2) for k, v in buckets.items()}, "gaps": len(gaps), "activities": len(events),
+           "streams_count_ms": {str(k): [v[0], round(v[1], 1)] for k, v in streams.items()},
+           "largest_gaps": [[round(g / 1e6, 3), round(at / 1e9, 4), before[:70], after[:70]] for g, at, before, after in gaps[:25]],
+           "analysis_s": round(time.perf_counter() - t, 1)}
+    RESULTS.setdefault("profiles", []).append(row)
+    print("STREAM_PROFILE " + json.dumps(row), flush=True)
+    (out_dir() / "render_bench.json").write_text(json.dumps(RESULTS, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -285,10 +359,19 @@ def main() -> None:
     ap.add_argument("--sizes", default="", help="batch sizes of the 'ours' rows (default: 1 and --batch)")
     ap.add_argument("--profile-step", action="store_true",
                     help="profile one 4-step generate per size: GPU kernel time vs wall, copies, top kernels")
+    ap.add_argument("--ref-sizes", default="", help="batch sizes of the diffusers rows (default: --sizes)")
+    ap.add_argument("--no-probe", action="store_true", help="skip the float8-vs-bf16 latent check (an eager bf16 generate at the first size)")
+    ap.add_argument("--breakdown-calls", type=int, default=2, help="timed generate() calls per point of the time breakdown")
+    ap.add_argument("--profile-stream", type=int, default=0,
+                    help="after the rows: a stream of this many calls (at the last size) under the profiler (GPU activity only): "
+                         "busy and idle time of the GPU, the largest gaps and what surrounds them")
+    ap.add_argument("--vae-batch", type=int, default=16, help="engine.vae_batch")
     ap.add_argument("--compile-cache", default="", help="torch.compiler cache artifacts to load first (a file from an earlier run)")
     ap.add_argument("--save-compile-cache", action="store_true", help="write $OUT/compile_cache.bin at the end")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",") if x] or [1, args.batch]
+    ref_sizes = [int(x) for x in args.ref_sizes.split(",") if x] or sizes
+    start_clock_log()
     if args.compile_cache and Path(args.compile_cache).is_file():
         t = time.perf_counter()
         info = torch.compiler.load_cache_artifacts(Path(args.compile_cache).read_bytes())
@@ -330,8 +413,9 @@ def main() -> None:
             ref(prompt=prompts(n, start), negative_prompt=[""] * n, num_inference_steps=S, guidance_scale=args.guidance,
                 width=R, height=R, generator=gens, output_type="pil")
 
-        for n in sizes:
+        for n in ref_sizes:
             calls = args.b1_images if n == 1 else args.bulk_calls
+            phase(f"diffusers b{n}")
             ref_call(n, 0)  # warm-up
             times = time_calls(lambda: ref_call(n, 100), calls, device)
             per_call = statistics.median(times)
@@ -346,12 +430,12 @@ def main() -> None:
                        channels_last="channels_last" in opts, fp8="fp8" in opts or "fp8ff" in opts or "fp8ff128" in opts, batch_invariant=False,
                        fp8_linears="norm_fed+ff" if "fp8ff" in opts else "norm_fed+ff128" if "fp8ff128" in opts else "norm_fed",
                        compile_mode="reduce-overhead" if "cudagraphs" in opts else "default",
-                       png_compress_level=args.png_level)
+                       png_compress_level=args.png_level, vae_batch=args.vae_batch)
     # the fp8 check runs at the first batch size measured, so that it compiles no graph of its own
     probe = [GenerationRequest(prompt=p, negative_prompt="", steps=S, guidance_scale=args.guidance, width=R, height=R,
                                scheduler="euler", seed=7 + i) for i, p in enumerate(prompts(sizes[0], 7))]
     exact_latent = None
-    if cfg.fp8:
+    if cfg.fp8 and not args.no_probe:
         # the final latents of the probe batch with the exact (bf16) engine, before the UNet is converted
         exact_latent = torch.stack(Engine(pipe, batch_invariant=False).generate(probe, output_type="latent")).float()
     registry = tempfile.mkdtemp(prefix="rayimg-bench-registry-")
@@ -362,7 +446,7 @@ def main() -> None:
                          unet_config=pipe.unet.config)
     renderer = Renderer.from_pipeline(pipe, "bench/sdxl-random", "0" * 64, "sdxl", cfg, adapter_store=store)
     RESULTS["notes"]["engine"] = {k: getattr(cfg, k) for k in ("compile", "compile_mode", "compile_vae", "fuse_qkv", "channels_last", "fp8", "fp8_linears", "batch_invariant",
-                                                                "png_compress_level")}
+                                                                "png_compress_level", "vae_batch")}
     if exact_latent is not None:
         fp8_latent = torch.stack(renderer.engine.generate(probe, output_type="latent")).float()
         RESULTS["notes"]["fp8_final_latent_rel_diff"] = round(float((fp8_latent - exact_latent).norm() / exact_latent.norm()), 5)
@@ -375,6 +459,7 @@ def main() -> None:
     for n in sizes:
         calls = args.b1_images if n == 1 else args.bulk_calls
         sync(device)
+        phase(f"ours b{n} first call")
         t = time.perf_counter()
         renderer.render(requests(n, 0))  # warm-up (compiles at this batch size)
         sync(device)
@@ -406,7 +491,9 @@ def main() -> None:
 
         phases: dict = {}
 
+        phase(f"ours b{n} stream")
         per_call, steady, stream_gen = stream(200)
+        phase(f"ours b{n} breakdown")
         variants = {}
         wanted = {v for v in args.stream_variants.split(",") if v}
         if "all" in wanted:
@@ -454,7 +541,7 @@ def main() -> None:
         gen = {}
         for steps in (S, 2):
             reqs = [dataclasses.replace(r, steps=steps) for r in requests(n, 300)]
-            gen[steps] = statistics.median(time_calls(lambda: renderer.engine.generate(reqs), 2, device))
+            gen[steps] = statistics.median(time_calls(lambda: renderer.engine.generate(reqs), args.breakdown_calls, device))
         step_s = (gen[S] - gen[2]) / (S - 2)
         latents = torch.randn(n, 4, R // 8, R // 8, device=device, dtype=pipe.vae.dtype)
         with torch.no_grad():
@@ -566,6 +653,11 @@ def main() -> None:
                                "lead_steps_min": min(renderer.engine.busy_stats["lead_steps"] or [0])},
                 "text_stats": dict(renderer.engine.text_stats), "store": store.stats.as_dict() if hasattr(store, "stats") else None})
 
+    if args.profile_stream and torch.device(device).type == "cuda":
+        phase("profile stream")
+        n = sizes[-1]
+        profile_stream(renderer, [requests(n, 1000 + c * n) for c in range(args.profile_stream)], n)
+    phase("end")
     if args.profile_step and torch.device(device).type == "cuda":
         # last: a profile of a large batch can take minutes to collect, and must not cost the rows above
         for n in sizes:
@@ -580,6 +672,15 @@ def main() -> None:
             summary[f"b{n}_speedup"] = round(by[f"ours b{n}"]["images_per_s"] / by[f"diffusers b{n}"]["images_per_s"], 3)
         summary[f"ours_b{n}_s_per_image"] = by[f"ours b{n}"]["s_per_image"]
         summary[f"ours_b{n}_images_per_s"] = by[f"ours b{n}"]["images_per_s"]
+    refs = [r for r in RESULTS["rows"] if r["name"].startswith("diffusers b") and r["batch"] > 1]
+    if refs and any(n > 1 for n in sizes):
+        # the bulk ratio: our best batch against the reference's best batch, both measured here
+        best_ref = max(refs, key=lambda r: r["images_per_s"])
+        best = max((by[f"ours b{n}"] for n in sizes if n > 1), key=lambda r: r["images_per_s"])
+        summary["bulk_best_vs_reference_best"] = {"ours": best["name"], "reference": best_ref["name"],
+                                                  "ratio": round(best["images_per_s"] / best_ref["images_per_s"], 3)}
+    if CLOCK_LOG is not None:
+        CLOCK_LOG.terminate()
     RESULTS["summary"] = summary
     try:  # CUDA graphs (compile_mode reduce-overhead): graphs skipped, inputs copied at each replay
         from torch._dynamo.utils import counters

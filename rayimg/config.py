@@ -446,6 +446,7 @@ class EngineConfig:
     batch_size: int = field(1, doc="images generated together")
     vae_slicing: bool = field(False, doc="decode the batch one image at a time")
     vae_tiling: bool = field(False, doc="decode in tiles (large images)")
+    vae_batch: int = field(16, doc="the VAE decodes at most this many images at once (0: the whole batch): a batch of 32 SDXL images at 1024² then needs the decoder memory of 16 (and a compiled decoder one graph); pixels unchanged")
     attention_slicing: bool = field(False, doc="compute attention in slices (less memory)")
     compile: bool = field(False, doc="torch.compile the UNet (adapters swap without recompiling)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = field(
@@ -463,6 +464,7 @@ class EngineConfig:
 
     def validate(self) -> None:
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.vae_batch >= 0, "vae_batch", f"must be >= 0 (0: the whole batch), got {self.vae_batch}")
         check(0 <= self.png_compress_level <= 9, "png_compress_level", f"must be 0-9, got {self.png_compress_level}")
 
 

@@ -1096,3 +1096,40 @@ def test_pending_output_and_the_first_step_index_give_the_same_images(engine):
         finally:
             engine.first_step_index = True
         assert torch.equal(fast, looked_up), case[0].scheduler
+
+
+def test_vae_batch_decodes_in_chunks_with_the_same_pixels(cache_dir):
+    """engine.vae_batch: the VAE decodes at most that many images at once (the decoder never sees
+    more), and a batch's images are those of one whole-batch decode; bad values are refused."""
+    from rayimg.render.engine import decode_in_chunks
+
+    model = _load(cache_dir)
+    vae = model.pipeline.vae
+    z = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        whole = vae.decode(z).sample
+        seen: list[int] = []
+        hook = vae.decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+        try:
+            decode_in_chunks(vae, 2)
+            chunked = vae.decode(z)
+            chunked_tuple = vae.decode(z, return_dict=False)
+            small = vae.decode(z[:2], False)
+        finally:
+            hook.remove()
+    assert seen == [2, 2, 1, 2, 2, 1, 2]
+    torch.testing.assert_close(chunked.sample, whole, rtol=1e-5, atol=1e-5)
+    assert isinstance(chunked_tuple, tuple) and torch.equal(chunked_tuple[0], chunked.sample)
+    assert isinstance(small, tuple) and torch.equal(small[0], chunked.sample[:2])
+
+    batch = [req(seed=s, prompt=f"a red circle {s}") for s in range(3)]
+    fresh = _load(cache_dir)
+    plain = Engine(fresh.pipeline).generate(batch, output_type="np")
+    chunked_engine = Engine.from_config(fresh.pipeline, EngineConfig(vae_batch=2, batch_invariant=False))
+    assert chunked_engine.vae_batch == 2 and fresh.pipeline.vae.decode.images == 2
+    for a, b in zip(plain, chunked_engine.generate(batch, output_type="np")):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="vae_batch"):
+        Engine(fresh.pipeline, vae_batch=-1)
+    with pytest.raises(ValueError, match="vae_batch"):
+        EngineConfig(vae_batch=-1).validate()

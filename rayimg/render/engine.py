@@ -293,6 +293,30 @@ def _pinned_execution_device(self):
     return next(self.unet.parameters()).device  # O(1), and follows a later .to()
 
 
+def decode_in_chunks(vae, images: int) -> None:
+    """Make ``vae.decode`` decode at most ``images`` latents at a time (an instance attribute over
+    the class's method; the pipelines call ``vae.decode`` and see one batch). Each image's pixels
+    depend only on its own latents, so chunks change no math; a compiled decoder keeps one graph for
+    the chunk size, and its peak memory stays that of ``images`` images."""
+    decode = type(vae).decode.__get__(vae)
+
+    def chunked(z, *args, **kwargs):
+        if z.shape[0] <= images:
+            return decode(z, *args, **kwargs)
+        return_dict = kwargs.pop("return_dict", args[0] if args else True)
+        args = args[1:]
+        parts = [decode(part, False, *args, **kwargs)[0] for part in z.split(images)]
+        sample = torch.cat(parts)
+        if not return_dict:
+            return (sample,)
+        from diffusers.models.autoencoders.vae import DecoderOutput
+
+        return DecoderOutput(sample=sample)
+
+    chunked.images = images  # type: ignore[attr-defined]
+    vae.decode = chunked
+
+
 def pin_execution_device(pipe) -> None:
     """Make ``pipe._execution_device`` the UNet's device, read from its first parameter.
     diffusers' property walks every submodule of every component looking for offload hooks at
@@ -356,6 +380,7 @@ class Engine:
         *,
         vae_slicing: bool = False,
         vae_tiling: bool = False,
+        vae_batch: int = 0,
         attention_slicing: bool = False,
         controlnet=None,
         controlnet_id: str = "",
@@ -379,6 +404,11 @@ class Engine:
             pipe.vae.enable_slicing()
         if vae_tiling:
             pipe.vae.enable_tiling()
+        if vae_batch < 0:
+            raise ValueError(f"engine.vae_batch must be >= 0 (0: the whole batch at once), not {vae_batch}")
+        self.vae_batch = int(vae_batch)
+        if vae_batch and not vae_slicing:
+            decode_in_chunks(pipe.vae, vae_batch)
         if attention_slicing:
             pipe.enable_attention_slicing()
         if fuse_qkv:
@@ -466,7 +496,7 @@ class Engine:
     @classmethod
     def from_config(cls, pipe, cfg, **kwargs) -> "Engine":
         """An engine with the memory and compile options of an EngineConfig."""
-        return cls(pipe, vae_slicing=cfg.vae_slicing, vae_tiling=cfg.vae_tiling, attention_slicing=cfg.attention_slicing,
+        return cls(pipe, vae_slicing=cfg.vae_slicing, vae_tiling=cfg.vae_tiling, vae_batch=cfg.vae_batch, attention_slicing=cfg.attention_slicing,
                    compile=cfg.compile, compile_vae=cfg.compile_vae, compile_mode=cfg.compile_mode, fuse_qkv=cfg.fuse_qkv,
                    fp8=cfg.fp8, fp8_targets=cfg.fp8_linears, fp8_convs=cfg.fp8_convs, channels_last=cfg.channels_last, batch_invariant=cfg.batch_invariant, **kwargs)
 
