@@ -581,6 +581,24 @@ def main() -> None:
         with torch.no_grad():
             unet_s = statistics.median(time_calls(lambda: [unet(lat, tt, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)
                                                           for _ in range(5)], 3, device)) / 5
+            # the same UNet fed a real batch's text embeddings (negative first, as the pipeline
+            # stacks them) instead of random ones, timed alternately with the random inputs: under
+            # the GPU's power cap the data can change the clock (render run 11)
+            real = renderer.engine._prompt_embeds(requests(n, 500))
+            if "negative_prompt_embeds" in real and real.get("pooled_prompt_embeds") is not None:
+                emb_real = torch.cat([real["negative_prompt_embeds"], real["prompt_embeds"]]).to(unet.dtype)
+                added_real = {"text_embeds": torch.cat([real["negative_pooled_prompt_embeds"], real["pooled_prompt_embeds"]]).to(unet.dtype),
+                              "time_ids": added["time_ids"]}
+                rand_t, real_t = [], []
+                for _ in range(3):
+                    rand_t += time_calls(lambda: [unet(lat, tt, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)
+                                                  for _ in range(5)], 1, device)
+                    real_t += time_calls(lambda: [unet(lat, tt, encoder_hidden_states=emb_real, added_cond_kwargs=added_real, return_dict=False)
+                                                  for _ in range(5)], 1, device)
+                real_inputs = {"random_embeds_s": round(statistics.median(rand_t) / 5, 5), "real_embeds_s": round(statistics.median(real_t) / 5, 5)}
+                print("[bench] UNet alone, random vs real text embeddings " + json.dumps(real_inputs), flush=True)
+            else:
+                real_inputs = {}
         if args.unet_compare:
             compare_unets(args, opts, pipe, n, (lat, tt, emb, added), unet_s, device)
         # the text encoders as a diffusers call runs them (n prompts + n negative prompts, each
@@ -594,7 +612,7 @@ def main() -> None:
                 "steady_s_per_image": round(steady / n, 4), "steady_images_per_s": round(n / steady, 3),
                 "stream_generate_s_per_call": round(stream_gen, 4), "stream_phases_s": phases, "stream_variants_s_per_call_steady_generate": variants,
                 "latency_s_per_call": round(latency, 4), "latency_calls": [round(t, 4) for t in times],
-                "breakdown": {"generate_s": round(gen[S], 4), "unet_step_s": round(step_s, 5), "unet_forward_alone_s": round(unet_s, 5),
+                "breakdown": {"generate_s": round(gen[S], 4), "unet_step_s": round(step_s, 5), "unet_forward_alone_s": round(unet_s, 5), "unet_alone_inputs": real_inputs,
                               "fixed_s": round(gen[2] - 2 * step_s, 4), "vae_decode_s": round(vae_s, 4),
                               "vae_channels_last": vae_cl, "png_encode_s_per_image": round(png_s, 4), "text_encoders_s_per_call_uncached": round(text_s, 4)},
                 "text_stats": dict(renderer.engine.text_stats)})

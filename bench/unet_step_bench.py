@@ -110,20 +110,75 @@ def sdpa_context(variant: str):
                        set_priority=True)
 
 
+ENERGY: dict = {}  # variant@batch -> joules per step, watts and SM clock over the sustained window
+
+
+def gpu_reading() -> dict | None:
+    """The GPU's energy counter since the driver loaded (J), power draw (W), SM clock (MHz) and
+    active clock-event reasons (0x4: the software power cap), from ``nvidia-smi``; None without it."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=total_energy_consumption,power.draw,clocks.sm,clocks_event_reasons.active",
+                          "--format=csv,noheader,nounits", "-i", str(torch.cuda.current_device())], capture_output=True, text=True).stdout
+    try:
+        energy, power, clock, reasons = [x.strip() for x in out.strip().splitlines()[0].split(",")]
+    except (ValueError, IndexError):
+        return None
+
+    def number(x):
+        try:
+            return float(x)
+        except ValueError:  # "[N/A]": not reported by this GPU or driver
+            return None
+
+    joules = number(energy)
+    return {"joules": joules / 1e3 if joules is not None else None, "watts": number(power), "mhz": number(clock), "reasons": reasons}
+
+
 def sustained(step, dev, seconds: float) -> float | None:
     """Mean time of ``step`` over the second half of ``seconds`` of back-to-back runs (clocks
-    settle under a sustained load: a render runs for minutes, a timing loop for a second)."""
+    settle under a sustained load: a render runs for minutes, a timing loop for a second). On an
+    H100 that load runs into the 700 W power cap (clock-event reason 0x4) and the SM clock drops
+    to 1.4-1.7 GHz (render run 11), so the energy of a step decides its sustained time: the GPU's
+    energy counter is read around the second half too (``ENERGY["last"]``: J per step, mean W, the
+    SM clock sampled along the way)."""
     if seconds <= 0:
         return None
-    times = []
-    end = time.perf_counter() + seconds
+    times, clocks, watts = [], [], []
+    start = time.perf_counter()
+    end = start + seconds
+    first = None
     while time.perf_counter() < end:
+        if first is None and time.perf_counter() >= start + seconds / 2 and torch.device(dev).type == "cuda":
+            first = (gpu_reading(), len(times))
+            t_first = time.perf_counter()
         t0 = time.perf_counter()
         for _ in range(5):
             step()
         sync(dev)
         times.append((time.perf_counter() - t0) / 5)
-    half = times[len(times) // 2:]
+        if first is not None and len(times) % 4 == 0:
+            reading = gpu_reading()
+            if reading and reading["mhz"] is not None:
+                clocks.append(reading["mhz"])
+                watts.append(reading["watts"])
+    last = gpu_reading() if first is not None else None
+    if first is not None and first[0] and last and first[0]["joules"] is not None and last["joules"] is not None:
+        steps = 5 * (len(times) - first[1])
+        wall = time.perf_counter() - t_first
+        ENERGY["last"] = {"joules_per_step": round((last["joules"] - first[0]["joules"]) / steps, 2),
+                          "watts": round((last["joules"] - first[0]["joules"]) / wall, 1),
+                          "mhz_mean": round(sum(clocks) / len(clocks)) if clocks else None, "reasons": last["reasons"]}
+        half = times[first[1]:]
+    elif clocks:  # no energy counter: the sampled power and clock
+        ENERGY["last"] = {"watts_sampled": round(sum(w for w in watts if w) / max(1, len(watts)), 1),
+                          "mhz_mean": round(sum(clocks) / len(clocks)), "reasons": last["reasons"] if last else None}
+        half = times[first[1]:] if first is not None else times[len(times) // 2:]
+    else:
+        half = times[len(times) // 2:]
     return sum(half) / len(half)
 
 
@@ -263,6 +318,7 @@ def main() -> None:
                        "launch_s": round(min(launches), 5), "graph_s": round(graph_s, 5) if graph_s else None,
                        "graph_max_abs_diff": graph_diff if graph_s else None,
                        "sustained_s": round(sustain, 5) if sustain else None,
+                       "sustained_energy": ENERGY.pop("last", None) if sustain else None,
                        "tflops_forward": round(b * FLOP_PER_SAMPLE / forward_s / 1e12, 1) if not args.tiny else None,
                        "tflops_graph": round(b * FLOP_PER_SAMPLE / graph_s / 1e12, 1) if graph_s and not args.tiny else None}
                 RESULTS["rows"].append(row)

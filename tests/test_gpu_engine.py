@@ -259,3 +259,27 @@ def test_vae_decoder_speedups_on_cuda_match_diffusers():
     q, k, v = (torch.randn(2, 1, 1024, 512, device="cuda", generator=g).to(torch.bfloat16) for _ in range(3))
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v).float()
     torch.testing.assert_close(attention_scores(q, k, v).float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_pending_calls_decode_on_their_own_stream_with_the_same_pixels():
+    """A "pending" call decodes on the engine's decode stream, so the next call is set up and queued
+    while it decodes (the main stream never waits for it): back-to-back pending calls give the
+    pixels of "pil" calls, in a compiled engine with CUDA graphs and a chunked VAE decode too."""
+    from rayimg.render.engine import Engine, GenerationRequest
+
+    cfg = ModelConfig(pretrained=SDXL, device="cuda", dtype="bfloat16")
+    for options in ({}, {"compile": True, "compile_mode": "reduce-overhead", "compile_vae": True, "vae_batch": 2}):
+        engine = Engine(load_pipeline(cfg), batch_invariant=False, **options)
+        batches = [[GenerationRequest(prompt=f"a blue star {b}-{i}", steps=3, width=64, height=64, seed=10 * b + i) for i in range(3)]
+                   for b in range(3)]
+        expected = [[np.asarray(im) for im in engine.generate(batch)] for batch in batches]
+        main = torch.cuda.current_stream()
+        pending = [engine.generate(batch, output_type="pending") for batch in batches]  # queued back to back
+        assert engine._decode_stream is not None and torch.cuda.current_stream() == main
+        for want, got in zip(expected, pending):
+            for w, p in zip(want, got):
+                np.testing.assert_array_equal(np.asarray(p.result()), w)
+        engine.overlap_decode = False
+        again = engine.generate(batches[0], output_type="pending")
+        for w, p in zip(expected[0], again):
+            np.testing.assert_array_equal(np.asarray(p.result()), w)

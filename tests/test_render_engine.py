@@ -1126,7 +1126,7 @@ def test_vae_batch_decodes_in_chunks_with_the_same_pixels(cache_dir):
     fresh = _load(cache_dir)
     plain = Engine(fresh.pipeline).generate(batch, output_type="np")
     chunked_engine = Engine.from_config(fresh.pipeline, EngineConfig(vae_batch=2, batch_invariant=False))
-    assert chunked_engine.vae_batch == 2 and fresh.pipeline.vae.decode.images == 2
+    assert chunked_engine.vae_batch == 2 and fresh.pipeline.vae.decode.inner.images == 2
     for a, b in zip(plain, chunked_engine.generate(batch, output_type="np")):
         np.testing.assert_allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="vae_batch"):
