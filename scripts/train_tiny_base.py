@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rayimg.configbase import load, to_dict  # noqa: E402
-from rayimg.demo import base_model as bm  # noqa: E402
+from scripts.tiny_base import base_model as bm  # noqa: E402
 from rayimg.demo.shapes import write_imagefolder  # noqa: E402
 from rayimg.models.tiny import load_tokenizer  # noqa: E402
 
@@ -214,7 +214,7 @@ def finish(job, out: Path, path: Path, times: dict, install: bool, config: dict 
 
 
 def report(model_dir: Path, step: int | None = None) -> dict:
-    from rayimg.demo.adherence import measure_adherence
+    from scripts.tiny_base.adherence import measure_adherence
 
     result = measure_adherence(str(model_dir))
     log(f"adherence {f'at step {step}' if step is not None else f'of {model_dir}'}: colour {result['color_accuracy']:.1%}, shape {result['shape_accuracy']:.1%} "

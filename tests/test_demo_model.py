@@ -14,8 +14,8 @@ import torch
 from rayimg.config import DataConfig, ModelConfig
 from rayimg.configbase import load
 from rayimg.data.sources import list_items
-from rayimg.demo import base_model as bm
-from rayimg.demo.adherence import adherence_grid, measure_adherence
+from scripts.tiny_base import base_model as bm
+from scripts.tiny_base.adherence import adherence_grid, measure_adherence
 from rayimg.demo.shapes import BASE_SHAPES, COLORS, write_imagefolder
 from rayimg.models.loader import load_model, resolve_model_dir
 from rayimg.models.tiny import PRETRAINED_MODELS, load_tokenizer

@@ -181,7 +181,7 @@ Rule = tuple[str, Callable[[Path, Path], None]]
 def check_base_model_recipe(path: Path, root: Path) -> None:
     """The recipe of the committed tiny shapes model (scripts/train_tiny_base.py): a BaseModelJob."""
     from rayimg.configbase import load
-    from rayimg.demo.base_model import BaseModelJob
+    from scripts.tiny_base.base_model import BaseModelJob
 
     job = load(BaseModelJob, path)
     with tempfile.TemporaryDirectory() as tmp:

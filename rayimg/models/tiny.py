@@ -23,7 +23,7 @@ import torch
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 # Trained models committed with the repo (diffusers format), loaded by name like the tiny ones:
-# rayimg-tiny-shapes draws coloured shapes from prompts (rayimg/demo/base_model.py, docs/DEMO_MODEL.md).
+# rayimg-tiny-shapes draws coloured shapes from prompts (scripts/tiny_base/base_model.py, docs/DEMO_MODEL.md).
 PRETRAINED_ROOT = Path(__file__).resolve().parent / "pretrained"
 PRETRAINED_MODELS = {"rayimg-tiny-shapes": PRETRAINED_ROOT / "rayimg-tiny-shapes"}
 # Bump when the architecture or init changes: cached tiny models live in a dir named by it.
