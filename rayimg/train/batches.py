@@ -81,3 +81,31 @@ class PixelBatches:
                                            dtype=torch.float32, device=device)
         out["is_class"] = torch.tensor([getattr(it, "kind", "instance") == "class" for it, _ in picked], device=device)
         return out
+
+
+def make_batches(job, records: list[dict], storage, family: str, model_key: str, *, use_embeddings: bool = True):
+    """:class:`CachedBatches` over cache records when ``job.cache`` is set, else
+    :class:`PixelBatches` of the source items, read and transformed here (bad items skipped)."""
+    from rayimg.data.buckets import make_buckets
+    from rayimg.data.cache import CacheReader
+    from rayimg.data.transforms import BadItem, process_item
+
+    if job.cache:
+        return CachedBatches(records, lambda sid: CacheReader.load_shard_from(storage, job.cache, sid), family,
+                             use_embeddings=use_embeddings)
+    t = job.transforms
+    buckets = make_buckets(t.buckets, t.resolution) if t.buckets.enabled else None
+    items = []
+    for r in records:
+        try:
+            caption = r["caption"] if isinstance(r.get("caption"), str) else (
+                storage.read_bytes(r["caption_uri"]) if isinstance(r.get("caption_uri"), str) else None)
+            item = process_item(storage.read_bytes(r["image_uri"]), caption, cfg=t, min_size=job.data.min_size,
+                                model_id=model_key, buckets=buckets)
+        except (BadItem, OSError):
+            continue
+        item.kind = r.get("kind", "instance")
+        items.append(item)
+    if not items:
+        raise ValueError(f"data.source {job.data.source!r}: no usable item")
+    return PixelBatches(items, family)

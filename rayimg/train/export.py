@@ -303,3 +303,22 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def export_trained(out: Path, job, trainee, loaded, weights: dict[str, torch.Tensor]) -> None:
+    """Write what ``job.train.method`` trained into ``out``: LoRA files, a textual-inversion
+    embedding, or (method ``full``) a whole model dir, with the EMA weights when ``train.ema``.
+    ``weights`` are the trainable weights by trainee name (gathered under ZeRO-3)."""
+    out.mkdir(parents=True, exist_ok=True)
+    method = job.train.method
+    if method in ("lora", "dreambooth"):
+        sds = lora_state_dicts(trainee)
+        save_lora(out, loaded.family, sds["unet"], {k: v for k, v in sds.items() if k != "unet"} or None, kohya=job.publish.kohya)
+    elif method == "textual_inversion":
+        save_textual_inversion(out, loaded.family, trainee.learned_embeddings())
+    else:
+        unet_sd = submodule_state_dict(weights, "unet")
+        if trainee.has_ema:
+            trainee.copy_ema_to_unet()
+            unet_sd = {k: v.detach().cpu() for k, v in trainee.unet.state_dict().items()}
+        save_full(out, loaded, unet_sd, prediction_type=job.train.prediction_type)

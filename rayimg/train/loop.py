@@ -1,0 +1,285 @@
+"""The training loop, plain PyTorch: it runs in one process as it runs in each Ray Train worker.
+
+::
+
+    loop = Loop(job, model_cfg, records, model_key=key)   # seeds, builds trainee, data, optimizer
+    loop.load(checkpoint_dir)                              # optional: resume
+    loop.run(report)                                       # while step < total_steps: train_step, validate, save
+
+Each rank draws its batches from (seed, epoch, rank) alone, so the data position is the step
+count and a resumed run sees exactly the batches the uninterrupted run would have. A checkpoint
+holds the trainable weights, optimizer, LR scheduler, EMA, step, losses and every rank's RNG
+state; the final one also holds the exported adapter or model under ``export/``.
+
+How gradients and optimizer state are handled is the backend's business: :class:`TorchBackend`
+(one process, or DDP when the caller wraps the module) lives here; the DeepSpeed one lives with
+the Ray wiring (:mod:`rayimg.run.train`), the only place that imports DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from rayimg.storage import Storage, join
+from rayimg.train.batches import make_batches
+from rayimg.train.optim import build_lr_scheduler, build_optimizer
+from rayimg.train.sampler import batches_per_epoch, epoch_batches, position
+
+__all__ = ["Loop", "Backend", "TorchBackend", "seed_all", "rng_state", "set_rng_state", "LOG_EVERY"]
+
+LOG_EVERY = 10  # steps between progress reports that carry no checkpoint
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Backend(Protocol):
+    """What the loop needs from whatever owns gradients and optimizer state."""
+
+    model: torch.nn.Module          # called on a batch; returns {"loss": ...}
+    optimizer: torch.optim.Optimizer
+    amp_dtype: torch.dtype | None   # autocast dtype of the forward pass; None: no autocast
+    partitions_weights: bool        # weights are sharded across ranks (no validation images)
+
+    def accumulate(self, last: bool) -> contextlib.AbstractContextManager: ...  # around a micro-batch
+    def backward(self, loss: torch.Tensor) -> None: ...
+    def step(self) -> None: ...
+    def save(self, d: Path, rank: int) -> None: ...
+    def load(self, d: Path) -> None: ...
+    def final_weights(self, rank: int) -> tuple[dict[str, torch.Tensor], dict]: ...
+
+
+class TorchBackend:
+    """Plain PyTorch: autocast (+ GradScaler for fp16), clipping and the optimizer step here.
+
+    ``model`` is the module the forward runs through: the trainee itself, or DDP around it
+    (gradients of non-final micro-batches then stay local through ``no_sync``)."""
+
+    partitions_weights = False
+
+    def __init__(self, trainee, job, model: torch.nn.Module | None = None):
+        self.trainee, self.model = trainee, model if model is not None else trainee
+        self.params = trainee.trainable_parameters()
+        self.optimizer = build_optimizer(trainee.param_groups(), job)  # two groups with lora.text_encoder_learning_rate
+        self.max_grad_norm, self.accum = job.train.max_grad_norm, job.train.gradient_accumulation_steps
+        mp = None if job.train.full_bf16 else job.train.mixed_precision
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+        self.scaler = torch.amp.GradScaler(next(trainee.parameters()).device.type) if self.amp_dtype == torch.float16 else None
+
+    def accumulate(self, last: bool):
+        return contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, d: Path, rank: int) -> None:
+        if rank == 0:
+            torch.save(self.final_weights(rank)[0], d / "trainable.pt")
+            torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+
+    def load(self, d: Path) -> None:
+        params = dict(self.trainee.named_parameters())
+        with torch.no_grad():
+            for n, t in torch.load(d / "trainable.pt", map_location="cpu").items():
+                params[n].copy_(t.to(params[n].device, params[n].dtype))
+        self.optimizer.load_state_dict(torch.load(d / "optimizer.pt", map_location="cpu"))
+
+    def final_weights(self, rank: int) -> tuple[dict[str, torch.Tensor], dict]:
+        return {n: p.detach().cpu().clone() for n, p in self.trainee.named_parameters() if p.requires_grad}, {}
+
+
+class Loop:
+    """One rank's training: the trainee, its batches, the backend and the LR schedule.
+
+    Args:
+        model_cfg: the base model (loaded here in float32 on ``device``).
+        records: item records, from the cache (``job.cache``) or the dataset's source items.
+        model_key: ``<model id>@<hash prefix>``, recorded in items encoded on the fly.
+        backend: ``backend(trainee, job) -> Backend``; default :class:`TorchBackend` on the
+            bare trainee. The Ray wiring passes DDP or DeepSpeed here.
+        run_dir: where validation images go (``<run_dir>/validation/step-NNNNNN/``).
+    """
+
+    def __init__(self, job, model_cfg, records: list[dict], *, model_key: str, rank: int = 0, world: int = 1,
+                 device: torch.device = torch.device("cpu"), backend: Callable | None = None, run_dir: str = ""):
+        from rayimg.models.loader import load_model
+        from rayimg.train.trainee import build_trainee, compile_unet
+
+        self.job, self.rank, self.world, self.device, self.run_dir = job, rank, world, device, run_dir
+        seed_all(job.train.seed * 1000 + rank)
+        self.storage = Storage(job.storage)
+        cfg = type(model_cfg)(**{**model_cfg.__dict__, "device": device.type, "dtype": "float32"})
+        self.loaded = load_model(cfg, self.storage)
+        full_bf16 = job.train.full_bf16
+        self.trainee = build_trainee(self.loaded, job, trainable_dtype=torch.bfloat16 if full_bf16 else torch.float32,
+                                     autocast=not full_bf16)
+        compile_unet(self.trainee.unet, job.train.compile)  # in place: parameter names and exports are unchanged
+        self.data = make_batches(job, records, self.storage, self.loaded.family, model_key,
+                                 use_embeddings=not self.trainee.train_text_encoders)
+        self.buckets = self.data.buckets()
+        self.per_epoch = batches_per_epoch(self.buckets, job.train.batch_size, world)
+        self.accum = job.train.gradient_accumulation_steps
+        if job.train.max_steps is not None:
+            self.total_steps = job.train.max_steps
+        else:
+            self.total_steps = max(1, self.per_epoch * job.train.num_epochs // self.accum)
+        self.backend = (backend or TorchBackend)(self.trainee, job)
+        self.lr_scheduler = build_lr_scheduler(self.backend.optimizer, job, self.total_steps)
+        self.step, self.losses = 0, []
+        self.images = 0  # images seen by this rank since the last progress report
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self) -> float:
+        """Forward and backward over ``gradient_accumulation_steps`` micro-batches, one optimizer
+        and LR step; returns the step's loss averaged over micro-batches and ranks."""
+        job, backend, amp = self.job, self.backend, self.backend.amp_dtype
+        micro_losses = []
+        for micro in range(self.accum):
+            epoch, index = position(self.step * self.accum + micro, self.per_epoch)
+            indices = epoch_batches(self.buckets, job.train.batch_size, job.train.seed, epoch, self.rank, self.world)[index]
+            batch = self.data.batch(indices, self.device)
+            with backend.accumulate(last=micro == self.accum - 1):
+                with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                    loss = backend.model(batch)["loss"]
+                backend.backward(loss)
+            micro_losses.append(loss.detach().float())
+            self.images += len(indices)
+        backend.step()
+        self.lr_scheduler.step()
+        self.trainee.after_optimizer_step()
+        if self.trainee.has_ema:
+            self.trainee.ema_step()
+        self.step += 1
+        step_loss = torch.stack(micro_losses).mean()
+        if self.world > 1:
+            import torch.distributed as dist
+
+            # gloo has no AVG
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG if self.device.type == "cuda" else dist.ReduceOp.SUM)
+            if self.device.type != "cuda":
+                step_loss /= self.world
+        self.losses.append(float(step_loss))
+        return self.losses[-1]
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, report: Callable[[dict, Path | None], None] = lambda metrics, checkpoint: None) -> None:
+        """Train to ``total_steps``. ``report(metrics, checkpoint_dir)`` gets every checkpoint
+        (a temporary dir, gone after the call) and, every ``LOG_EVERY`` steps, progress (dir None)."""
+        val, every = self.job.validation, self.job.checkpoint.every_n_steps
+        t_last = time.perf_counter()
+        self.backend.model.train()
+        while self.step < self.total_steps:
+            self.train_step()
+            last = self.step == self.total_steps
+            if self.rank == 0 and val.prompts and val.every_n_steps and (self.step % val.every_n_steps == 0 or last):
+                self.validate()
+            if self.step % every == 0 or last:
+                with tempfile.TemporaryDirectory() as tmp:
+                    report(self.save(Path(tmp), final=last), Path(tmp))
+            elif self.step % LOG_EVERY == 0:
+                now = time.perf_counter()
+                report(self.progress(self.images * self.world / (now - t_last)), None)
+                t_last, self.images = now, 0
+
+    def progress(self, images_per_s: float) -> dict:
+        m = {"step": self.step, "loss": self.losses[-1], "lr": self.lr_scheduler.get_last_lr()[0], "images_per_s": round(images_per_s, 3)}
+        if self.device.type == "cuda":
+            m["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        print(f"[train] step {self.step}: loss {m['loss']:.4f}, lr {m['lr']:.2e}, {m['images_per_s']} images/s", flush=True)
+        return m
+
+    # ------------------------------------------------------------------ checkpoint state in and out
+    def save(self, d: Path, final: bool = False) -> dict:
+        """Write this rank's part of a checkpoint into ``d`` (every rank calls it); with ``final``
+        rank 0 also exports the trained adapter or model into ``d/export``. Returns the metrics."""
+        from rayimg.train.export import export_trained
+
+        torch.save(rng_state(), d / f"rng_rank{self.rank}.pt")
+        self.backend.save(d, self.rank)
+        weights, metrics = self.backend.final_weights(self.rank) if final else (None, {})  # a collective under ZeRO-3
+        if self.rank == 0:
+            torch.save(self.lr_scheduler.state_dict(), d / "lr_scheduler.pt")
+            if self.trainee.has_ema:
+                torch.save(self.trainee.ema_state_dict(), d / "ema.pt")
+            (d / "state.json").write_text(json.dumps({"step": self.step, "losses": self.losses}))
+            if final:
+                export_trained(d / "export", self.job, self.trainee, self.loaded, weights)
+        return {"step": self.step, "loss": self.losses[-1], "lr": self.lr_scheduler.get_last_lr()[0], **metrics}
+
+    def load(self, d: Path) -> None:
+        """Resume from checkpoint dir ``d``: weights, optimizer, schedule, EMA, RNG, step, losses."""
+        self.backend.load(d)
+        self.lr_scheduler.load_state_dict(torch.load(d / "lr_scheduler.pt", map_location="cpu"))
+        if (d / "ema.pt").exists():
+            self.trainee.load_ema_state_dict(torch.load(d / "ema.pt", map_location="cpu"))
+        rng = d / f"rng_rank{self.rank}.pt"
+        if rng.exists():
+            set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))
+        state = json.loads((d / "state.json").read_text())
+        self.step, self.losses = state["step"], state["losses"]
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Render ``validation.prompts`` with the weights as they are now, into
+        ``<run_dir>/validation/step-NNNNNN/``."""
+        from rayimg.render.output import png_bytes
+
+        if self.backend.partitions_weights:
+            print(f"[train] step {self.step}: validation images skipped under ZeRO-3 (weights are partitioned)", flush=True)
+            return
+        val, pipe, amp = self.job.validation, self.loaded.pipeline, self.backend.amp_dtype
+        out = join(self.run_dir, "validation", f"step-{self.step:06d}")
+        was_training = pipe.unet.training
+        pipe.unet.eval()
+        pipe.set_progress_bar_config(disable=True)
+        try:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+                for i, prompt in enumerate(val.prompts):
+                    gen = torch.Generator("cpu").manual_seed(val.seed + i)
+                    image = pipe(prompt, num_inference_steps=val.num_inference_steps, width=self.job.train.resolution,
+                                 height=self.job.train.resolution, generator=gen).images[0]
+                    meta = {"prompt": prompt, "step": self.step, "seed": val.seed + i}
+                    self.storage.write_bytes(join(out, f"{i:02d}.png"), png_bytes(image, meta))
+        finally:
+            pipe.unet.train(was_training)
+        print(f"[train] step {self.step}: {len(val.prompts)} validation image(s) in {out}", flush=True)
