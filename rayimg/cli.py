@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_job(job: str, cfg):
-    """Run a validated job config (imports the job's Ray wiring only now)."""
-    name = f"rayimg.run.{job}"
+    """Run a validated job config (imports the job's Ray wiring only now: ``rayimg.run.<job>``,
+    or the Ray Serve app in ``serving/`` for ``serve``)."""
+    name = "serving.app" if job == "serve" else f"rayimg.run.{job}"
     try:
         module = importlib.import_module(name)
     except ModuleNotFoundError as e:

@@ -2,8 +2,9 @@
 
 Writes are atomic: locally a temp file in the same directory is renamed over the target; on
 S3 an object only becomes visible when its single PUT or its multipart upload completes, so a
-reader never sees half an object. S3 goes through boto3 with endpoint, region and credentials
-from :class:`rayimg.config.StorageConfig` or the standard AWS environment variables.
+reader never sees half an object. S3 goes through boto3; Ray Data and Ray Train reach the same
+buckets through a pyarrow filesystem. Both are built from one :class:`S3Settings`, resolved by
+:func:`s3_settings` from :class:`rayimg.config.StorageConfig` and the standard AWS environment.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import os
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Literal
 
 if TYPE_CHECKING:  # config imports nothing heavy, but keep storage importable on its own
     from rayimg.config import StorageConfig
@@ -103,21 +104,7 @@ class Storage:
         return self._client
 
     def _make_client(self):
-        import boto3
-        from botocore.config import Config
-
-        cfg = self.config
-        endpoint, region = s3_settings(cfg)
-        style = cfg.addressing_style if cfg else "auto"
-        if style == "auto" and endpoint:
-            style = "path"  # self-hosted S3-compatible stores rarely resolve virtual-host buckets
-        session = boto3.session.Session(profile_name=cfg.profile if cfg and cfg.profile else None)
-        return session.client(
-            "s3",
-            endpoint_url=endpoint,
-            region_name=region,
-            config=Config(s3={"addressing_style": style}, retries={"max_attempts": 5, "mode": "standard"}, max_pool_connections=32),
-        )
+        return s3_settings(self.config).boto3_client()
 
     def _transfer_config(self):
         from boto3.s3.transfer import TransferConfig
@@ -313,26 +300,88 @@ class Storage:
         return written
 
 
-def s3_settings(config: "StorageConfig | None") -> tuple[str | None, str]:
-    """(endpoint URL or None for AWS, region) from config, else the standard AWS environment."""
-    endpoint = (config.endpoint_url if config else None) or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    region = (config.region if config else None) or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    return endpoint, region
+S3_ATTEMPTS = 5  # tries per S3 request (standard retry mode), for boto3 and pyarrow alike
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How every S3 client of a job reaches storage: the boto3 client of :class:`Storage` and the
+    pyarrow filesystem of Ray Data and Ray Train checkpoints are both built from one of these,
+    so they cannot drift apart. Make one with :func:`s3_settings`.
+
+    ``access_key``/``secret_key``/``session_token`` are set when the credentials are static or
+    come from a named profile (pyarrow cannot read a profile itself); they are None for
+    credentials that expire and refresh (instance roles, SSO), which each client then resolves
+    and refreshes through the standard AWS chain.
+    """
+
+    endpoint_url: str | None
+    region: str
+    addressing_style: Literal["path", "virtual"]
+    profile: str | None = None
+    access_key: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+
+    def boto3_client(self):
+        import boto3
+        from botocore.config import Config
+
+        session = boto3.session.Session(profile_name=self.profile, aws_access_key_id=self.access_key,
+                                        aws_secret_access_key=self.secret_key, aws_session_token=self.session_token)
+        config = Config(s3={"addressing_style": self.addressing_style}, retries={"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+                        max_pool_connections=32)
+        return session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config)
+
+    def arrow_filesystem(self):
+        from pyarrow import fs
+
+        endpoint = self.endpoint_url
+        if endpoint is None and self.addressing_style == "path":
+            endpoint = f"https://s3.{self.region}.amazonaws.com"  # pyarrow addresses by path only with an explicit endpoint
+        kwargs = {}
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            kwargs.update(endpoint_override=host, scheme=scheme)
+        if self.access_key:
+            kwargs.update(access_key=self.access_key, secret_key=self.secret_key, session_token=self.session_token)
+        return fs.S3FileSystem(region=self.region, force_virtual_addressing=self.addressing_style == "virtual",
+                               retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS), **kwargs)
+
+
+def s3_settings(config: "StorageConfig | None") -> S3Settings:
+    """The S3 settings of a job, each from its ``storage`` section when set, else the standard
+    AWS environment: endpoint (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the profile's
+    ``endpoint_url``; none means AWS S3), region (AWS_REGION, AWS_DEFAULT_REGION, the profile's
+    ``region``, else us-east-1), profile (AWS_PROFILE, else the default chain) and credentials
+    (the profile's, or the standard chain's). Addressing ``auto`` is path-style for an explicit
+    endpoint (self-hosted stores rarely resolve bucket host names) and virtual-hosted on AWS."""
+    import botocore.session
+    from botocore.credentials import RefreshableCredentials
+
+    profile = (config.profile if config else None) or os.environ.get("AWS_PROFILE") or None
+    session = botocore.session.Session(profile=profile)
+    endpoint = ((config.endpoint_url if config else None) or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL") or session.get_scoped_config().get("endpoint_url"))
+    region = ((config.region if config else None) or os.environ.get("AWS_REGION") or session.get_config_variable("region")
+              or "us-east-1")
+    style = config.addressing_style if config else "auto"
+    if style == "auto":
+        style = "path" if endpoint else "virtual"
+    keys = {}
+    credentials = session.get_credentials()
+    if credentials is not None and (profile or not isinstance(credentials, RefreshableCredentials)):
+        frozen = credentials.get_frozen_credentials()
+        keys = dict(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
+    return S3Settings(endpoint_url=endpoint, region=region, addressing_style=style, profile=profile, **keys)
 
 
 def arrow_filesystem(config: "StorageConfig | None", uri: str):
-    """(pyarrow filesystem or None, path) for Ray Data readers and Ray Train storage, with the
-    same S3 endpoint and region as :class:`Storage` uses."""
+    """(pyarrow filesystem or None, path) for Ray Data readers and Ray Train storage: the same
+    endpoint, region, addressing style and credentials as :class:`Storage` (:func:`s3_settings`)."""
     if not is_s3(uri):
         return None, str(local_path(uri))
-    from pyarrow import fs
-
-    endpoint, region = s3_settings(config)
-    kwargs = {"region": region}
-    if endpoint:
-        scheme, _, host = endpoint.partition("://")
-        kwargs.update(endpoint_override=host, scheme=scheme)
-    return fs.S3FileSystem(**kwargs), uri[len("s3://"):]
+    return s3_settings(config).arrow_filesystem(), uri[len("s3://"):]
 
 
 def content_hash(infos: list[ObjectInfo]) -> str:

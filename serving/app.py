@@ -41,15 +41,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rayimg.config import ServeJob, absolute_paths, load_job
-from rayimg.serve.errors import ApiError
-from rayimg.serve.schema import GenerateBody, Img2ImgBody
+from rayimg.config import ConfigError, ServeJob, absolute_paths, load_job
+from rayimg.storage import Storage
+from serving.errors import ApiError
+from serving.image_cache import ImageStore
+from serving.metrics import CONTENT_TYPE, ServeMetrics
+from serving.schema import GenerateBody, Img2ImgBody, adapter_set_id, parse_adapter_set_id, settings_for
 
 logger = logging.getLogger("ray.serve")
 
-import rayimg.serve
-
-PAGE = Path(rayimg.serve.__file__).with_name("page.html")
+PAGE = Path(__file__).with_name("page.html")
 
 
 # --------------------------------------------------------------------------- generator replicas
@@ -70,10 +71,8 @@ class GeneratorBase:
     from config)."""
 
     def __init__(self, job: ServeJob, renderer_factory=None):
-        from rayimg.render.adapter_store import AdapterStore
+        from rayimg.registry import AdapterStore
         from rayimg.render.renderer import Renderer
-        from rayimg.serve.image_cache import ImageStore
-        from rayimg.storage import Storage
 
         self.job = job
         self.storage = Storage(job.storage)
@@ -97,8 +96,6 @@ class GeneratorBase:
 
     # ------------------------------------------------------------------ adapters
     def _load_set(self, set_id: str) -> AdapterSet:
-        from rayimg.serve.schema import parse_adapter_set_id
-
         start = time.perf_counter()
         weights, tiers = {}, {}
         for name, version in parse_adapter_set_id(set_id):
@@ -121,10 +118,9 @@ class GeneratorBase:
             return {"error": e.as_dict(), "stats": self.snapshot()}
 
     async def _generate(self, payload: dict) -> dict:
-        from rayimg.render.adapter_store import AdapterCorrupt, AdapterNotFound
+        from rayimg.registry import AdapterCorrupt, AdapterNotFound
         from rayimg.render.adapters import LoraError
         from rayimg.render.engine import GenerationRequest
-        from rayimg.serve.schema import adapter_set_id
 
         started = time.perf_counter()
         s = payload["settings"]
@@ -335,9 +331,7 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
     @serve.ingress(api)
     class Ingress:
         def __init__(self, generator, job: ServeJob):
-            from rayimg.render.adapter_store import AdapterStore
-            from rayimg.serve.metrics import ServeMetrics
-            from rayimg.storage import Storage
+            from rayimg.registry import AdapterStore
 
             self.generator = generator
             self.job = job
@@ -346,7 +340,7 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
             self.metrics = ServeMetrics()
 
         async def _resolve(self, adapters: list[dict]) -> list[dict]:
-            from rayimg.render.adapter_store import AdapterNotFound
+            from rayimg.registry import AdapterNotFound
 
             out = []
             for a in adapters:
@@ -359,8 +353,6 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
 
         async def _run(self, route: str, body) -> dict:
             from ray.serve.exceptions import BackPressureError
-
-            from rayimg.serve.schema import adapter_set_id, settings_for
 
             settings = settings_for(body, self.job.defaults, self.job.limits, max_timeout_s=self.job.http.request_timeout_s)
             settings["adapters"] = await self._resolve(settings["adapters"])
@@ -413,7 +405,7 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
             return await self._measured("/v1/adapters", lambda: asyncio.to_thread(self._list_adapters))
 
         def _list_adapters(self) -> dict:
-            from rayimg.train.registry import list_adapters
+            from rayimg.registry import list_adapters
 
             out = []
             for name, versions in list_adapters(self.storage, self.job.registry).items():
@@ -430,8 +422,6 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
 
         @api.get("/metrics", summary="Prometheus metrics", response_class=Response)
         async def metrics(self) -> Response:
-            from rayimg.serve.metrics import CONTENT_TYPE
-
             return Response(self.metrics.text(), media_type=CONTENT_TYPE)
 
         @api.get("/", summary="Web page", response_class=HTMLResponse, include_in_schema=False)
@@ -448,8 +438,6 @@ def _api_key_sha256(job: ServeJob) -> str | None:
         return None
     key = os.environ.get(name)
     if not key:
-        from rayimg.config import ConfigError
-
         raise ConfigError("http.api_key_env", f"names {name}, but that environment variable is not set (unset api_key_env to disable auth)")
     return hashlib.sha256(key.encode()).hexdigest()
 
@@ -486,7 +474,7 @@ def start(job: ServeJob, renderer_factory=None) -> str:
     ``POST {base_url}/v1/generate`` with ``{"prompt": "..."}``. The app serves until
     ``serve.delete(job.app_name)`` or ``serve.shutdown()``.
     """
-    from rayimg.cluster import connect
+    from rayimg.run.cluster import connect
 
     connect(job.cluster)
     serve.start(http_options={"host": job.http.host, "port": job.http.port})

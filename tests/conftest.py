@@ -92,7 +92,7 @@ def publish_tiny_lora():
     from rayimg.models.loader import load_model
     from rayimg.storage import Storage
     from rayimg.train.export import lora_state_dicts, save_lora
-    from rayimg.train.registry import publish_adapter
+    from rayimg.registry import publish_adapter
     from rayimg.train.trainee import build_trainee
 
     state = {}

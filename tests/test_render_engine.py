@@ -788,10 +788,10 @@ def test_render_stream_loads_the_next_batchs_adapters_while_a_batch_denoises(cac
     """A stream over batches with different adapters: each batch's adapters reach the store's CPU
     tier during the batch before it; when the swap leaves the text encoders alone, the prompts are
     encoded ahead too. PNGs are those of batch-by-batch renders."""
-    from rayimg.render.adapter_store import AdapterNotFound, AdapterStore
+    from rayimg.registry import AdapterNotFound, AdapterStore
     from rayimg.render.renderer import Renderer
     from rayimg.storage import Storage
-    from rayimg.train.registry import publish_adapter
+    from rayimg.registry import publish_adapter
 
     model = _load(cache_dir)
     registry = str(tmp_path / "registry")
@@ -894,9 +894,9 @@ def test_fp8_feed_forward_set_stays_close_follows_swaps_and_has_its_own_key(cach
 
 
 def test_adapter_store_loads_in_parts_and_cleans_up_when_abandoned(cache_dir, loras, tmp_path):
-    from rayimg.render.adapter_store import WEIGHT_FILE, AdapterCorrupt, AdapterStore
+    from rayimg.registry import WEIGHT_FILE, AdapterCorrupt, AdapterStore
     from rayimg.storage import Storage
-    from rayimg.train.registry import publish_adapter
+    from rayimg.registry import publish_adapter
 
     registry = str(tmp_path / "registry")
     for name in ("a", "b"):

@@ -28,7 +28,7 @@ def make_adapter(registry: str, name: str, seed: int) -> None:
 
     from rayimg.config import TrainJob
     from rayimg.train.export import lora_state_dicts, save_lora
-    from rayimg.train.registry import publish_adapter
+    from rayimg.registry import publish_adapter
     from rayimg.train.trainee import build_trainee
 
     loaded = load_model(ModelConfig(device="cpu"))

@@ -222,7 +222,7 @@ def test_concurrent_requests_for_a_cold_adapter_download_it_once(main_app):
 
 
 def test_adapter_store_single_flight_across_threads(s3_registry, tmp_path):
-    from rayimg.render.adapter_store import AdapterStore
+    from rayimg.registry import AdapterStore
 
     store = AdapterStore(Storage(), s3_registry, disk_dir=str(tmp_path))
     store.metadata("style-c", "1")  # adapter.json read: every thread goes straight for the weights

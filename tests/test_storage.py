@@ -92,6 +92,92 @@ def test_config_endpoint_overrides_environment(s3_server, s3_bucket, monkeypatch
     assert st.read_bytes(f"s3://{s3_bucket}/k") == b"v"
 
 
+@pytest.fixture
+def recording_s3(s3_server):
+    """A second loopback S3 endpoint (moto, sharing the session server's buckets) that records,
+    for every request, the access key and region it was signed with, the Host header, the path
+    and the client (user agent)."""
+    import threading
+
+    from moto.moto_server.threaded_moto_server import MotoRequestHandler
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    app = DomainDispatcherApplication(create_backend_app)
+    seen = []
+
+    def recording(environ, start_response):
+        signed = re.search(r"Credential=([^/]+)/\d+/([^/]+)/s3/", environ.get("HTTP_AUTHORIZATION", ""))
+        seen.append({"key": signed and signed.group(1), "region": signed and signed.group(2), "host": environ.get("HTTP_HOST"),
+                     "path": environ.get("PATH_INFO"), "agent": environ.get("HTTP_USER_AGENT", "")})
+        return app(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, recording, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://localhost:{server.server_port}", seen  # a host name: virtual-hosted addressing would show in Host
+    server.shutdown()
+    thread.join()
+
+
+def test_boto3_and_arrow_use_the_same_profile_endpoint_and_addressing(recording_s3, s3_bucket, tmp_path, monkeypatch):
+    """Storage (boto3) and arrow_filesystem (Ray Data, Ray Train checkpoints) read and write
+    through one named profile whose keys and region exist only in a temporary AWS config: every
+    request of both clients is signed with those keys for that region, goes to the configured
+    endpoint and names the bucket in the path."""
+    from rayimg.storage import arrow_filesystem, s3_settings
+
+    endpoint, seen = recording_s3
+    (tmp_path / "config").write_text("[profile rayimg-test]\nregion = eu-west-3\n")
+    (tmp_path / "credentials").write_text("[rayimg-test]\naws_access_key_id = AKIAPROFILEONLY\n"
+                                          "aws_secret_access_key = profile-only-secret\n")
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+                 "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    cfg = StorageConfig(endpoint_url=endpoint, profile="rayimg-test", addressing_style="path")
+
+    settings = s3_settings(cfg)
+    assert (settings.endpoint_url, settings.region, settings.addressing_style, settings.access_key) == (
+        endpoint, "eu-west-3", "path", "AKIAPROFILEONLY")
+    st = Storage(cfg)
+    st.write_bytes(f"s3://{s3_bucket}/from-boto3.txt", b"boto3")
+    fs, path = arrow_filesystem(cfg, f"s3://{s3_bucket}/from-arrow.txt")
+    assert path == f"{s3_bucket}/from-arrow.txt"
+    with fs.open_output_stream(path) as f:
+        f.write(b"arrow")
+    with fs.open_input_stream(f"{s3_bucket}/from-boto3.txt") as f:
+        assert f.read() == b"boto3"
+    assert st.read_bytes(f"s3://{s3_bucket}/from-arrow.txt") == b"arrow"
+
+    agents = {"boto3" if "Boto3" in r["agent"] else "arrow" if "aws-sdk-cpp" in r["agent"] else r["agent"] for r in seen}
+    assert agents == {"boto3", "arrow"}
+    for request in seen:
+        assert (request["key"], request["region"]) == ("AKIAPROFILEONLY", "eu-west-3"), request
+        assert request["host"] == endpoint.removeprefix("http://") and request["path"].startswith(f"/{s3_bucket}"), request
+
+
+def test_s3_settings_fall_back_to_the_aws_environment(monkeypatch, tmp_path):
+    from rayimg.storage import s3_settings
+
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_REGION", "ap-south-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAENV")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret")
+    env = s3_settings(None)
+    assert (env.endpoint_url, env.region, env.addressing_style, env.access_key) == ("http://127.0.0.1:9", "ap-south-1", "path", "AKIAENV")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    aws = s3_settings(StorageConfig(region="eu-central-1"))
+    assert (aws.endpoint_url, aws.region, aws.addressing_style) == (None, "eu-central-1", "virtual")
+    assert s3_settings(StorageConfig(addressing_style="path")).arrow_filesystem().__reduce__()[1][0]["endpoint_override"] == \
+        "s3.ap-south-1.amazonaws.com"
+
+
 def test_s3_multipart_upload_is_invisible_until_complete(storage, s3_bucket, tmp_path):
     s3 = storage.s3
     key = "big/object.bin"

@@ -33,7 +33,7 @@ from rayimg.train.export import (
     textual_inversion_embeddings,
 )
 from rayimg.train.optim import build_lr_scheduler, build_optimizer, steps_per_epoch, total_steps
-from rayimg.train.registry import RegistryError, adapter_metadata, list_adapters, publish_adapter, resolve_adapter
+from rayimg.registry import RegistryError, adapter_metadata, list_adapters, publish_adapter, resolve_adapter
 from rayimg.train.trainee import build_trainee
 
 SD, SDXL = "rayimg-tiny-sd", "rayimg-tiny-sdxl"

@@ -37,7 +37,7 @@ def run(cfg: DemoJob) -> dict:
     import ray
     from PIL import Image
 
-    from rayimg.cluster import connect
+    from rayimg.run.cluster import connect
     from rayimg.demo.contact_sheet import contact_sheet
     from rayimg.demo.judge import judge
     from rayimg.demo.shapes import BASE_SHAPES, dataset_specs, write_imagefolder
@@ -209,24 +209,17 @@ def _serve_one(cfg: DemoJob, registry: Path, version: str, prompt: str, say) -> 
     """Start the Serve app (serving.app.start), POST one /v1/generate with the adapter, judge the
     answer, and shut Serve down."""
     from PIL import Image
+    from ray import serve
 
     from rayimg.config import ServeJob
     from rayimg.demo.judge import judge
-
-    try:
-        from serving import app as serving_app
-    except ImportError as e:
-        say(f"the Serve app is not available in this checkout ({e}); skipping the HTTP request")
-        return {"status": f"pending: serving.app cannot be imported ({e})"}
-    if not hasattr(serving_app, "start"):
-        return {"status": "pending: serving.app has no start(job) yet"}
-    from ray import serve
+    from serving.app import start
 
     job = ServeJob(model=cfg.model, cluster=cfg.cluster, registry=str(registry), defaults=cfg.generation,
                    num_cpus_per_replica=0.5, num_cpus_ingress=0.25, app_name="rayimg-demo")
     job.validate()
     started = time.perf_counter()
-    url = serving_app.start(job)
+    url = start(job)
     say(f"Serve app up at {url} in {time.perf_counter() - started:.0f}s (web page {url}/)")
     body = {"prompt": prompt, "seed": cfg.seeds[0], "adapters": [{"name": cfg.adapter_name, "version": version}]}
     request = urllib.request.Request(f"{url}/v1/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -235,8 +228,7 @@ def _serve_one(cfg: DemoJob, registry: Path, version: str, prompt: str, say) -> 
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())
         seconds = time.perf_counter() - t
-        b64 = _find_b64(answer)
-        image = Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
+        image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0]["b64_json"]))).convert("RGB")
         path = Path(cfg.output_dir) / "served.png"
         image.save(path)
         verdict = judge(image)
@@ -246,21 +238,3 @@ def _serve_one(cfg: DemoJob, registry: Path, version: str, prompt: str, say) -> 
     finally:
         serve.shutdown()
 
-
-def _find_b64(answer) -> str:
-    """The first base64 PNG in the server's JSON answer."""
-    if isinstance(answer, dict):
-        if isinstance(answer.get("b64_json"), str):
-            return answer["b64_json"]
-        values = answer.values()
-    elif isinstance(answer, list):
-        values = answer
-    else:
-        values = []
-    for value in values:
-        if isinstance(value, (dict, list)):
-            try:
-                return _find_b64(value)
-            except ValueError:
-                pass
-    raise ValueError(f"no b64_json image in the server's answer: {str(answer)[:300]}")

@@ -191,7 +191,7 @@ def _item_dataset(cfg: PrepareJob, storage: Storage, fmt: str):
 def run(cfg: PrepareJob) -> dict:
     import ray
 
-    from rayimg.cluster import connect
+    from rayimg.run.cluster import connect
     from rayimg.models.loader import check_family, model_id_and_hash, resolve_model_dir
 
     t0 = time.perf_counter()

@@ -124,7 +124,7 @@ class RenderRows:
     """An actor holding the model; renders each batch grouped by batch key."""
 
     def __init__(self, job: RenderJob):
-        from rayimg.render.adapter_store import AdapterStore
+        from rayimg.registry import AdapterStore
         from rayimg.render.renderer import Renderer
 
         self.job = job
@@ -241,9 +241,9 @@ def finalize(storage: Storage, root: str) -> dict:
 def run(job: RenderJob) -> dict:
     import ray
 
-    from rayimg.cluster import connect
+    from rayimg.run.cluster import connect
     from rayimg.models.loader import check_family, resolve_model_dir
-    from rayimg.train.registry import list_adapters
+    from rayimg.registry import list_adapters
 
     t0 = time.perf_counter()
     job = absolute_paths(job)

@@ -4,6 +4,6 @@
   returns the loss (LoRA, DreamBooth, textual inversion, full fine-tune);
 - :mod:`rayimg.train.optim`: optimizer, LR schedule, step counts;
 - :mod:`rayimg.train.export`: LoRA (diffusers + kohya), textual inversion and full-model files;
-- :mod:`rayimg.train.registry`: publish and resolve adapters under ``<root>/adapters/<name>/<version>/``;
+- the registry the exported files are published to lives in :mod:`rayimg.registry`;
 - :mod:`rayimg.train.deepspeed_config`: the DeepSpeed config dict built from the job.
 """

@@ -26,8 +26,8 @@ from rayimg.storage import Storage, join
 from rayimg.train.export import file_sha256
 
 __all__ = [
-    "METADATA_NAME", "RegistryError", "adapter_metadata", "publish_adapter", "list_adapters", "resolve_adapter",
-    "adapter_uri", "check_name",
+    "METADATA_NAME", "RegistryError", "AdapterNotFound", "adapter_metadata", "publish_adapter", "list_adapters",
+    "resolve_adapter", "adapter_uri", "check_name",
 ]
 
 METADATA_NAME = "adapter.json"
@@ -38,10 +38,14 @@ class RegistryError(ValueError):
     """A registry operation was refused or found nothing; the message names the adapter."""
 
 
-def check_name(name: str, what: str = "adapter name") -> str:
+class AdapterNotFound(RegistryError, LookupError):
+    """No such adapter or version in the registry (or a name no adapter can have)."""
+
+
+def check_name(name: str, what: str = "adapter name", error: type[RegistryError] = RegistryError) -> str:
     name = str(name)
     if not ADAPTER_NAME_RE.match(name):
-        raise RegistryError(f"{what} {name!r} is not allowed: it must match {ADAPTER_NAME_RE.pattern}")
+        raise error(f"{what} {name!r} is not allowed: it must match {ADAPTER_NAME_RE.pattern}")
     return name
 
 
@@ -145,17 +149,18 @@ def list_adapters(storage: Storage, registry_root: str) -> dict[str, list[str]]:
 
 
 def resolve_adapter(storage: Storage, registry_root: str, name: str, version: str | int | None = None) -> tuple[str, str, dict]:
-    """(version, uri, metadata) of ``name`` at ``version``, or its latest complete version."""
-    check_name(name)
+    """(version, uri, metadata) of ``name`` at ``version``, or its latest complete version;
+    :class:`AdapterNotFound` when there is none."""
+    check_name(name, error=AdapterNotFound)
     if version is None:
         versions = _versions(storage, registry_root, name, complete_only=True)
         if not versions:
-            raise RegistryError(f"adapter {name!r} has no published version under {join(registry_root, 'adapters')}")
+            raise AdapterNotFound(f"adapter {name!r} has no published version under {join(registry_root, 'adapters')}")
         version = versions[-1]
-    version = check_name(str(version), f"version of adapter {name!r}")
+    version = check_name(str(version), f"version of adapter {name!r}", AdapterNotFound)
     uri = adapter_uri(registry_root, name, version)
     try:
         metadata = json.loads(storage.read_text(join(uri, METADATA_NAME)))
     except FileNotFoundError:
-        raise RegistryError(f"adapter {name!r} version {version!r} is not published (no {METADATA_NAME} at {uri})") from None
+        raise AdapterNotFound(f"adapter {name!r} version {version!r} is not published (no {METADATA_NAME} at {uri})") from None
     return version, uri, metadata

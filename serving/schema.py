@@ -18,7 +18,7 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from rayimg.config import ADAPTER_NAME_RE, SCHEDULERS, GenerationConfig, LimitsConfig
-from rayimg.serve.errors import ApiError
+from serving.errors import ApiError
 
 MAX_ADAPTERS = 8
 NAME_PATTERN = ADAPTER_NAME_RE.pattern

@@ -2,10 +2,11 @@
 -> device (GPU).
 
 Each tier is LRU-bounded by count and bytes. The device tier holds copies of the CPU weights on
-the accelerator (packed, one transfer; what makes a warm swap fast); it is skipped when the
-device is the CPU. Concurrent requests for the same adapter share one download and one load. The file's sha256 must equal the one in
-``adapter.json``; only safetensors is ever read. ``latest`` is re-resolved every ``refresh_s``
-seconds, so newly published versions are picked up without a restart.
+the accelerator (packed, one transfer: what makes a warm swap fast); it is skipped when the
+device is the CPU. Concurrent requests for the same adapter share one download and one load.
+The file's sha256 must equal the one in ``adapter.json``; only safetensors is ever read.
+``latest`` is re-resolved every ``refresh_s`` seconds, so newly published versions are picked
+up without a restart.
 """
 
 from __future__ import annotations
@@ -20,15 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generator, Iterator
 
+from rayimg.registry.versions import AdapterNotFound, resolve_adapter
+from rayimg.render.adapters import LORA_WEIGHT_NAME as WEIGHT_FILE
 from rayimg.render.adapters import LoraWeights, load_lora_bytes, load_lora_file
 from rayimg.storage import Storage, join
-from rayimg.train.registry import RegistryError, resolve_adapter
 
-WEIGHT_FILE = "pytorch_lora_weights.safetensors"
-
-
-class AdapterNotFound(LookupError):
-    """No such adapter or version in the registry."""
+__all__ = ["AdapterStore", "AdapterNotFound", "AdapterCorrupt", "WEIGHT_FILE"]
 
 
 class AdapterCorrupt(ValueError):
@@ -49,11 +47,10 @@ class StoreStats:
     disk: TierStats = field(default_factory=TierStats)
     cpu: TierStats = field(default_factory=TierStats)
     device: TierStats = field(default_factory=TierStats)
-    downloads_by_adapter: dict = field(default_factory=dict)  # "name@version" -> downloads
 
     def as_dict(self) -> dict:
         return {"downloads": self.downloads, "loads": self.loads, "disk": vars(self.disk).copy(), "cpu": vars(self.cpu).copy(),
-                "device": vars(self.device).copy(), "downloads_by_adapter": dict(self.downloads_by_adapter)}
+                "device": vars(self.device).copy()}
 
 
 class AdapterStore:
@@ -101,10 +98,7 @@ class AdapterStore:
             cached = self._latest.get(name)
         if cached and now - cached[1] < self.refresh_s:
             return cached[0]
-        try:
-            resolved, _uri, meta = resolve_adapter(self.storage, self.registry, name, None)
-        except RegistryError as e:
-            raise AdapterNotFound(str(e)) from None
+        resolved, _uri, meta = resolve_adapter(self.storage, self.registry, name, None)
         with self._lock:
             self._latest[name] = (resolved, now)
             self._metadata[(name, resolved)] = meta
@@ -115,10 +109,7 @@ class AdapterStore:
         with self._lock:
             if key in self._metadata:
                 return self._metadata[key]
-        try:
-            _v, _uri, meta = resolve_adapter(self.storage, self.registry, name, version)
-        except RegistryError as e:
-            raise AdapterNotFound(str(e)) from None
+        _v, _uri, meta = resolve_adapter(self.storage, self.registry, name, version)
         with self._lock:
             self._metadata[key] = meta
         return meta
@@ -133,39 +124,28 @@ class AdapterStore:
         version = self.resolve(name, version)
         key = (name, version)
         with self._lock:
-            if key in self._cpu:
-                self._cpu.move_to_end(key)
-                self.stats.cpu.hits += 1
-                return version, self._cpu[key], "cpu"
+            if (weights := self._cpu_hit(key)) is not None:
+                return version, weights, "cpu"
             gate = self._inflight.setdefault(key, threading.Lock())
         with gate:  # one download and one load per adapter, however many ask at once
             with self._lock:
-                if key in self._cpu:
-                    self._cpu.move_to_end(key)
-                    self.stats.cpu.hits += 1
-                    return version, self._cpu[key], "cpu"
-                self.stats.cpu.misses += 1
+                if (weights := self._cpu_hit(key)) is not None:
+                    return version, weights, "cpu"
             try:
-                path, tier, data = self._on_disk(name, version)
-                # the file's digest was checked against adapter.json on its way to the disk tier;
-                # the bytes read for that check are parsed as they are (the file is read once)
-                sha = (self.metadata(name, version).get("weights") or {}).get(WEIGHT_FILE)
-                if data is not None:
-                    weights = load_lora_bytes(data, name=f"{name}@{version}", unet_config=self.unet_config, sha256=sha)
-                else:
-                    weights = load_lora_file(path, name=f"{name}@{version}", unet_config=self.unet_config, sha256=sha)
-                del data
-                # one flat buffer per dtype, page-locked when a GPU is present: a warm swap is
-                # then one fast host-to-device copy instead of a gather plus a pageable copy
-                weights = weights.packed(pin=_can_pin())
+                weights, tier = _run(self._load(name, version))
             finally:
                 with self._lock:
                     self._inflight.pop(key, None)
-            with self._lock:
-                self.stats.loads += 1
-                self._cpu[key] = weights
-                self._evict_cpu()
+            self._keep(key, weights)
         return version, weights, tier
+
+    def _cpu_hit(self, key: tuple[str, str]) -> LoraWeights | None:
+        """The CPU tier's weights for ``key`` (a hit, counted), or None; the lock is held."""
+        if key in self._cpu:
+            self._cpu.move_to_end(key)
+            self.stats.cpu.hits += 1
+            return self._cpu[key]
+        return None
 
     def get_on(self, name: str, version: str | None, device) -> tuple[str, LoraWeights, str]:
         """(version, weights on ``device``, tier it came from: 'device', 'cpu', 'disk' or
@@ -206,8 +186,16 @@ class AdapterStore:
             if key in self._cpu:
                 return
         yield
-        path, _tier, data = yield from self._on_disk_steps(name, version)
+        weights, _tier = yield from self._load(name, version)
+        self._keep(key, weights)
+
+    def _load(self, name: str, version: str) -> Generator[None, None, tuple[LoraWeights, str]]:
+        """(packed CPU weights, tier the file came from: 'disk' or 'storage'), yielding between
+        the download, the check and the parse."""
+        path, tier, data = yield from self._on_disk_steps(name, version)
         yield
+        # the file's digest was checked against adapter.json on its way to the disk tier;
+        # the bytes read for that check are parsed as they are (the file is read once)
         sha = (self.metadata(name, version).get("weights") or {}).get(WEIGHT_FILE)
         label = f"{name}@{version}"
         if data is not None:
@@ -216,7 +204,12 @@ class AdapterStore:
             weights = load_lora_file(path, name=label, unet_config=self.unet_config, sha256=sha)
         del data
         yield
-        weights = weights.packed(pin=_can_pin())
+        # one flat buffer per dtype, page-locked when a GPU is present: a warm swap is then one
+        # fast host-to-device copy instead of a gather plus a pageable copy
+        return weights.packed(pin=_can_pin()), tier
+
+    def _keep(self, key: tuple[str, str], weights: LoraWeights) -> None:
+        """Put freshly loaded weights in the CPU tier (unless a concurrent load got there first)."""
         with self._lock:
             if key not in self._cpu:
                 self.stats.cpu.misses += 1
@@ -224,18 +217,10 @@ class AdapterStore:
                 self._cpu[key] = weights
                 self._evict_cpu()
 
-    def _on_disk(self, name: str, version: str) -> tuple[Path, str, bytes | None]:
-        """The verified local file, where it came from ('disk' or 'storage'), and its bytes when
-        they were read to verify it (None when the file was verified before)."""
-        steps = self._on_disk_steps(name, version)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
-
     def _on_disk_steps(self, name: str, version: str) -> Generator[None, None, tuple[Path, str, bytes | None]]:
-        """:meth:`_on_disk`, yielding between the download and the check."""
+        """The verified local file, where it came from ('disk' or 'storage'), and its bytes when
+        they were read to verify it (None when the file was verified before); yields between
+        the download and the check."""
         key = (name, version)
         meta = self.metadata(name, version)
         expected = (meta.get("weights") or {}).get(WEIGHT_FILE)
@@ -263,8 +248,6 @@ class AdapterStore:
             raise AdapterNotFound(f"adapter {name!r} version {version!r}: {uri} is missing") from None
         with self._lock:
             self.stats.downloads += 1
-            tag = f"{name}@{version}"
-            self.stats.downloads_by_adapter[tag] = self.stats.downloads_by_adapter.get(tag, 0) + 1
         try:
             yield
         except GeneratorExit:  # abandoned between the parts: no half-checked file is left
@@ -301,16 +284,21 @@ class AdapterStore:
         with self._lock:
             return list(self._cpu)
 
-    def disk_keys(self) -> list[tuple[str, str]]:
-        with self._lock:
-            return list(self._disk)
-
     def tier_sizes(self) -> dict:
         """Adapters and bytes held in each tier now."""
         with self._lock:
             return {"disk": (len(self._disk), sum(size for _, size in self._disk.values())),
                     "cpu": (len(self._cpu), sum(w.nbytes for w in self._cpu.values())),
                     "device": (len(self._device), sum(w.nbytes for w in self._device.values()))}
+
+
+def _run(steps: Generator):
+    """Run a step generator to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 def _can_pin() -> bool:

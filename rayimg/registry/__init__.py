@@ -1,0 +1,24 @@
+"""The adapter registry, used by train (publish), render and serve (resolve, load).
+
+- :mod:`rayimg.registry.versions`: publish, list and resolve adapters under
+  ``<root>/adapters/<name>/<version>/`` (local or s3://), with their ``adapter.json``;
+- :mod:`rayimg.registry.store`: :class:`AdapterStore`, which loads published adapters through
+  bounded cache tiers (storage -> local disk, sha256 checked -> CPU -> device).
+"""
+
+from rayimg.registry.store import WEIGHT_FILE, AdapterCorrupt, AdapterStore
+from rayimg.registry.versions import (
+    METADATA_NAME,
+    AdapterNotFound,
+    RegistryError,
+    adapter_metadata,
+    adapter_uri,
+    list_adapters,
+    publish_adapter,
+    resolve_adapter,
+)
+
+__all__ = [
+    "AdapterCorrupt", "AdapterNotFound", "AdapterStore", "METADATA_NAME", "RegistryError", "WEIGHT_FILE",
+    "adapter_metadata", "adapter_uri", "list_adapters", "publish_adapter", "resolve_adapter",
+]
