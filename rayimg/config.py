@@ -190,31 +190,31 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
 
 @dataclass
 class TrainConfig:
-    """The optimisation loop."""
+    """The optimisation loop (:class:`rayimg.train.loop.Loop`)."""
 
-    method: Literal["lora", "dreambooth", "textual_inversion", "full"] = field("lora", doc="what is trained")
-    resolution: int = field(512, doc="training resolution (multiple of 8)")
-    batch_size: int = field(1, doc="images per worker per step")
-    gradient_accumulation_steps: int = field(1, doc="micro-batches per optimizer step")
-    learning_rate: float = field(1e-4, doc="peak learning rate")
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = field("constant_with_warmup", doc="learning-rate schedule")
-    lr_warmup_steps: int = field(0, doc="warmup steps")
+    method: Literal["lora", "dreambooth", "textual_inversion", "full"] = field("lora", doc="what is trained: 'lora' a style or subject adapter, 'dreambooth' a subject from a few images (data.instance_prompt), 'textual_inversion' a new token, 'full' the whole UNet (large data; DeepSpeed for big models)")
+    resolution: int = field(512, doc="training resolution (multiple of 8); match the base model's (512 SD 1.x, 1024 SDXL) and the cache's")
+    batch_size: int = field(1, doc="images per worker per micro-batch; raise until the GPU memory is full")
+    gradient_accumulation_steps: int = field(1, doc="micro-batches per optimizer step: a larger effective batch without more memory")
+    learning_rate: float = field(1e-4, doc="peak learning rate (LoRA: around 1e-4; full fine-tune: around 1e-5)")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = field("constant_with_warmup", doc="learning-rate schedule over max_steps; 'cosine' or 'linear' decay to 0")
+    lr_warmup_steps: int = field(0, doc="steps the learning rate ramps up from 0; a few hundred steadies full fine-tunes")
     max_steps: Optional[int] = field(1000, doc="optimizer steps; null to train num_epochs instead")
-    num_epochs: Optional[int] = field(None, doc="epochs when max_steps is null")
-    optimizer: Literal["adamw", "adamw8bit"] = field("adamw", doc="optimizer; adamw8bit needs bitsandbytes")
+    num_epochs: Optional[int] = field(None, doc="passes over the data when max_steps is null")
+    optimizer: Literal["adamw", "adamw8bit"] = field("adamw", doc="'adamw8bit' (bitsandbytes) keeps optimizer state in 8 bits: for full fine-tunes short of memory")
     weight_decay: float = field(1e-2, doc="AdamW weight decay")
-    max_grad_norm: float = field(1.0, doc="gradient clipping norm (0 disables)")
-    mixed_precision: Literal["no", "fp16", "bf16"] = field("bf16", doc="autocast precision")
-    gradient_checkpointing: bool = field(False, doc="trade compute for memory in the UNet")
-    full_bf16: bool = field(False, doc="LoRA/DreamBooth: bf16 trainable weights and no autocast, so the whole step (norms included) runs in bf16 (kohya's --full_bf16; faster, slightly less precise updates)")
-    compile: Literal["none", "regional", "full"] = field("none", doc="torch.compile the UNet: 'regional' compiles each repeated block (transformer and ResNet blocks, samplers; quick to compile), 'full' the whole UNet (minutes cold)")
-    snr_gamma: Optional[float] = field(None, doc="min-SNR loss weighting gamma (5.0 is typical); null disables")
-    noise_offset: float = field(0.0, doc="noise offset (0.05-0.1 helps very dark/bright images)")
-    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = field(None, doc="override the scheduler's prediction type")
-    caption_dropout: float = field(0.0, doc="probability of training on an empty caption")
-    ema: bool = field(False, doc="keep an EMA of the weights (full fine-tune)")
-    ema_decay: float = field(0.9999, doc="EMA decay")
-    seed: int = field(0, doc="random seed")
+    max_grad_norm: float = field(1.0, doc="clip the gradient norm to this (0 disables); guards against loss spikes")
+    mixed_precision: Literal["no", "fp16", "bf16"] = field("bf16", doc="precision of the forward pass and frozen weights: 'bf16' on recent GPUs, 'fp16' on GPUs without bf16 (loss-scaled), 'no' (float32) on CPU")
+    gradient_checkpointing: bool = field(False, doc="recompute UNet activations in the backward pass: much less memory, a slower step; for large resolutions or full fine-tunes")
+    full_bf16: bool = field(False, doc="LoRA/DreamBooth: bf16 trainable weights and no autocast, so the whole step (norms included) runs in bf16 (kohya's --full_bf16): a faster step, slightly less precise updates")
+    compile: Literal["none", "regional", "full"] = field("none", doc="torch.compile the UNet for a faster step on GPUs: 'regional' compiles each repeated block (transformer and ResNet blocks, samplers; quick to compile), 'full' the whole UNet (minutes cold); worth it for long runs")
+    snr_gamma: Optional[float] = field(None, doc="min-SNR loss weighting gamma (5.0 is typical): faster convergence; null disables")
+    noise_offset: float = field(0.0, doc="noise offset; 0.05-0.1 lets the model learn very dark or bright images")
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = field(None, doc="override the scheduler's prediction type (e.g. to fine-tune a model into v-prediction); null keeps the model's")
+    caption_dropout: float = field(0.0, doc="probability of training on an empty caption; 0.05-0.1 keeps classifier-free guidance working after a full fine-tune")
+    ema: bool = field(False, doc="full fine-tune: keep an exponential moving average of the UNet and export it (smoother weights for long runs)")
+    ema_decay: float = field(0.9999, doc="EMA decay per step; lower (0.999) for short runs")
+    seed: int = field(0, doc="seed of initial weights, noise and data order: the same seed and config give the same run")
 
     def validate(self) -> None:
         check(self.resolution >= 8 and self.resolution % 8 == 0, "resolution", f"must be a positive multiple of 8, got {self.resolution}")
@@ -237,13 +237,13 @@ class TrainConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapter shape."""
+    """LoRA adapter shape (methods lora and dreambooth)."""
 
-    rank: int = field(16, doc="LoRA rank")
-    alpha: Optional[float] = field(None, doc="LoRA alpha; default equal to rank (scale 1)")
-    dropout: float = field(0.0, doc="LoRA dropout")
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], doc=f"UNet module names to adapt; allowed: {', '.join(LORA_TARGETS)}")
-    train_text_encoder: bool = field(False, doc="also put LoRA on the text encoder(s)")
+    rank: int = field(16, doc="LoRA rank: capacity and file size; 4-8 for a style or subject, 32+ for many concepts")
+    alpha: Optional[float] = field(None, doc="LoRA alpha (the update is scaled by alpha/rank); default equal to rank (scale 1)")
+    dropout: float = field(0.0, doc="LoRA dropout; 0.05-0.1 against overfitting a small dataset")
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], doc=f"UNet module names to adapt (attention by default; add feed-forward and conv layers for more capacity); allowed: {', '.join(LORA_TARGETS)}")
+    train_text_encoder: bool = field(False, doc="also put LoRA on the text encoder(s): helps a new subject's trigger word; needs captions, not cached text embeddings")
     text_encoder_learning_rate: Optional[float] = field(None, doc="peak learning rate of the text encoders' LoRA (same schedule as "
                                                         "the UNet's); null: train.learning_rate. Needs train_text_encoder")
 
@@ -264,9 +264,9 @@ class LoraConfig:
 class DreamBoothConfig:
     """DreamBooth loss settings (the prompts and image dirs live in ``data``)."""
 
-    prior_preservation: bool = field(False, doc="add the prior-preservation loss on class images")
-    prior_loss_weight: float = field(1.0, doc="weight of the prior loss")
-    num_class_images: int = field(100, doc="class images to generate when the class dir has fewer")
+    prior_preservation: bool = field(False, doc="also train on class images (data.class_source) so the model keeps what the class looks like; use when the subject's class must stay generic")
+    prior_loss_weight: float = field(1.0, doc="weight of the class images' loss against the subject's")
+    num_class_images: int = field(100, doc="class images wanted; not generated by the train job: put at least this many in data.class_source")
 
     def validate(self) -> None:
         check(self.prior_loss_weight >= 0, "prior_loss_weight", "must be >= 0")
@@ -275,11 +275,11 @@ class DreamBoothConfig:
 
 @dataclass
 class TextualInversionConfig:
-    """Textual inversion: new token embeddings."""
+    """Textual inversion: a new token whose embedding is learned; the models stay unchanged."""
 
-    placeholder_token: str = field("<concept>", doc="the new token, e.g. '<cat-toy>'")
-    initializer_token: str = field("object", doc="an existing single token the embedding starts from")
-    num_vectors: int = field(1, doc="vectors per token")
+    placeholder_token: str = field("<concept>", doc="the new token, used in prompts, e.g. '<cat-toy>'; must not exist in the tokenizer")
+    initializer_token: str = field("object", doc="an existing single token the embedding starts from; pick the concept's nearest word")
+    num_vectors: int = field(1, doc="vectors behind the token: more capture a complex concept, at the cost of prompt length")
 
     def validate(self) -> None:
         check(self.placeholder_token.strip() != "", "placeholder_token", "must not be empty")
@@ -288,12 +288,12 @@ class TextualInversionConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    """DeepSpeed ZeRO; the JSON config is built from these fields."""
+    """DeepSpeed ZeRO for full fine-tunes; the JSON config is built from these fields and ``train``."""
 
-    enabled: bool = field(False, doc="train through DeepSpeed (full fine-tunes)")
-    stage: Literal[2, 3] = field(2, doc="ZeRO stage")
-    offload_optimizer: bool = field(False, doc="offload optimizer state to CPU")
-    offload_params: bool = field(False, doc="offload parameters to CPU (stage 3 only)")
+    enabled: bool = field(False, doc="train through DeepSpeed: for full fine-tunes whose optimizer state does not fit one GPU")
+    stage: Literal[2, 3] = field(2, doc="ZeRO stage: 2 shards optimizer state and gradients; 3 also the weights (largest models, slower, no validation images)")
+    offload_optimizer: bool = field(False, doc="keep optimizer state in CPU memory: fits larger models, slows the step")
+    offload_params: bool = field(False, doc="keep parameters in CPU memory (stage 3 only): the last resort for memory")
 
     def validate(self) -> None:
         check(not self.offload_params or self.stage == 3, "offload_params", "needs stage 3")
@@ -301,11 +301,11 @@ class DeepSpeedConfig:
 
 @dataclass
 class ScalingConfig:
-    """Ray Train workers."""
+    """Ray Train workers: data-parallel ranks of one run."""
 
-    num_workers: int = field(1, doc="training workers (one per GPU)")
-    use_gpu: bool = field(False, doc="one GPU per worker")
-    cpus_per_worker: float = field(1.0, doc="CPUs reserved per worker")
+    num_workers: int = field(1, doc="training workers (one per GPU); each sees batch_size images a micro-batch")
+    use_gpu: bool = field(False, doc="give each worker a GPU; false trains on CPU (tests, tiny models)")
+    cpus_per_worker: float = field(1.0, doc="CPUs reserved per worker; more when images are encoded on the fly (no cache)")
 
     def validate(self) -> None:
         check(self.num_workers >= 1, "num_workers", "must be >= 1")
@@ -316,12 +316,12 @@ class ScalingConfig:
 class CheckpointConfig:
     """Checkpoints and fault tolerance."""
 
-    storage_path: str = field("outputs/runs", doc="Ray Train storage path (local dir or s3://)", path=True)
-    run_name: Optional[str] = field(None, doc="run name; default the adapter name plus a timestamp")
-    every_n_steps: int = field(500, doc="checkpoint interval in optimizer steps")
+    storage_path: str = field("outputs/runs", doc="where runs keep checkpoints and validation images (local dir or s3://; shared storage on a multi-node cluster)", path=True)
+    run_name: Optional[str] = field(None, doc="run name; a run of the same name resumes from its latest checkpoint. Default the adapter name plus a hash of the training config, so a changed config starts afresh")
+    every_n_steps: int = field(500, doc="checkpoint interval in optimizer steps: the work lost to a failure")
     num_to_keep: int = field(2, doc="checkpoints kept")
-    max_failures: int = field(2, doc="worker failures tolerated (restart from the last checkpoint)")
-    resume_from: Optional[str] = field(None, doc="checkpoint path to resume from; default the run's latest", path=True)
+    max_failures: int = field(2, doc="worker failures tolerated, each restarting the workers from the last checkpoint (-1: unlimited; 0 for fail-fast)")
+    resume_from: Optional[str] = field(None, doc="checkpoint to start from, e.g. another run's; default the run's own latest", path=True)
 
     def validate(self) -> None:
         _check_uri(self.storage_path, "storage_path")
@@ -332,12 +332,12 @@ class CheckpointConfig:
 
 @dataclass
 class ValidationConfig:
-    """Validation images rendered during training."""
+    """Validation images rendered by rank 0 during training, to watch a run learn."""
 
-    prompts: list[str] = field(default_factory=list, doc="prompts to render")
-    every_n_steps: int = field(0, doc="interval in steps (0 disables)")
+    prompts: list[str] = field(default_factory=list, doc="prompts to render (with the trigger word or token)")
+    every_n_steps: int = field(0, doc="interval in steps, and at the last step (0 disables); each render pauses training")
     num_inference_steps: int = field(25, doc="sampling steps for validation images")
-    seed: int = field(0, doc="seed of the validation images")
+    seed: int = field(0, doc="seed of prompt i's image is seed + i, so steps compare like for like")
 
     def validate(self) -> None:
         check(self.every_n_steps >= 0, "every_n_steps", "must be >= 0")
@@ -346,13 +346,13 @@ class ValidationConfig:
 
 @dataclass
 class PublishConfig:
-    """Where the trained adapter or model goes."""
+    """Where the trained adapter or model goes (full fine-tunes: <registry>/models/<name>/)."""
 
     registry: str = field("outputs/registry", doc="adapter registry root (local dir or s3://); adapters land in <registry>/adapters/<name>/<version>/", path=True)
     name: str = field("my-adapter", doc="adapter name: [a-z0-9][a-z0-9._-]{0,63}")
     version: Optional[Union[str, int]] = field(None, doc="version; default the next integer")
-    trigger_word: Optional[str] = field(None, doc="trigger word recorded in adapter.json")
-    kohya: bool = field(True, doc="also write a kohya/A1111-format LoRA file")
+    trigger_word: Optional[str] = field(None, doc="trigger word recorded in adapter.json, for users of the adapter")
+    kohya: bool = field(True, doc="also write a kohya/A1111-format LoRA file, for ComfyUI and AUTOMATIC1111")
 
     def validate(self) -> None:
         _check_uri(self.registry, "registry")
@@ -441,26 +441,24 @@ def _check_defaults_within_limits(defaults: GenerationConfig, limits: LimitsConf
 
 @dataclass
 class EngineConfig:
-    """The generation engine shared by render and serve."""
+    """The generation engine shared by render and serve (speed figures: docs/BENCHMARKS.md)."""
 
     batch_size: int = field(1, doc="images generated together")
-    vae_slicing: bool = field(False, doc="decode the batch one image at a time")
+    vae_slicing: bool = field(False, doc="decode the batch one image at a time (least decoder memory)")
     vae_tiling: bool = field(False, doc="decode in tiles (large images)")
-    vae_batch: int = field(16, doc="the VAE decodes at most this many images at once (0: the whole batch): a batch of 32 SDXL images at 1024² then needs the decoder memory of 16 (and a compiled decoder one graph); pixels unchanged")
-    attention_slicing: bool = field(False, doc="compute attention in slices (less memory)")
-    compile: bool = field(False, doc="torch.compile the UNet (adapters swap without recompiling)")
+    vae_batch: int = field(16, doc="the VAE decodes at most this many images at once (0: the whole batch): bounds the "
+                                   "decoder's memory (and a compiled decoder's graphs) for large batches; pixels unchanged")
+    attention_slicing: bool = field(False, doc="compute attention in slices (less memory, slower)")
+    compile: bool = field(False, doc="torch.compile the UNet (adapters swap without recompiling); use on a GPU for long runs: the first call of each batch and image size compiles")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = field(
-        "default", doc="torch.compile mode of the UNet: 'reduce-overhead' replays CUDA graphs (the SDXL step at batch 1 is launch-bound: 40-49 ms -> 32 ms on an H100; adapters still swap in place)")
-    compile_vae: bool = field(False, doc="torch.compile the VAE decoder (one graph per batch and image size), with its GroupNorm statistics from cuBLAS products and its attention as float32-score GEMMs + softmax (rayimg.render.vae_decode: 16 SDXL images at 1024² on an H100 decode in 0.420 vs 0.506 s)")
-    fp8: bool = field(False, doc="float8 matmuls for the UNet's LayerNorm-fed linears (self-attention q/k/v, cross-attention q, feed-forward GEGLU proj; H100/Ada GPUs with a bfloat16 model, or CPU); pixels differ from bf16 (final latents about 1 % apart; recorded in the output key). On an H100 with compile and CUDA graphs: 29.9 vs 32.6 ms per 1024² CFG step at batch 1, 112 vs 123-126 ms at batch 4 (docs/BENCHMARKS.md, render run 5)")
-    fp8_linears: Literal["norm_fed", "norm_fed+ff", "norm_fed+ff128", "all"] = field(
-        "norm_fed", doc="with fp8, which UNet linears multiply in float8: 'norm_fed' the LayerNorm-fed ones; 'norm_fed+ff' also the feed-forward output (its input comes in float8 from a fused GEGLU kernel, CUDA: Triton); 'norm_fed+ff128' the feed-forward output in float8 with one scale per 1x128 block (GEGLU and scaling fused by inductor, cuBLAS block-scaled GEMM); 'all' every attention-block linear (slower: separate scaling kernels)")
-    fp8_convs: bool = field(False, doc="float8 convolutions for the UNet's ResNet blocks (input: GroupNorm + SiLU, unscaled; 1x1 shortcuts per pixel) and upsamplers (one scale per image): cuDNN's float8 kernels through the nvidia-cudnn-frontend package (Hopper GPUs with a bfloat16 model), or a float32 reference on CPU; pixels differ from bf16 (recorded in the output key)")
-    fuse_qkv: bool = field(False, doc="fuse attention QKV projections")
-    channels_last: bool = field(False, doc="UNet in channels-last memory format: with compile, 2% faster than contiguous on an H100 for SDXL (CUDA-graph step 30.8 vs 31.4 ms); eager, 6-8% slower (docs/BENCHMARKS.md)")
+        "default", doc="torch.compile mode of the UNet: 'reduce-overhead' replays CUDA graphs, which helps most at small batches, where the step is launch-bound (adapters still swap in place)")
+    compile_vae: bool = field(False, doc="torch.compile the VAE decoder (one graph per batch and image size), with its GroupNorm statistics from cuBLAS products and its attention as float32-score GEMMs + softmax (rayimg.render.vae_decode); use on a GPU with large batches")
+    fp8: bool = field(False, doc="float8 matmuls for the UNet's LayerNorm-fed linears (self-attention q/k/v, cross-attention q, feed-forward GEGLU proj; H100/Ada GPUs with a bfloat16 model, or CPU); faster with compile; pixels differ slightly from bf16, so the output key records it")
+    fuse_qkv: bool = field(False, doc="fuse each attention's q/k/v projections into one matmul (adapters still apply)")
+    channels_last: bool = field(False, doc="UNet in channels-last memory format: faster with compile, slower eager")
     batch_invariant: bool = field(True, doc="render each image in its own pipeline call so it is byte-identical whatever batch it lands in (GPU kernels pick algorithms by batch size); false batches for throughput")
 
-    png_compress_level: int = field(1, doc="zlib level of the PNGs, 0-9: 1 encodes a 1024² image several times faster than PIL's default 6 for files about 15% larger; the pixels are the same")
+    png_compress_level: int = field(1, doc="zlib level of the PNGs, 0-9: 1 encodes several times faster than PIL's default 6 for files somewhat larger; the pixels are the same")
 
     def validate(self) -> None:
         check(self.batch_size >= 1, "batch_size", "must be >= 1")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from rayimg.config import ModelConfig, PrepareJob, RenderJob, TrainJob, from_dict
+from rayimg.config import EngineConfig, ModelConfig, PrepareJob, RenderJob, TrainJob, from_dict
 from rayimg.models.loader import load_pipeline
 from rayimg.run.prepare import run as prepare
 from rayimg.run.render import run as render
@@ -118,7 +118,7 @@ def test_compiled_engine_swaps_adapters_without_recompiling(tmp_path):
     from tests.test_render_engine import make_lora
 
     pipe = load_pipeline(ModelConfig(pretrained=SDXL, device="cuda"))
-    engine = Engine(pipe, compile=True, fuse_qkv=True, channels_last=True)
+    engine = Engine(pipe, EngineConfig(compile=True, fuse_qkv=True, channels_last=True))
     files = []
     for seed in (1, 2):
         d = tmp_path / f"lora{seed}"

@@ -1,8 +1,8 @@
 """LoRA adapters at render time: read safetensors files into CPU tensors, and fuse several
 adapters with per-adapter scales into a pipeline's weights in place — no peft layers.
 
-Why in place: an unfused LoRA adds two small matmuls to every targeted layer at every step
-(measured 3.3x slower per SDXL step), and peft's adapter loading took 1.7 s per swap. Writing
+Why in place: an unfused LoRA adds two small matmuls to every targeted layer at every step,
+and peft's adapter loading is slow per swap. Writing
 ``W = W0 + sum_i scale_i * (alpha_i / r_i) * B_i @ A_i`` into the targeted weights costs one
 pass over those weights per swap and nothing per step. Because the parameters keep their
 identity, shape, dtype and storage, a ``torch.compile``d UNet keeps its compiled graph across

@@ -46,22 +46,14 @@ class Renderer:
         self.adapter_store = adapter_store
         self._pool: ThreadPoolExecutor | None = None
         self._png_pool: ThreadPoolExecutor | None = None
-        # render_stream's wall time by phase (seconds, all batches): where a stream's time goes
-        # besides generate(); "handoff" waits for the previous batch's PNGs, "consumer" is the caller's
-        self.stream_stats = {"batches": 0, "adapters_s": 0.0, "prefetch_s": 0.0, "generate_s": 0.0, "handoff_s": 0.0, "consumer_s": 0.0}
         self.prefetched_adapters = 0  # adapters loaded ahead by render_stream, during the batch before theirs
-        # loads ahead: how many, their host seconds, and how many ended with the GPU still busy
-        self.prefetch_stats = {"calls": 0, "seconds": 0.0, "hidden": 0}
 
     def key(self, request: GenerationRequest) -> str:
         adapters = [{"name": n, "version": v, "scale": s} for n, v, s in request.adapters]
         params = request.params()
-        if self.engine.fp8:
-            # other pixels than the bf16 engine's: another key (absent otherwise, so keys stay); the
-            # set of float8 linears is part of it (each set gives other pixels)
-            params["numerics"] = f"fp8:{self.engine.fp8_targets}"
-        if self.engine.fp8_convs:
-            params["numerics"] = params.get("numerics", "bf16") + "+fp8-convs"
+        if self.engine.config.fp8:
+            # other pixels than the bf16 engine's: another key (absent otherwise, so keys stay)
+            params["numerics"] = "fp8:norm_fed"
         return output_key(self.model_id, self.model_hash, adapters, params)
 
     def use_adapters(self, identity) -> float:
@@ -85,9 +77,8 @@ class Renderer:
         """Render ``batches`` in order, yielding ``[(image, sink result), ...]`` per batch.
 
         Each batch's PNG encoding (and ``sink(request, image)``, e.g. the write to storage) runs
-        in a worker thread while the next batch is on the accelerator, so the CPU work of a
-        1024² image (PNG deflate alone is 0.1-0.3 s) hides behind the next generation instead of
-        adding to it; the next batch's prompts are encoded (:meth:`Engine.prefetch`) while this
+        in a worker thread while the next batch is on the accelerator, so the CPU work of an
+        image (mostly PNG deflate) hides behind the next generation instead of adding to it; the next batch's prompts are encoded (:meth:`Engine.prefetch`) while this
         one denoises. When the next batch needs other adapters, their files are fetched, checked
         and parsed into the store's CPU tier on this thread, one part per denoising step of the
         current batch (the accelerator is then busy with the steps queued ahead), and, when the
@@ -97,37 +88,28 @@ class Renderer:
         pool = self._encoder_pool()
         pending: Future | None = None
         queue = (requests for requests in batches if requests)
-        stats = self.stream_stats
-        clock = time.perf_counter()
         requests = next(queue, None)
         while requests is not None:
             upcoming = next(queue, None)  # one batch ahead: its prompts are encoded during this one
             try:
                 self.use_adapters(requests[0].adapters)
-                clock = _lap(stats, "adapters_s", clock)
                 work = None
                 if upcoming is not None:
                     if tuple(upcoming[0].adapters) == self.engine.adapter_identity:
                         self.engine.prefetch(upcoming)
                     else:  # a swap comes first: load its adapters while this batch denoises
                         work = self._prepare(upcoming)
-                clock = _lap(stats, "prefetch_s", clock)
                 # on the caller's thread (it owns the model); the pixels arrive in the worker, so
                 # the next batch is set up and queued while this one decodes
                 images, seconds = self._generate(requests, while_busy=work, pending=True)
-                clock = _lap(stats, "generate_s", clock)
             except Exception:
                 if pending is not None:  # the batch before the failing one is complete: hand it over first
                     done, pending = pending.result(), None
                     yield done
                 raise
             future = pool.submit(self._encode_and_sink, requests, images, seconds, sink)
-            stats["batches"] += 1
             if pending is not None:
-                done = pending.result()
-                clock = _lap(stats, "handoff_s", clock)
-                yield done
-                clock = _lap(stats, "consumer_s", clock)
+                yield pending.result()
             pending = future
             requests = upcoming
         if pending is not None:
@@ -154,33 +136,19 @@ class Renderer:
         identity = tuple(upcoming[0].adapters)
         if identity and self.adapter_store is None:
             return
-        stats = self.prefetch_stats
         pairs = []
         try:
             for name, version, scale in identity:
-                part = time.perf_counter()
-                for _ in self.adapter_store.load_steps(name, version):
-                    stats["seconds"] += time.perf_counter() - part
-                    yield
-                    part = time.perf_counter()
+                yield from self.adapter_store.load_steps(name, version)
                 pairs.append((self.adapter_store.get(name, version)[1], scale))
-                stats["seconds"] += time.perf_counter() - part
         except Exception:  # noqa: BLE001 - reported by use_adapters when that batch comes
             return
         self.prefetched_adapters += len(pairs)
         self.engine.prefetch(upcoming, adapters=pairs)
-        stats["calls"] += 1
-        device = self.engine.device
-        if device.type == "cuda":
-            import torch
-
-            # the accelerator still had queued work when this ended: the load was hidden
-            stats["hidden"] += int(not torch.cuda.current_stream(device).query())
 
     def _encode(self, requests, images, seconds) -> list[RenderedImage]:
-        """The batch's PNGs, encoded in parallel threads (zlib and PIL's encoder release the GIL:
-        a 1024² PNG takes 0.1-0.3 s, so a batch of 4 encoded one by one added up to 0.9 s to the
-        last batch of a stream and to each ``render()`` call); same bytes as one by one."""
+        """The batch's PNGs, encoded in parallel threads (zlib and PIL's encoder release the GIL,
+        and a large PNG takes a noticeable fraction of a second); same bytes as one by one."""
         images = [image.result() if isinstance(image, PendingImage) else image for image in images]
         if callable(seconds):
             seconds = seconds()
@@ -204,9 +172,3 @@ class Renderer:
             # one thread: batches are encoded in order, and zlib releases the GIL while it works
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rayimg-png")
         return self._pool
-
-
-def _lap(stats: dict, name: str, since: float) -> float:
-    now = time.perf_counter()
-    stats[name] += now - since
-    return now

@@ -1,17 +1,15 @@
-"""A faster compiled VAE decoder (``engine.compile_vae``): the same math as diffusers' decoder in
-two places where inductor's kernels for it ran far from the H100's rates (``bench/vae_bench.py
---profile``, 16 SDXL images at 1024², 0.51 s per decode: GroupNorm kernels 175 ms, the one
-attention 78 ms, convolutions 215 ms):
+"""A faster compiled VAE decoder (``engine.compile_vae``): the same math as diffusers' decoder,
+computed differently in two places where inductor's own kernels run far below the GPU's rates:
 
 - :class:`ChannelStatsGroupNorm`: the GroupNorm statistics as a mean and variance per channel,
   combined per group exactly (the group mean is the mean of its channel means, the group variance
   the mean of the channel variances plus the variance of the channel means). On CUDA the channel
   sums and sums of squares come from two cuBLAS products (``x · 1`` and the diagonal of ``x xᵀ``,
   float32 accumulation), which read the tensor at memory speed in either layout; inductor's own
-  GroupNorm reduction (one kernel took 26 ms at 1024² for 16 images) and a per-channel
-  ``var_mean`` (16 ms) read a channels-last tensor a few channels at a time;
+  GroupNorm reduction and a per-channel ``var_mean`` read a channels-last tensor a few channels
+  at a time;
 - :class:`ScoresAttnProcessor`: the mid block's single-head attention (head dim 512, 16,384 tokens
-  at 1024²: only PyTorch's memory-efficient kernel takes it, at about 110 TFLOP/s) as two cuBLAS
+  at 1024²: of the fused kernels only PyTorch's slower memory-efficient one takes it) as two cuBLAS
   GEMMs around a softmax, a few images at a time: scores in float32 (as a fused attention keeps
   them), probabilities rounded to the value dtype (as a fused attention feeds its second product).
 
