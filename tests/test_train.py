@@ -1,10 +1,15 @@
-"""`rayimg train` on Ray Train with 2 CPU workers and tiny models: methods, exports, resume, faults."""
+"""`rayimg train` on Ray Train with 2 CPU workers and tiny models: methods, exports, resume, and
+workers the test itself kills."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -115,26 +120,60 @@ def test_full_finetune_with_deepspeed_on_cpu(cache, tmp_path, stage):
     assert weights_sha256({f"unet.{k}": v for k, v in saved.items()}) == digests[0]
 
 
-def test_resume_reproduces_the_uninterrupted_run(cache, tmp_path, monkeypatch):
-    """A run killed mid-way and started again follows the uninterrupted run's losses."""
-    common = dict(cache=str(cache / "cache"), train={"max_steps": 6, "learning_rate": 5e-3})
+class KillAWorker:
+    """Test-side fault: once the run's first checkpoint is registered (Ray Train writes
+    ``checkpoint_manager_snapshot.json`` into the run dir), SIGKILL one Ray Train worker — a
+    process of this test session's own Ray cluster, found among this process's descendants."""
+
+    def __init__(self, run_dir):
+        self.snapshot = run_dir / "checkpoint_manager_snapshot.json"
+        self.killed_pid, self.checkpointed_steps, self._stop = None, None, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            try:
+                steps = [c["metrics"]["step"] for c in json.loads(self.snapshot.read_text())["checkpoint_results"]]
+            except (OSError, ValueError):  # not written yet, or half-written
+                continue
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
+                        self.checkpointed_steps = steps
+                        os.kill(proc.pid, signal.SIGKILL)
+                        self.killed_pid = proc.pid
+                        return
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+
+
+def test_resume_reproduces_the_uninterrupted_run(cache, tmp_path):
+    """A run whose worker is killed after its first checkpoint, started again, follows the
+    uninterrupted run's losses."""
+    common = dict(cache=str(cache / "cache"), train={"max_steps": 10, "learning_rate": 5e-3})
     full = train(job(tmp_path, checkpoint={"run_name": "uninterrupted"}, **common))["losses"]
-    monkeypatch.setenv("RAYIMG_FAULT_AT_STEP", "3")
-    monkeypatch.setenv("RAYIMG_FAULT_MARKER", str(tmp_path / "killed"))
-    with pytest.raises(Exception):
+    with KillAWorker(tmp_path / "runs" / "interrupted") as fault, pytest.raises(Exception):
         train(job(tmp_path, checkpoint={"run_name": "interrupted", "max_failures": 0}, **common))
-    assert (tmp_path / "killed").exists()
-    monkeypatch.delenv("RAYIMG_FAULT_AT_STEP")
+    assert fault.killed_pid is not None and max(fault.checkpointed_steps) < 10, fault.checkpointed_steps
     resumed = train(job(tmp_path, checkpoint={"run_name": "interrupted"}, publish={"name": "resumed"}, **common))
     np.testing.assert_allclose(resumed["losses"], full, rtol=1e-5)
 
 
-def test_killed_worker_is_restarted_from_the_checkpoint(cache, tmp_path, monkeypatch):
-    monkeypatch.setenv("RAYIMG_FAULT_AT_STEP", "3")
-    monkeypatch.setenv("RAYIMG_FAULT_MARKER", str(tmp_path / "killed"))
-    r = train(job(tmp_path, cache=str(cache / "cache"), train={"max_steps": 6}, checkpoint={"max_failures": 1}))
-    assert (tmp_path / "killed").exists()  # a worker really died at step 3
-    assert len(r["losses"]) == 6 and r["steps"] == 6
+def test_killed_worker_is_restarted_from_the_checkpoint(cache, tmp_path):
+    with KillAWorker(tmp_path / "runs" / "restarted") as fault:
+        r = train(job(tmp_path, cache=str(cache / "cache"), train={"max_steps": 10},
+                      checkpoint={"run_name": "restarted", "max_failures": 1}))
+    assert fault.killed_pid is not None  # a worker really died mid-run
+    assert fault.checkpointed_steps and max(fault.checkpointed_steps) < 10, fault.checkpointed_steps
+    assert len(r["losses"]) == 10 and r["steps"] == 10
 
 
 def test_lora_full_bf16_with_regional_compile(cache, tmp_path):

@@ -49,8 +49,8 @@ def check_hardware(job: TrainJob) -> None:
             raise ConfigError("deepspeed.enabled", "DeepSpeed is not installed (pip install deepspeed)") from None
 
 
-def _records(job: TrainJob, storage: Storage, model_id: str, model_hash: str) -> tuple[list[dict], dict | None]:
-    """(item records, cache header) — from the cache, or the dataset's source items."""
+def _records(job: TrainJob, storage: Storage, model_id: str, model_hash: str) -> list[dict]:
+    """The item records: from the cache, or the dataset's source items."""
     from rayimg.data.cache import CacheError, CacheReader
     from rayimg.data.sources import DatasetError, check_source, list_items
 
@@ -65,7 +65,7 @@ def _records(job: TrainJob, storage: Storage, model_id: str, model_hash: str) ->
             raise ConfigError("train.resolution", f"is {job.train.resolution} but the cache {job.cache} was prepared at {res}")
         if not reader.items:
             raise ConfigError("cache", f"{job.cache} holds no items")
-        return [it.to_dict() for it in reader.items], reader.header
+        return [it.to_dict() for it in reader.items]
     try:
         fmt = check_source(storage, job.data)
         if fmt == "manifest":
@@ -73,7 +73,7 @@ def _records(job: TrainJob, storage: Storage, model_id: str, model_hash: str) ->
         items = list_items(storage, job.data)
     except DatasetError as e:
         raise ConfigError("data.source", str(e)) from None
-    return [it.to_row() for it in items], None
+    return [it.to_row() for it in items]
 
 
 def run(job: TrainJob) -> dict:
@@ -92,7 +92,7 @@ def run(job: TrainJob) -> dict:
     model_dir = resolve_model_dir(job.model, storage)
     family = check_family(job.model, model_dir)
     model_id, model_hash = model_id_and_hash(job.model, model_dir)
-    records, header = _records(job, storage, model_id, model_hash)
+    records = _records(job, storage, model_id, model_hash)
     connect(job.cluster)
     name = run_name(job)
     fs, storage_path = arrow_filesystem(job.storage, job.checkpoint.storage_path)
@@ -226,7 +226,7 @@ class DeepSpeedBackend:
             if self.partitions_weights else contextlib.nullcontext()
         with gather:
             weights = {n: p.detach().cpu().clone() for n, p in params.items()}
-        return weights, {"weights_sha256": _same_weights_on_every_rank(weights, rank, self.model.device)}
+        return weights, {"weights_sha256": _same_weights_on_every_rank(weights, rank)}
 
 
 def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
@@ -239,33 +239,23 @@ def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _same_weights_on_every_rank(weights: dict[str, torch.Tensor], rank: int, device) -> list[str]:
-    """Every rank's digest of the weights it would save (under ZeRO-3 the gathered ones), in rank
-    order. Raises on every rank unless each rank's weights are non-empty and all digests are equal:
-    rank 0 exports its copy, so a rank that trained different weights, or an empty ZeRO-3
-    placeholder, would otherwise go unnoticed."""
+def _same_weights_on_every_rank(weights: dict[str, torch.Tensor], rank: int) -> list[str]:
+    """Every rank's digest of the weights it would save, in rank order. Raises on every rank unless
+    each rank's weights are non-empty and all digests are equal: rank 0 exports its copy, so a rank
+    that trained different weights, or an empty ZeRO-3 placeholder, would otherwise go unnoticed."""
     import torch.distributed as dist
 
     empty = [n for n, t in weights.items() if t.numel() == 0]
     problem = "no trainable weights" if not weights else (f"{len(empty)} empty tensor(s), e.g. {empty[:3]}" if empty else None)
-    mine = torch.zeros(33, dtype=torch.uint8)
-    if problem is None:
-        mine[0] = 1
-        mine[1:] = torch.frombuffer(bytearray.fromhex(weights_sha256(weights)), dtype=torch.uint8)
+    mine = None if problem else weights_sha256(weights)
+    digests = [mine]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # every rank reaches the gather, also one with a problem, so none is left waiting
-        gathered = [torch.zeros(33, dtype=torch.uint8, device=device) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, mine.to(device))
-        gathered = [g.cpu() for g in gathered]
-    else:
-        gathered = [mine]
-    if problem is not None:
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, mine)  # every rank gets here, also one with a problem
+    if problem:
         raise RuntimeError(f"rank {rank}: the weights to save hold {problem}")
-    bad = [r for r, g in enumerate(gathered) if g[0] != 1]
-    if bad:
-        raise RuntimeError(f"rank(s) {bad}: the weights to save are empty (see that rank's error)")
-    digests = [bytes(g[1:].tolist()).hex() for g in gathered]
+    if None in digests:
+        raise RuntimeError(f"rank(s) {[r for r, d in enumerate(digests) if d is None]}: the weights to save are empty (see that rank's error)")
     if len(set(digests)) > 1:
-        raise RuntimeError("the weights to save differ across ranks: "
-                           + ", ".join(f"rank {r} sha256 {d[:16]}" for r, d in enumerate(digests)))
+        raise RuntimeError("the weights to save differ across ranks: " + ", ".join(f"rank {r} sha256 {d[:16]}" for r, d in enumerate(digests)))
     return digests

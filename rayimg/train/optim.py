@@ -1,12 +1,10 @@
-"""Optimizer, learning-rate schedule and step count of a training job."""
+"""Optimizer and learning-rate schedule of a training job."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-__all__ = ["build_optimizer", "build_lr_scheduler", "total_steps", "steps_per_epoch"]
+__all__ = ["build_optimizer", "build_lr_scheduler"]
 
 
 def build_optimizer(params, job) -> torch.optim.Optimizer:
@@ -49,26 +47,3 @@ def build_lr_scheduler(optimizer, job, total_steps: int):
         num_warmup_steps=job.train.lr_warmup_steps,
         num_training_steps=total_steps,
     )
-
-
-def steps_per_epoch(job, items: int, world_size: int) -> int:
-    """Optimizer steps in one pass over ``items`` shared by ``world_size`` workers: each worker
-    gets ceil(items / world_size) items, in batches of ``train.batch_size`` (the last one may be
-    short), and steps every ``train.gradient_accumulation_steps`` batches (the last group may be
-    short) — the arithmetic of diffusers' scripts."""
-    if items < 1:
-        raise ValueError("cache: the dataset holds no items")
-    if world_size < 1:
-        raise ValueError("scaling.num_workers: must be >= 1")
-    per_worker = math.ceil(items / world_size)
-    batches = math.ceil(per_worker / job.train.batch_size)
-    return math.ceil(batches / job.train.gradient_accumulation_steps)
-
-
-def total_steps(job, items: int, world_size: int) -> int:
-    """``train.max_steps`` when set, else ``train.num_epochs`` epochs of :func:`steps_per_epoch`."""
-    if job.train.max_steps is not None:
-        return int(job.train.max_steps)
-    if job.train.num_epochs is None:
-        raise ValueError("train.max_steps: set max_steps or num_epochs")
-    return int(job.train.num_epochs) * steps_per_epoch(job, items, world_size)
