@@ -2,7 +2,9 @@
 
 - :mod:`rayimg.train.trainee`: ``build_trainee(loaded, job)`` -> a Trainee module whose forward
   returns the loss (LoRA, DreamBooth, textual inversion, full fine-tune);
-- :mod:`rayimg.train.optim`: optimizer, LR schedule, step counts;
+- :mod:`rayimg.train.loop`: the training loop (``Loop``: train_step, checkpoint state, validation,
+  export), one process or one rank of many;
+- :mod:`rayimg.train.optim`: optimizer and LR schedule;
 - :mod:`rayimg.train.export`: LoRA (diffusers + kohya), textual inversion and full-model files;
 - the registry the exported files are published to lives in :mod:`rayimg.registry`;
 - :mod:`rayimg.train.deepspeed_config`: the DeepSpeed config dict built from the job.

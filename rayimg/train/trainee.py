@@ -257,20 +257,6 @@ class Trainee(nn.Module):
         text = [p for p in self.trainable_parameters() if id(p) in in_text]
         return [{"params": rest}, {"params": text, "lr": float(te_lr)}]
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained parameters by name (a small checkpoint for adapters)."""
-        return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        params = dict(self.named_parameters())
-        expected = {n for n, p in params.items() if p.requires_grad}
-        if set(state_dict) != expected:
-            missing, extra = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-            raise ValueError(f"trainable state dict does not fit this trainee: missing {missing[:5]}, unexpected {extra[:5]}")
-        with torch.no_grad():
-            for name, value in state_dict.items():
-                params[name].copy_(value)
-
     def placeholder_token_ids(self) -> list[list[int]]:
         """Textual inversion: the new token ids, per tokenizer."""
         return [list(ids) for ids in self._placeholder_ids]
@@ -545,8 +531,7 @@ def build_trainee(
 
 
 # Regional compilation: the blocks a UNet repeats. diffusers' own list (``_repeated_blocks``) names
-# only the transformer blocks, which leaves every ResNet block's GroupNorm/SiLU chain eager — on
-# SDXL at 1024² those memory-bound norms (and their backward) are a large share of a step.
+# only the transformer blocks, which would leave every ResNet block's GroupNorm/SiLU chain eager.
 REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
