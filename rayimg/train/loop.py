@@ -11,9 +11,9 @@ count and a resumed run sees exactly the batches the uninterrupted run would hav
 holds the trainable weights, optimizer, LR scheduler, EMA, step, losses and every rank's RNG
 state; the final one also holds the exported adapter or model under ``export/``.
 
-How gradients and optimizer state are handled is the backend's business: :class:`TorchBackend`
-(one process, or DDP when the caller wraps the module) lives here; the DeepSpeed one lives with
-the Ray wiring (:mod:`rayimg.run.train`), the only place that imports DeepSpeed.
+Gradients and optimizer state are the backend's business: :class:`TorchBackend` (one process,
+or DDP when the caller wraps the module) lives here; the DeepSpeed one lives with the Ray wiring
+(:mod:`rayimg.run.train`), the only place that imports DeepSpeed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from rayimg.train.batches import make_batches
 from rayimg.train.optim import build_lr_scheduler, build_optimizer
 from rayimg.train.sampler import batches_per_epoch, epoch_batches, position
 
-__all__ = ["Loop", "Backend", "TorchBackend", "seed_all", "rng_state", "set_rng_state", "LOG_EVERY"]
+__all__ = ["Loop", "TorchBackend", "seed_all", "rng_state", "set_rng_state", "LOG_EVERY"]
 
 LOG_EVERY = 10  # steps between progress reports that carry no checkpoint
 
@@ -60,27 +60,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class Backend(Protocol):
-    """What the loop needs from whatever owns gradients and optimizer state."""
-
-    model: torch.nn.Module          # called on a batch; returns {"loss": ...}
-    optimizer: torch.optim.Optimizer
-    amp_dtype: torch.dtype | None   # autocast dtype of the forward pass; None: no autocast
-    partitions_weights: bool        # weights are sharded across ranks (no validation images)
-
-    def accumulate(self, last: bool) -> contextlib.AbstractContextManager: ...  # around a micro-batch
-    def backward(self, loss: torch.Tensor) -> None: ...
-    def step(self) -> None: ...
-    def save(self, d: Path, rank: int) -> None: ...
-    def load(self, d: Path) -> None: ...
-    def final_weights(self, rank: int) -> tuple[dict[str, torch.Tensor], dict]: ...
-
-
 class TorchBackend:
-    """Plain PyTorch: autocast (+ GradScaler for fp16), clipping and the optimizer step here.
+    """Plain PyTorch: autocast (+ GradScaler for fp16), clipping and the optimizer step.
 
     ``model`` is the module the forward runs through: the trainee itself, or DDP around it
-    (gradients of non-final micro-batches then stay local through ``no_sync``)."""
+    (gradients of non-final micro-batches then stay local through ``no_sync``).
+
+    A backend has ``model``, ``optimizer``, ``amp_dtype`` (autocast dtype of the forward, None
+    for none) and ``partitions_weights`` (weights sharded across ranks: no validation images);
+    ``accumulate(last)`` is the context of one micro-batch, ``backward(loss)`` and ``step()``
+    train, ``save(dir, rank)`` / ``load(dir)`` keep its state in a checkpoint, and
+    ``final_weights(rank)`` returns the trainable weights by name plus extra metrics."""
 
     partitions_weights = False
 
