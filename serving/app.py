@@ -76,7 +76,7 @@ class GeneratorBase:
 
         self.job = job
         self.storage = Storage(job.storage)
-        self.store = AdapterStore.from_config(self.storage, job.registry, job.adapter_cache)
+        self.store = AdapterStore(self.storage, job.registry, job.adapter_cache)
         if renderer_factory is not None:  # benchmarks: e.g. random-init real-size weights built on the GPU
             self.renderer = renderer_factory(job, self.store)
         else:
@@ -336,7 +336,7 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
             self.generator = generator
             self.job = job
             self.storage = Storage(job.storage)
-            self.registry = AdapterStore.from_config(self.storage, job.registry, job.adapter_cache)  # resolves versions only
+            self.registry = AdapterStore(self.storage, job.registry, job.adapter_cache)  # resolves versions only
             self.metrics = ServeMetrics()
 
         async def _resolve(self, adapters: list[dict]) -> list[dict]:

@@ -17,10 +17,11 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Generator, Iterator
 
+from rayimg.config import AdapterCacheConfig
 from rayimg.registry.versions import AdapterNotFound, resolve_adapter
 from rayimg.render.adapters import LORA_WEIGHT_NAME as WEIGHT_FILE
 from rayimg.render.adapters import LoraWeights, load_lora_bytes, load_lora_file
@@ -49,43 +50,31 @@ class StoreStats:
     device: TierStats = field(default_factory=TierStats)
 
     def as_dict(self) -> dict:
-        return {"downloads": self.downloads, "loads": self.loads, "disk": vars(self.disk).copy(), "cpu": vars(self.cpu).copy(),
-                "device": vars(self.device).copy()}
+        return asdict(self)
 
 
 class AdapterStore:
     """Resolve and load adapters by (name, version); thread-safe."""
 
-    def __init__(self, storage: Storage, registry: str, *, disk_dir: str | None = None, disk_max_bytes: int = 20 * 2**30,
-                 cpu_max_adapters: int = 32, cpu_max_bytes: int = 8 * 2**30, refresh_s: float = 30.0, unet_config=None,
-                 disk_max_adapters: int = 1000, device_max_adapters: int = 8, device_max_bytes: int = 2 * 2**30):
+    def __init__(self, storage: Storage, registry: str, cache: AdapterCacheConfig | None = None, *, disk_dir: str | None = None,
+                 unet_config=None):
+        """``cache`` bounds the tiers (default :class:`~rayimg.config.AdapterCacheConfig`'s);
+        ``disk_dir`` overrides its ``disk_dir``; ``unet_config`` lets adapters be checked against
+        the UNet they will be fused into."""
         self.storage = storage
         self.registry = registry
-        root = disk_dir or os.path.join(os.environ.get("RAYIMG_CACHE") or os.path.expanduser("~/.cache/rayimg"), "adapters")
+        self.cache = cache = cache or AdapterCacheConfig()
+        root = disk_dir or cache.disk_dir or os.path.join(os.environ.get("RAYIMG_CACHE") or os.path.expanduser("~/.cache/rayimg"), "adapters")
         self.disk_dir = Path(root)
-        self.disk_max_adapters = disk_max_adapters
-        self.disk_max_bytes = disk_max_bytes
-        self.cpu_max_adapters = cpu_max_adapters
-        self.cpu_max_bytes = cpu_max_bytes
-        self.device_max_adapters = device_max_adapters
-        self.device_max_bytes = device_max_bytes
-        self._device: OrderedDict[tuple[str, str, str], LoraWeights] = OrderedDict()
-        self.refresh_s = refresh_s
         self.unet_config = unet_config
         self.stats = StoreStats()
         self._lock = threading.Lock()
         self._inflight: dict[tuple[str, str], threading.Lock] = {}
+        self._device: OrderedDict[tuple[str, str, str], LoraWeights] = OrderedDict()
         self._cpu: OrderedDict[tuple[str, str], LoraWeights] = OrderedDict()
         self._disk: OrderedDict[tuple[str, str], tuple[Path, int]] = OrderedDict()
         self._latest: dict[str, tuple[str, float]] = {}
         self._metadata: dict[tuple[str, str], dict] = {}
-
-    @classmethod
-    def from_config(cls, storage: Storage, registry: str, cfg, unet_config=None) -> "AdapterStore":
-        """A store bounded by an :class:`~rayimg.config.AdapterCacheConfig`."""
-        return cls(storage, registry, disk_dir=cfg.disk_dir, disk_max_adapters=cfg.disk_max_adapters, disk_max_bytes=cfg.disk_max_bytes,
-                   cpu_max_adapters=cfg.cpu_max_adapters, cpu_max_bytes=cfg.cpu_max_bytes, device_max_adapters=cfg.gpu_max_adapters,
-                   device_max_bytes=cfg.gpu_max_bytes, refresh_s=cfg.refresh_s, unet_config=unet_config)
 
     # ------------------------------------------------------------------ versions
     def resolve(self, name: str, version: str | None = None) -> str:
@@ -96,7 +85,7 @@ class AdapterStore:
         now = time.monotonic()
         with self._lock:
             cached = self._latest.get(name)
-        if cached and now - cached[1] < self.refresh_s:
+        if cached and now - cached[1] < self.cache.refresh_s:
             return cached[0]
         resolved, _uri, meta = resolve_adapter(self.storage, self.registry, name, None)
         with self._lock:
@@ -169,8 +158,8 @@ class AdapterStore:
         with self._lock:
             self._device[key] = weights
             self._device.move_to_end(key)
-            while len(self._device) > 1 and (len(self._device) > self.device_max_adapters
-                                             or sum(w.nbytes for w in self._device.values()) > self.device_max_bytes):
+            while len(self._device) > 1 and (len(self._device) > self.cache.gpu_max_adapters
+                                             or sum(w.nbytes for w in self._device.values()) > self.cache.gpu_max_bytes):
                 self._device.popitem(last=False)
                 self.stats.device.evictions += 1
         return version, weights, tier
@@ -267,15 +256,16 @@ class AdapterStore:
 
     # ------------------------------------------------------------------ bounds
     def _evict_cpu(self) -> None:
-        while self._cpu and (len(self._cpu) > self.cpu_max_adapters or sum(w.nbytes for w in self._cpu.values()) > self.cpu_max_bytes):
+        while self._cpu and (len(self._cpu) > self.cache.cpu_max_adapters
+                                or sum(w.nbytes for w in self._cpu.values()) > self.cache.cpu_max_bytes):
             if len(self._cpu) == 1:
                 break  # never evict the adapter just loaded
             self._cpu.popitem(last=False)
             self.stats.cpu.evictions += 1
 
     def _evict_disk(self) -> None:
-        while len(self._disk) > 1 and (len(self._disk) > self.disk_max_adapters
-                                       or sum(size for _, size in self._disk.values()) > self.disk_max_bytes):
+        while len(self._disk) > 1 and (len(self._disk) > self.cache.disk_max_adapters
+                                       or sum(size for _, size in self._disk.values()) > self.cache.disk_max_bytes):
             (name, version), (path, _size) = self._disk.popitem(last=False)
             shutil.rmtree(path.parent, ignore_errors=True)
             self.stats.disk.evictions += 1
