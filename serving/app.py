@@ -120,7 +120,7 @@ class GeneratorBase:
     async def _generate(self, payload: dict) -> dict:
         from rayimg.registry import AdapterCorrupt, AdapterNotFound
         from rayimg.render.adapters import LoraError
-        from rayimg.render.engine import GenerationRequest
+        from rayimg.render.request import GenerationRequest
 
         started = time.perf_counter()
         s = payload["settings"]
