@@ -462,7 +462,7 @@ def build_trainee(
     """Set up ``job.train.method`` on the loaded pipeline's modules and wrap them in a Trainee.
 
     ``train_text_encoders`` (method ``full`` only) trains the text encoders with the UNet, as when
-    a model is trained from scratch (:mod:`rayimg.demo.base_model`); batches then need captions."""
+    a model is trained from scratch (scripts/tiny_base/base_model.py); batches then need captions."""
     if train_text_encoders and job.train.method != "full":
         raise ValueError(f"train_text_encoders: only method 'full' trains whole text encoders (method is {job.train.method!r}); LoRA uses lora.train_text_encoder")
     pipe = loaded.pipeline
