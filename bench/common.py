@@ -259,7 +259,7 @@ def save_sdxl_dir(model_dir: str | os.PathLike, *, tiny: bool, device: str = "cu
 
         save_tiny("sdxl", model_dir)
     else:
-        from rayimg.models.real_size import build_sdxl_pipeline
+        from sdxl_random import build_sdxl_pipeline
 
         torch.manual_seed(0)
         pipe = build_sdxl_pipeline(dtype=torch.bfloat16, device=device)

@@ -28,7 +28,7 @@ def build_vae_model_dir(root: Path, device: str) -> Path:
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
-    from rayimg.models.real_size import build_sdxl_text_encoders, build_sdxl_vae
+    from sdxl_random import build_sdxl_text_encoders, build_sdxl_vae
     from rayimg.models.tiny import build_tiny_sdxl
 
     tiny = build_tiny_sdxl(seed=0)

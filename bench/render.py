@@ -32,7 +32,7 @@ def build_pipeline(tiny: bool, device: str):
 
         pipe = build_tiny_sdxl(0).to(device)
     else:
-        from rayimg.models.real_size import build_sdxl_pipeline
+        from sdxl_random import build_sdxl_pipeline
 
         pipe = build_sdxl_pipeline(torch.bfloat16, device)
     pipe.set_progress_bar_config(disable=True)

@@ -88,9 +88,14 @@ def zipf_weights(n: int, s: float) -> list[float]:
 # --------------------------------------------------------------------------- the two sides
 def real_size_renderer(job, store):
     """Generator replicas build the real-size SDXL architecture (random init, bf16) on the GPU."""
+    import os
+    import sys
+
     import torch
 
-    from rayimg.models.real_size import build_sdxl_pipeline
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # a Serve replica runs this: bench/ for sdxl_random
+    from sdxl_random import build_sdxl_pipeline
+
     from rayimg.render.renderer import Renderer
 
     pipe = build_sdxl_pipeline(torch.bfloat16, "cuda")
@@ -215,7 +220,7 @@ def main(argv=None) -> dict:
     if real:
         from diffusers import UNet2DConditionModel
 
-        from rayimg.models.real_size import sdxl_config
+        from sdxl_random import sdxl_config
 
         with torch.device("meta"):
             unet = UNet2DConditionModel(**{k: v for k, v in sdxl_config("unet").items() if not k.startswith("_")})

@@ -242,7 +242,7 @@ def test_s3_prefix_without_a_model(storage, s3_bucket, tmp_path):
 
 # --------------------------------------------------------------------------- real size
 def test_real_size_sdxl_parameter_counts_on_meta():
-    from rayimg.models.real_size import build_sdxl_text_encoders, build_sdxl_unet, build_sdxl_vae
+    from bench.sdxl_random import build_sdxl_text_encoders, build_sdxl_unet, build_sdxl_vae
 
     def count(model):
         return sum(p.numel() for p in model.parameters())

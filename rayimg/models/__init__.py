@@ -1,7 +1,6 @@
 """Base models: one loader for local dirs, s3:// prefixes, hub ids and the project's tiny
 models (see :mod:`rayimg.models.loader`), the tiny model family itself
-(:mod:`rayimg.models.tiny`) and real-size SDXL builders for benchmarks
-(:mod:`rayimg.models.real_size`). Plain PyTorch/diffusers: nothing here imports Ray.
+(:mod:`rayimg.models.tiny`). Plain PyTorch/diffusers: nothing here imports Ray.
 """
 
 from rayimg.models.loader import (

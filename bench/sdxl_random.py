@@ -1,6 +1,6 @@
 """Real-size SDXL components with random weights, for GPU benchmarks.
 
-Built from the published SDXL configs under ``rayimg/models/configs/sdxl/``. Construction
+Built from the published SDXL configs in ``bench/sdxl_configs/``. Construction
 happens directly on the target device and in the target dtype, so a 2.6 B-parameter UNet is
 never materialised in float32 on the CPU first; on the ``meta`` device nothing is allocated
 at all (how the tests count parameters).
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sdxl"
+CONFIG_DIR = Path(__file__).resolve().parent / "sdxl_configs"
 
 
 def sdxl_config(component: str) -> dict:

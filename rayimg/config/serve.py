@@ -1,0 +1,112 @@
+"""`rayimg serve`: autoscaling, the adapter and image caches, HTTP."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from rayimg.configbase import check, field
+from rayimg.config.common import ClusterConfig, ModelConfig, StorageConfig, _check_uri
+from rayimg.config.render import EngineConfig, GenerationConfig, LimitsConfig, _check_defaults_within_limits
+
+@dataclass
+class AutoscalingConfig:
+    """Ray Serve autoscaling."""
+
+    min_replicas: int = field(1, doc="fewest replicas (0 allows scale to zero)")
+    max_replicas: int = field(1, doc="most replicas")
+    target_ongoing_requests: float = field(2.0, doc="ongoing requests per replica that autoscaling aims for")
+
+    def validate(self) -> None:
+        check(self.min_replicas >= 0, "min_replicas", "must be >= 0")
+        check(self.max_replicas >= max(1, self.min_replicas), "max_replicas", "must be >= min_replicas and >= 1")
+        check(self.target_ongoing_requests > 0, "target_ongoing_requests", "must be > 0")
+
+
+@dataclass
+class AdapterCacheConfig:
+    """Per-replica adapter cache tiers (storage -> disk -> CPU -> GPU), LRU in each."""
+
+    disk_dir: Optional[str] = field(None, doc="local disk tier; default ~/.cache/rayimg/adapters", path=True)
+    disk_max_adapters: int = field(1000, doc="adapters kept on local disk")
+    disk_max_bytes: int = field(20 * 2**30, doc="disk tier bound in bytes")
+    cpu_max_adapters: int = field(32, doc="adapters held as CPU tensors")
+    cpu_max_bytes: int = field(8 * 2**30, doc="CPU tier bound in bytes")
+    gpu_max_adapters: int = field(4, doc="adapter sets resident on the GPU (the multiplexed models per replica); also bounds single adapters held there")
+    gpu_max_bytes: int = field(2 * 2**30, doc="GPU tier bound in bytes (adapter weights copied to the device)")
+    refresh_s: float = field(30.0, doc="how often 'latest' versions are re-resolved from the registry")
+
+    def validate(self) -> None:
+        for name in ("disk_max_adapters", "disk_max_bytes", "cpu_max_adapters", "cpu_max_bytes", "gpu_max_adapters", "gpu_max_bytes"):
+            check(getattr(self, name) >= 1, name, "must be >= 1")
+        check(self.refresh_s >= 0, "refresh_s", "must be >= 0")
+
+
+@dataclass
+class ImageCacheConfig:
+    """Answer repeated requests from storage by output key."""
+
+    enabled: bool = field(False, doc="look up and store rendered images by output key")
+    uri: str = field("outputs/image-cache", doc="cache dir or s3:// prefix", path=True)
+
+    def validate(self) -> None:
+        _check_uri(self.uri, "uri")
+
+
+@dataclass
+class HttpConfig:
+    """HTTP front end."""
+
+    host: str = field("127.0.0.1", doc="bind address")
+    port: int = field(8000, doc="port")
+    route_prefix: str = field("/", doc="route prefix of the app")
+    api_key_env: Optional[str] = field(None, doc="env var holding the Bearer API key; unset disables auth")
+    max_batch_size: int = field(4, doc="compatible requests batched together")
+    batch_wait_timeout_s: float = field(0.05, doc="how long a batch waits to fill")
+    max_ongoing_requests: int = field(8, doc="requests a replica works on at once")
+    max_queued_requests: int = field(16, doc="requests queued for the generator replicas before 503")
+    retry_after_s: int = field(5, doc="Retry-After (seconds) sent with a 503 when the queue is full")
+    request_timeout_s: float = field(300.0, doc="per-request timeout (504 after it); a request may ask for less with timeout_s")
+
+    def validate(self) -> None:
+        check(1 <= self.port <= 65535, "port", f"must be in 1..65535, got {self.port}")
+        check(self.route_prefix.startswith("/"), "route_prefix", "must start with '/'")
+        for name in ("max_batch_size", "max_ongoing_requests", "max_queued_requests"):
+            check(getattr(self, name) >= 1, name, "must be >= 1")
+        check(self.batch_wait_timeout_s >= 0, "batch_wait_timeout_s", "must be >= 0")
+        check(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
+        check(self.retry_after_s >= 0, "retry_after_s", "must be >= 0")
+        check(self.api_key_env is None or bool(re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", self.api_key_env)), "api_key_env",
+              f"must be an environment variable name, got {self.api_key_env!r}")
+        check(self.max_ongoing_requests >= self.max_batch_size, "max_ongoing_requests",
+              f"must be >= max_batch_size ({self.max_batch_size}), or batches can never fill")
+
+
+@dataclass
+class ServeJob:
+    """`rayimg serve`: the HTTP endpoint on Ray Serve."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, doc="base model")
+    storage: StorageConfig = field(default_factory=StorageConfig, doc="object storage settings")
+    cluster: ClusterConfig = field(default_factory=ClusterConfig, doc="Ray cluster")
+    registry: str = field("outputs/registry", doc="adapter registry root", path=True)
+    defaults: GenerationConfig = field(default_factory=GenerationConfig, doc="defaults for requests")
+    limits: LimitsConfig = field(default_factory=LimitsConfig, doc="bounds on requests")
+    engine: EngineConfig = field(default_factory=EngineConfig, doc="generation engine")
+    http: HttpConfig = field(default_factory=HttpConfig, doc="HTTP front end")
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig, doc="replica autoscaling")
+    adapter_cache: AdapterCacheConfig = field(default_factory=AdapterCacheConfig, doc="adapter cache tiers")
+    image_cache: ImageCacheConfig = field(default_factory=ImageCacheConfig, doc="image cache by output key")
+    num_gpus_per_replica: float = field(0.0, doc="GPUs per generator replica (1.0 on a GPU cluster)")
+    num_cpus_per_replica: float = field(1.0, doc="CPUs per generator replica")
+    num_cpus_ingress: float = field(0.25, doc="CPUs of the HTTP ingress replica (parses, checks and routes requests)")
+    app_name: str = field("rayimg", doc="Ray Serve application name")
+
+    def validate(self) -> None:
+        _check_uri(self.registry, "registry")
+        check(self.num_gpus_per_replica >= 0, "num_gpus_per_replica", "must be >= 0")
+        check(self.num_cpus_per_replica > 0, "num_cpus_per_replica", "must be > 0")
+        check(self.num_cpus_ingress > 0, "num_cpus_ingress", "must be > 0")
+        check(bool(re.match(r"^[A-Za-z0-9_-]+$", self.app_name)), "app_name", f"must be letters, digits, '_' or '-', got {self.app_name!r}")
+        _check_defaults_within_limits(self.defaults, self.limits)
