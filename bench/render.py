@@ -48,14 +48,6 @@ def engine_config(options: set[str], batch: int):
                         compile_mode="reduce-overhead" if "cudagraphs" in options else "default")
 
 
-def generation_request():
-    try:  # the request type's module since issue 20's engine split
-        from rayimg.render.request import GenerationRequest
-    except ImportError:
-        from rayimg.render.engine import GenerationRequest
-    return GenerationRequest
-
-
 def diffusers_loop(pipe, *, batch: int, calls: int, steps: int, size: int, guidance: float, device: str) -> dict:
     """The reference: ``StableDiffusionXLPipeline(**components)`` called as the diffusers docs
     show it (eager, SDPA attention, PIL output), same scheduler, steps, guidance and size."""
@@ -82,7 +74,7 @@ def engine_stream(renderer, *, batch: int, calls: int, steps: int, size: int, gu
     ``render_stream``. Batch k is yielded after batch k+1's generation, so the interval from the
     first to the next-to-last yield is the steady state of a long job; the figure is the whole
     stream's wall time (it also holds the last batch's unhidden PNG encode)."""
-    GenerationRequest = generation_request()
+    from rayimg.render.request import GenerationRequest
 
     def requests(start: int):
         return [GenerationRequest(prompt=p, negative_prompt="", steps=steps, guidance_scale=guidance, width=size, height=size,
