@@ -115,10 +115,16 @@ class RenderJob:
     output: RenderOutputConfig = field(default_factory=RenderOutputConfig, doc="outputs")
     concurrency: int = field(1, doc="render actors")
     num_gpus_per_actor: float = field(0.0, doc="GPUs per render actor (1.0 on a GPU cluster)")
+    actor_resources: dict[str, float] = field(default_factory=dict, doc="custom Ray resources per render actor (e.g. {'render_slot': 1}): places actors on the nodes that have them")
+    unit_batches: int = field(4, doc="engine batches per work unit: the rows of one batch key are cut into units of this many batches, each handed to one actor")
+    progress_interval_s: float = field(10.0, doc="seconds between progress lines (rows done / total, images/s, ETA, per-actor counts)")
 
     def validate(self) -> None:
         _check_uri(self.registry, "registry")
         check(bool(self.catalog.source), "catalog.source", "is required: the prompt catalog file")
         check(self.concurrency >= 1, "concurrency", "must be >= 1")
         check(self.num_gpus_per_actor >= 0, "num_gpus_per_actor", "must be >= 0")
+        check(all(v >= 0 for v in self.actor_resources.values()), "actor_resources", "amounts must be >= 0")
+        check(self.unit_batches >= 1, "unit_batches", "must be >= 1")
+        check(self.progress_interval_s > 0, "progress_interval_s", "must be > 0")
         _check_defaults_within_limits(self.defaults, self.limits)
