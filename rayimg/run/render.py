@@ -170,6 +170,8 @@ class RenderRows:
             self.storage.write_bytes(path, image.png)
             return rid, key, path, req
 
+        if n_skipped:
+            self._report(0, n_skipped)
         # one stream over every group: the next group's adapters load while this one renders.
         # An adapter that fails to load (despite validation: e.g. corrupt weights) sends the rows
         # naming it to errors/ and the stream goes on with the other groups.
