@@ -123,13 +123,13 @@ def run(job: TrainJob) -> dict:
         raise result.error
     final = result.checkpoint
     with final.as_directory() as ckpt_dir:
-        summary = _publish(job, storage, Path(ckpt_dir), model_id, model_hash)
+        summary = _publish(job, storage, Path(ckpt_dir), model_id, model_hash, family)
     summary.update(run=name, checkpoint=final.path, seconds=round(time.perf_counter() - t0, 1), metrics=result.metrics)
     print(f"[train] done in {summary['seconds']}s: {summary.get('uri', summary.get('model_dir'))}", flush=True)
     return summary
 
 
-def _publish(job: TrainJob, storage: Storage, ckpt_dir: Path, model_id: str, model_hash: str) -> dict:
+def _publish(job: TrainJob, storage: Storage, ckpt_dir: Path, model_id: str, model_hash: str, family: str) -> dict:
     from rayimg.registry import publish_adapter
 
     export = ckpt_dir / "export"
@@ -139,12 +139,13 @@ def _publish(job: TrainJob, storage: Storage, ckpt_dir: Path, model_id: str, mod
         storage.upload_dir(export, target)
         return {"model_dir": target, "steps": state["step"], "losses": state["losses"]}
     metadata = {
-        "base_model": {"id": model_id, "hash": model_hash},
+        "base_model": {"id": model_id, "hash": model_hash, "family": family},
         "method": job.train.method,
         "rank": job.lora.rank if job.train.method != "textual_inversion" else None,
         "alpha": (job.lora.alpha or job.lora.rank) if job.train.method != "textual_inversion" else None,
         "target_modules": job.lora.target_modules if job.train.method != "textual_inversion" else None,
         "trigger_word": job.publish.trigger_word or (job.textual_inversion.placeholder_token if job.train.method == "textual_inversion" else None),
+        "placeholder_token": job.textual_inversion.placeholder_token if job.train.method == "textual_inversion" else None,
         "training_config": to_dict(job),
         "steps": state["step"],
     }
