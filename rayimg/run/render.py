@@ -145,11 +145,13 @@ def _plain(v):
 class RenderRows:
     """An actor holding the model; renders each batch grouped by batch key."""
 
-    def __init__(self, job: RenderJob):
+    def __init__(self, job: RenderJob, progress=None):
         from rayimg.registry import AdapterStore
         from rayimg.render.renderer import Renderer
 
         self.job = job
+        self.progress = progress  # a Progress actor handle, or None
+        self.label = _actor_label()
         self.storage = Storage(job.storage)
         store = AdapterStore(self.storage, job.registry)
         self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=store)
@@ -167,16 +169,18 @@ class RenderRows:
             groups.setdefault(req.batch_key(), []).append((rid, req))
         manifest, out = [], {"row_id": [], "rendered": []}
         chunks, paths = [], {}
+        n_skipped = 0
         bs = self.job.engine.batch_size
         for _key, items in sorted(groups.items(), key=lambda kv: repr(kv[0])):
             todo = []
             for rid, req in items:
                 key = self.renderer.key(req)
                 path = join(self.job.output.uri, "images", f"{key}.png")
-                if self.storage.exists(path):  # written by an earlier (maybe killed) run
+                if self.storage.exists(path):  # written by an earlier (maybe killed) run or actor
                     manifest.append(_manifest_row(rid, key, path, req, None))
                     out["row_id"].append(rid)
                     out["rendered"].append(False)
+                    n_skipped += 1
                 else:
                     todo.append(req)
                     paths[id(req)] = (rid, key, path)
@@ -188,6 +192,8 @@ class RenderRows:
             self.storage.write_bytes(path, image.png)
             return rid, key, path, req
 
+        if n_skipped:
+            self._report(0, n_skipped)
         # one stream over every group: the next group's adapters load while this one renders.
         # An adapter that fails to load (despite validation: e.g. corrupt weights) sends the rows
         # naming it to errors/ and the stream goes on with the other groups.
@@ -203,6 +209,7 @@ class RenderRows:
                         manifest.append(_manifest_row(rid, key, path, req, image.seconds))
                         out["row_id"].append(rid)
                         out["rendered"].append(True)
+                    self._report(len(results), 0)  # per engine batch, as its PNGs are written
                 chunks = []
             except (LoraError, RegistryError, AdapterCorrupt) as e:  # raised by chunks[done]'s adapter swap
                 failed = chunks[done][0].adapters
@@ -214,6 +221,145 @@ class RenderRows:
         if manifest:
             _write_manifest_part(self.storage, self.job.output.uri, manifest)
         return out
+
+    def _report(self, rendered: int, skipped: int) -> None:
+        if self.progress is not None:
+            try:
+                self.progress.report.remote(self.label, rendered, skipped)  # fire and forget
+            except Exception:  # progress is advisory: never fail a unit over it
+                pass
+
+
+def _actor_label() -> str:
+    """A short, restart-stable name for the current render actor (its actor id)."""
+    try:
+        import ray
+
+        aid = ray.get_runtime_context().get_actor_id()
+        return aid[:8] if aid else "local"
+    except Exception:
+        return "local"
+
+
+# --------------------------------------------------------------------------- progress
+class Progress:
+    """Row counts reported by render actors (wrapped as a Ray actor by :func:`run`).
+
+    Actors call ``report`` after each engine batch; the driver polls ``snapshot``. Counts are
+    also published as Ray metrics (``rayimg_render_rows_done``, ``rayimg_render_rows_total``,
+    ``rayimg_render_images_per_s``) for the dashboard. A unit re-run after an actor dies
+    reports its already-written rows again as skipped, so live counts may run slightly ahead
+    of the final summary, which counts each row once."""
+
+    def __init__(self, total: int, job_name: str):
+        self.total = total
+        self.rendered = 0
+        self.skipped = 0
+        self.per_actor: dict[str, int] = {}
+        self.first: float | None = None
+        self.started = time.time()
+        self.metrics = None
+        try:
+            from ray.util.metrics import Counter, Gauge
+
+            tags = {"job": job_name}
+            done = Counter("rayimg_render_rows_done", description="catalog rows rendered or found written", tag_keys=("job", "kind"))
+            done.set_default_tags(tags)
+            total_g = Gauge("rayimg_render_rows_total", description="valid catalog rows of the job", tag_keys=("job",))
+            total_g.set_default_tags(tags)
+            rate = Gauge("rayimg_render_images_per_s", description="images rendered per second", tag_keys=("job",))
+            rate.set_default_tags(tags)
+            total_g.set(total)
+            self.metrics = (done, rate)
+        except Exception:
+            pass
+
+    def report(self, actor: str, rendered: int, skipped: int) -> None:
+        now = time.time()
+        if self.first is None:
+            self.first = now
+        self.rendered += rendered
+        self.skipped += skipped
+        self.per_actor[actor] = self.per_actor.get(actor, 0) + rendered + skipped
+        if self.metrics is not None:
+            done, rate = self.metrics
+            try:
+                if rendered:
+                    done.inc(rendered, tags={"kind": "rendered"})
+                if skipped:
+                    done.inc(skipped, tags={"kind": "skipped"})
+                rate.set(self.rendered / max(now - self.started, 1e-9))
+            except Exception:
+                pass
+
+    def snapshot(self) -> dict:
+        return {"total": self.total, "rendered": self.rendered, "skipped": self.skipped,
+                "per_actor": dict(self.per_actor), "first": self.first, "now": time.time()}
+
+
+def format_progress(snap: dict, started: float) -> str:
+    """``rows done/total, images/s, ETA, per-actor counts`` from a :class:`Progress` snapshot."""
+    done = min(snap["rendered"] + snap["skipped"], snap["total"])
+    elapsed = snap["now"] - started
+    rate = snap["rendered"] / elapsed if elapsed > 0 else 0.0
+    left = max(snap["total"] - done, 0)
+    eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+    actors = ", ".join(f"{a}: {n}" for a, n in sorted(snap["per_actor"].items()))
+    return (f"[render] {done}/{snap['total']} rows done ({snap['rendered']} rendered, {snap['skipped']} already there), "
+            f"{rate:.2f} images/s, ETA {eta}; actors {actors or '-'}")
+
+
+class _Reporter:
+    """A driver thread that polls the Progress actor and prints a line at least every
+    ``interval`` seconds from the first image on: one updating line on a terminal, plain
+    lines otherwise."""
+
+    def __init__(self, progress, interval: float, started: float):
+        import sys
+        import threading
+
+        self.progress, self.interval, self.started = progress, interval, started
+        self.tty = sys.stdout.isatty()
+        self.stop = threading.Event()
+        self.last: dict | None = None
+        self.thread = threading.Thread(target=self._loop, name="rayimg-render-progress", daemon=True)
+        self.thread.start()
+
+    def poll(self) -> dict | None:
+        import ray
+
+        try:
+            self.last = ray.get(self.progress.snapshot.remote(), timeout=30)
+        except Exception:  # the progress actor restarting or busy: keep the last snapshot
+            pass
+        return self.last
+
+    def _print(self, snap: dict) -> None:
+        line = format_progress(snap, self.started)
+        if self.tty:
+            print("\r" + line + "\x1b[K", end="", flush=True)
+        else:
+            print(line, flush=True)
+
+    def _loop(self) -> None:
+        printed = 0.0
+        while not self.stop.wait(min(2.0, self.interval)):
+            snap = self.poll()
+            if snap is None or snap["first"] is None:
+                continue
+            now = time.perf_counter()
+            if printed == 0.0 or now - printed >= self.interval:
+                printed = now
+                self._print(snap)
+
+    def close(self) -> dict | None:
+        self.stop.set()
+        self.thread.join(timeout=35)
+        snap = self.poll()
+        if self.tty and snap is not None and snap["first"] is not None:
+            self._print(snap)
+            print(flush=True)
+        return snap
 
 
 def _write_errors(storage: Storage, root: str, errors: list[dict]) -> None:
@@ -310,26 +456,58 @@ def run(job: RenderJob) -> dict:
     # that the sort needs, and the row count gives the ETA
     ds = ds.sort("group").materialize()
     total = ds.count()
-    print(f"[render] {total} valid row(s) to render or skip", flush=True)
+    # work units: runs of consecutive sorted rows (so mostly one batch key each), one block per
+    # unit, so every actor gets work; the block count stays bounded on huge catalogs
+    unit = unit_rows(job, total)
+    if total:
+        ds = ds.repartition(target_num_rows_per_block=unit).materialize()
+    print(f"[render] {total} valid row(s) to render or skip, in {ds.num_blocks()} work unit(s) of <= {unit} rows "
+          f"for {job.concurrency} actor(s)", flush=True)
+    from ray.data import ActorPoolStrategy
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    started = time.time()
+    progress = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Progress).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
+    ).remote(total, hashlib.sha256(job.output.uri.encode()).hexdigest()[:12])
+    reporter = _Reporter(progress, job.progress_interval_s, started)
     gpu = job.num_gpus_per_actor
-    ds = ds.map_batches(RenderRows, fn_constructor_args=(job,), batch_size=max(job.engine.batch_size, 8), batch_format="numpy",
-                        concurrency=job.concurrency, num_gpus=gpu if gpu > 0 else None)
+    remote_args = {"max_restarts": -1, "max_task_retries": -1}  # a dead actor is replaced and its unit re-run
+    if job.actor_resources:
+        remote_args["resources"] = dict(job.actor_resources)
+    if gpu > 0:
+        remote_args["num_gpus"] = gpu
+    # one unit in flight per actor: a unit waits in the shared queue, not behind a busy actor
+    ds = ds.map_batches(RenderRows, fn_constructor_args=(job, progress), batch_size=None, batch_format="numpy",
+                        compute=ActorPoolStrategy(size=job.concurrency, max_tasks_in_flight_per_actor=1), **remote_args)
     rendered = skipped = 0
-    started = last = time.perf_counter()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        n_new = int(np.sum(batch["rendered"])) if len(batch["rendered"]) else 0
-        rendered += n_new
-        skipped += len(batch["rendered"]) - n_new
-        now = time.perf_counter()
-        if now - last >= 5.0:
-            last = now
-            _progress(rendered, skipped, total, now - started)
-    _progress(rendered, skipped, total, time.perf_counter() - started)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            n_new = int(np.sum(batch["rendered"])) if len(batch["rendered"]) else 0
+            rendered += n_new
+            skipped += len(batch["rendered"]) - n_new
+    finally:
+        snap = reporter.close()
+        ray.kill(progress)
+    _progress(rendered, skipped, total, time.time() - started)
     summary = finalize(storage, job.output.uri)
-    summary.update(rendered=rendered, skipped_existing=skipped, seconds=round(time.perf_counter() - t0, 2))
+    summary.update(rendered=rendered, skipped_existing=skipped, seconds=round(time.perf_counter() - t0, 2),
+                   units=ds_units(total, unit), actors=(snap or {}).get("per_actor", {}))
     print(f"[render] done: {summary['images']} image(s) ({rendered} rendered, {skipped} already there), "
           f"{summary['errors']} bad row(s) in {job.output.uri}/errors.jsonl; manifest {job.output.uri}/manifest.parquet", flush=True)
     return summary
+
+
+def unit_rows(job: RenderJob, total: int) -> int:
+    """Rows per work unit: ``unit_batches`` engine batches, more on a huge catalog so there are
+    at most ``concurrency * 64`` units."""
+    unit = job.unit_batches * job.engine.batch_size
+    most_units = max(job.concurrency * 64, 1)
+    return max(unit, -(-total // most_units))
+
+
+def ds_units(total: int, unit: int) -> int:
+    return -(-total // unit) if total else 0
 
 
 def _progress(rendered: int, skipped: int, total: int, elapsed: float) -> None:
