@@ -98,7 +98,13 @@ class GeneratorBase:
     def _load_set(self, set_id: str) -> AdapterSet:
         start = time.perf_counter()
         weights, tiers = {}, {}
+        from rayimg.registry import check_published
+
         for name, version in parse_adapter_set_id(set_id):
+            # another model family or not a LoRA: AdapterIncompatible (a 422) before any weight loads
+            check_published(self.storage, self.job.registry, name, version, family=self.renderer.family,
+                            model_id=self.renderer.model_id, model_hash=self.renderer.model_hash,
+                            metadata=self.store.metadata(name, version))
             _v, w, tier = self.store.get_on(name, version, self.device)
             weights[(name, version)] = w
             tiers[f"{name}@{version}"] = tier
@@ -118,7 +124,7 @@ class GeneratorBase:
             return {"error": e.as_dict(), "stats": self.snapshot()}
 
     async def _generate(self, payload: dict) -> dict:
-        from rayimg.registry import AdapterCorrupt, AdapterNotFound
+        from rayimg.registry import AdapterCorrupt, AdapterIncompatible, AdapterNotFound
         from rayimg.render.adapters import LoraError
         from rayimg.render.request import GenerationRequest
 
@@ -154,7 +160,7 @@ class GeneratorBase:
                     raise ApiError(404, "adapter_not_found", str(e)) from None
                 except AdapterCorrupt as e:
                     raise ApiError(500, "adapter_corrupt", str(e)) from None
-                except LoraError as e:
+                except (LoraError, AdapterIncompatible) as e:
                     raise ApiError(422, "adapter_incompatible", str(e), field="adapters") from None
                 first_use = aset.uses == 0
                 aset.uses += 1

@@ -244,6 +244,28 @@ def test_corrupted_adapter_is_refused(main_app):
     assert "sha256" in error["message"] and "tampered" in error["message"]
 
 
+def test_adapter_of_another_family_or_type_is_a_422(main_app, s3_registry, tmp_path):
+    import torch
+
+    from rayimg.registry import publish_adapter
+    from rayimg.train.export import save_textual_inversion
+    from tests.test_render_engine import ATTN, make_lora
+
+    st = Storage()
+    publish_adapter(st, s3_registry, "xl-only", None, make_lora(tmp_path / "xl", "sdxl", 5, rank=4, alpha=4, unet_targets=ATTN),
+                    {"base_model": {"id": "rayimg-tiny-sdxl", "hash": "0" * 64, "family": "sdxl"}, "method": "lora"})
+    save_textual_inversion(tmp_path / "ti", "sd", {"<tok>": torch.randn(1, 32)}, token="<tok>")
+    publish_adapter(st, s3_registry, "an-embedding", None, tmp_path / "ti",
+                    {"base_model": {"id": "rayimg-tiny-sd", "hash": "0" * 64, "family": "sd"}, "method": "textual_inversion",
+                     "placeholder_token": "<tok>"})
+    r = post(f"{main_app}/v1/generate", {"prompt": "x", "adapters": [{"name": "xl-only"}]})
+    error = assert_clean_error(r, 422, "adapter_incompatible", "adapters")
+    assert "adapter 'xl-only' version '1' was trained for an SDXL base model ('rayimg-tiny-sdxl')" in error["message"]
+    r = post(f"{main_app}/v1/generate", {"prompt": "x", "adapters": [{"name": "an-embedding"}]})
+    error = assert_clean_error(r, 422, "adapter_incompatible", "adapters")
+    assert "adapter 'an-embedding' version '1' is a textual inversion (an embedding for token '<tok>'), not a LoRA" in error["message"]
+
+
 def test_new_version_is_picked_up_without_restart(main_app, s3_registry, publish_tiny_lora):
     body = {"prompt": "a blue circle", "seed": 6, "adapters": [{"name": "style-d"}]}
     assert post(f"{main_app}/v1/generate", body).json()["adapters"][0]["version"] == "1"
