@@ -70,12 +70,17 @@ class EngineConfig:
     channels_last: bool = field(False, doc="UNet in channels-last memory format: faster with compile, slower eager")
     batch_invariant: bool = field(True, doc="render each image in its own pipeline call so it is byte-identical whatever batch it lands in (GPU kernels pick algorithms by batch size); false batches for throughput")
 
+    compile_cache: str = field("", doc="dir or s3:// prefix of the compiled-graph cache (rayimg.render.compile_cache): with compile or compile_vae, "
+                                       "each batch and image size loads its compiled graphs from here, or compiles and saves them, so later actors and jobs start warm; "
+                                       "empty: the render job uses <output.uri>/.compile-cache, the server none", path=True)
     png_compress_level: int = field(1, doc="zlib level of the PNGs, 0-9: 1 encodes several times faster than PIL's default 6 for files somewhat larger; the pixels are the same")
 
     def validate(self) -> None:
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.vae_batch >= 0, "vae_batch", f"must be >= 0 (0: the whole batch), got {self.vae_batch}")
         check(0 <= self.png_compress_level <= 9, "png_compress_level", f"must be 0-9, got {self.png_compress_level}")
+        if self.compile_cache:
+            _check_uri(self.compile_cache, "compile_cache")
 
 
 @dataclass

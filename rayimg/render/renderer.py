@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from rayimg.config import EngineConfig, ModelConfig
 from rayimg.models.loader import load_model
+from rayimg.render.compile_cache import CompileCache, cache_key
 from rayimg.render.engine import Engine, GenerationRequest, PendingImage
 from rayimg.render.output import output_key, png_bytes
 
@@ -25,16 +26,21 @@ class RenderedImage:
 class Renderer:
     """A base pipeline, the engine and (optionally) an adapter store for ``request.adapters``."""
 
-    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig | None = None, storage=None, adapter_store=None):
+    def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig | None = None, storage=None, adapter_store=None,
+                 compile_cache: str = ""):
+        """``compile_cache``: the compile-cache prefix used when ``engine_cfg.compile_cache`` is
+        empty (the render job passes one under its output); empty too: no compile cache."""
         loaded = load_model(model_cfg, storage)
         self._setup(loaded.pipeline, loaded.model_id, loaded.model_hash, loaded.family, engine_cfg, adapter_store)
+        self._setup_compile_cache(engine_cfg or EngineConfig(), storage, compile_cache)
 
     @classmethod
     def from_pipeline(cls, pipe, model_id: str, model_hash: str, family: str, engine_cfg: EngineConfig | None = None,
-                      adapter_store=None) -> "Renderer":
+                      adapter_store=None, storage=None, compile_cache: str = "") -> "Renderer":
         """A renderer over a pipeline already in memory (benchmarks; the loader is skipped)."""
         self = cls.__new__(cls)
         self._setup(pipe, model_id, model_hash, family, engine_cfg, adapter_store)
+        self._setup_compile_cache(engine_cfg or EngineConfig(), storage, compile_cache)
         return self
 
     def _setup(self, pipe, model_id, model_hash, family, engine_cfg, adapter_store) -> None:
@@ -47,6 +53,31 @@ class Renderer:
         self._pool: ThreadPoolExecutor | None = None
         self._png_pool: ThreadPoolExecutor | None = None
         self.prefetched_adapters = 0  # adapters loaded ahead by render_stream, during the batch before theirs
+        self.compile_cache: CompileCache | None = None
+
+    def _setup_compile_cache(self, engine_cfg: EngineConfig, storage, default_prefix: str) -> None:
+        """Compiled graphs from (and to) the compile cache (:mod:`rayimg.render.compile_cache`),
+        when the engine compiles anything and a prefix is set."""
+        prefix = engine_cfg.compile_cache or default_prefix
+        if not prefix or not (engine_cfg.compile or engine_cfg.compile_vae):
+            return
+        from rayimg.storage import Storage
+
+        settings, device, dtype = self.engine.config, self.engine.device, self.pipe.unet.dtype
+        self.compile_cache = CompileCache(storage or Storage(), prefix, lambda shape: cache_key(
+            settings, device=device, dtype=dtype, model_id=self.model_id, model_hash=self.model_hash, shape=shape))
+
+    @property
+    def compile_cache_status(self) -> list[dict]:
+        """What the compile cache did, one dict per shape looked up or saved (see
+        :class:`~rayimg.render.compile_cache.CompileCache`); empty without a compile cache."""
+        return list(self.compile_cache.events) if self.compile_cache is not None else []
+
+    def _call_shape(self, requests: list[GenerationRequest]) -> dict:
+        """The shape of the engine's pipeline calls for ``requests`` (which graphs they compile)."""
+        first = requests[0]
+        return {"mode": first.mode, "batch": 1 if self.engine.batch_invariant else len(requests),
+                "width": first.width, "height": first.height, "guidance": first.guidance_scale > 1}
 
     def key(self, request: GenerationRequest) -> str:
         adapters = [{"name": n, "version": v, "scale": s} for n, v, s in request.adapters]
@@ -120,12 +151,19 @@ class Renderer:
         call returns before the accelerator is done) and the seconds a callable that waits for
         the pixels and measures up to their arrival."""
         self.use_adapters(requests[0].adapters)
+        shape = self._call_shape(requests) if self.compile_cache is not None else None
+        if shape is not None:
+            self.compile_cache.before_call(shape)  # once per shape, before it compiles
         start = time.perf_counter()
         if not pending:
             images = self.engine.generate(requests, while_busy=while_busy)
-            return images, (time.perf_counter() - start) / len(requests)
-        images = self.engine.generate(requests, while_busy=while_busy, output_type="pending")
-        return images, lambda: (max(image.ready_at for image in images) - start) / len(requests)
+            seconds = (time.perf_counter() - start) / len(requests)
+        else:
+            images = self.engine.generate(requests, while_busy=while_busy, output_type="pending")
+            seconds = lambda: (max(image.ready_at for image in images) - start) / len(requests)  # noqa: E731
+        if shape is not None:
+            self.compile_cache.after_call(shape)  # the graphs are compiled once the call returns
+        return images, seconds
 
     def _prepare(self, upcoming: list[GenerationRequest]) -> Iterator[None]:
         """Bring the adapters of ``upcoming`` to the store's CPU tier, in parts (a generator: the

@@ -154,7 +154,7 @@ class RenderRows:
         self.label = _actor_label()
         self.storage = Storage(job.storage)
         store = AdapterStore(self.storage, job.registry)
-        self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=store)
+        self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=store, compile_cache=join(job.output.uri, ".compile-cache"))
         store.unet_config = self.renderer.pipe.unet.config
 
     def __call__(self, batch: dict) -> dict:

@@ -1,0 +1,153 @@
+"""Warm starts: compiled graphs stored once per key on the job's storage and loaded by the next
+process (torch's mega-cache, rayimg.render.compile_cache).
+
+Each run is a fresh Python process with its own empty ``TORCHINDUCTOR_CACHE_DIR``, so neither
+in-process caches nor inductor's local disk cache can be what makes the second run warm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rayimg.config import EngineConfig
+from rayimg.render.compile_cache import CompileCacheError, cache_key, decode_entry, encode_entry, entry_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small compiled module through CompileCache, as the Renderer drives it: look up before the
+# shape's first call, save after it.
+MODULE_RUN = """
+import json, sys, torch
+from rayimg.config import EngineConfig
+from rayimg.render.compile_cache import CompileCache, cache_key
+from rayimg.storage import Storage
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+cfg = EngineConfig(compile=True)
+cache = CompileCache(Storage(), sys.argv[1], lambda shape: cache_key(
+    cfg, device="cpu", dtype=torch.float32, model_id="mlp", model_hash="0", shape=shape))
+shape = {"batch": 2}
+cache.before_call(shape)
+with torch.no_grad():
+    out = torch.compile(model, dynamic=False)(torch.linspace(-1, 1, 16).reshape(2, 8))
+cache.after_call(shape)
+print(json.dumps({"events": cache.events, "out": out.tolist()}))
+"""
+
+RENDERER_RUN = """
+import json, sys, hashlib
+from rayimg.config import EngineConfig, ModelConfig
+from rayimg.render.engine import GenerationRequest
+from rayimg.render.renderer import Renderer
+
+renderer = Renderer(ModelConfig(pretrained="rayimg-tiny-sd", device="cpu", cache_dir=sys.argv[1]),
+                    EngineConfig(compile_vae=True), compile_cache=sys.argv[2])
+image = renderer.render([GenerationRequest(prompt="a red circle", steps=2, width=64, height=64, seed=3)])[0]
+print(json.dumps({"events": renderer.compile_cache_status, "png": hashlib.sha256(image.png).hexdigest()}))
+"""
+
+
+def run_fresh(code: str, *args: str, inductor_dir: Path) -> tuple[dict, str]:
+    """Run ``code`` in a new process with an empty inductor cache; (its JSON result, its stderr)."""
+    # one compile thread: no pool of compile workers to start for these few kernels
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "TORCHINDUCTOR_COMPILE_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def cache_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if "rayimg compile cache" in line]
+
+
+def test_key_names_every_graph_setting_and_the_shape():
+    base = dict(device="cpu", dtype=torch.bfloat16, model_id="m", model_hash="h",
+                shape={"mode": "txt2img", "batch": 1, "width": 64, "height": 64, "guidance": True})
+    key = cache_key(EngineConfig(compile=True), **base)
+    assert key == cache_key(EngineConfig(compile=True, png_compress_level=9, compile_cache="elsewhere"), **base)
+    assert key["torch"] == torch.__version__ and key["accelerator"] == "cpu" and key["dtype"] == "bfloat16"
+    uri = entry_uri("s3://bucket/cc", key)
+    others = [
+        cache_key(EngineConfig(compile=True), **{**base, "shape": {**base["shape"], "batch": 4}}),
+        cache_key(EngineConfig(compile=True), **{**base, "shape": {**base["shape"], "width": 128}}),
+        cache_key(EngineConfig(compile=True, fuse_qkv=True), **base),
+        cache_key(EngineConfig(compile=True, compile_mode="reduce-overhead"), **base),
+        cache_key(EngineConfig(compile=True, compile_vae=True), **base),
+        cache_key(EngineConfig(compile=True, channels_last=True), **base),
+        cache_key(EngineConfig(compile=True, vae_batch=4), **base),
+        cache_key(EngineConfig(compile=True), **{**base, "dtype": torch.float32}),
+        cache_key(EngineConfig(compile=True), **{**base, "model_hash": "other"}),
+    ]
+    uris = {entry_uri("s3://bucket/cc", other) for other in others}
+    assert uri.startswith("s3://bucket/cc/") and uri.endswith(".bin") and uri not in uris and len(uris) == len(others)
+
+    entry = encode_entry(key, b"payload")
+    assert decode_entry(entry, key) == b"payload"
+    with pytest.raises(CompileCacheError, match="another key"):
+        decode_entry(entry, others[0])
+    with pytest.raises(CompileCacheError, match="checksum"):
+        decode_entry(entry[:-1] + b"P", key)
+    with pytest.raises(CompileCacheError, match="magic"):
+        decode_entry(b"junk" + entry, key)
+
+
+def test_second_process_loads_the_artifacts_and_a_corrupt_one_is_ignored(tmp_path):
+    prefix = str(tmp_path / "compile-cache")
+    cold, err = run_fresh(MODULE_RUN, prefix, inductor_dir=tmp_path / "inductor-1")
+    assert [e["action"] for e in cold["events"]] == ["cold", "saved"], err
+    assert cold["events"][0]["graphs_compiled"] >= 1 and cold["events"][1]["bytes"] > 0
+    entry = Path(cold["events"][1]["uri"])
+    assert entry.is_file() and entry.parent == Path(prefix)
+
+    warm, err = run_fresh(MODULE_RUN, prefix, inductor_dir=tmp_path / "inductor-2")
+    [loaded] = warm["events"]
+    assert loaded["action"] == "loaded" and loaded["bytes"] == cold["events"][1]["bytes"]
+    assert loaded["graphs_from_cache"] >= 1 and loaded["graphs_compiled"] == 0  # nothing compiled from cold
+    assert warm["out"] == cold["out"]
+    assert cache_lines(err) == [f"rayimg compile cache: loaded {loaded['bytes']} bytes for mlp batch=2 on cpu "
+                                f"(torch {torch.__version__}) from {entry}"]
+
+    data = bytearray(entry.read_bytes())
+    data[-100:-90] = bytes(b ^ 0xFF for b in data[-100:-90])  # flip bytes inside the payload
+    entry.write_bytes(bytes(data))
+    recovered, err = run_fresh(MODULE_RUN, prefix, inductor_dir=tmp_path / "inductor-3")
+    assert [e["action"] for e in recovered["events"]] == ["ignored", "saved"]
+    assert "checksum" in recovered["events"][0]["reason"] and recovered["events"][0]["graphs_compiled"] >= 1
+    warnings = [line for line in err.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"WARNING: rayimg compile cache: ignoring {entry} (CompileCacheError: payload checksum mismatch)")
+    assert recovered["out"] == cold["out"]  # the run compiled from cold and went on
+    assert decode_entry(entry.read_bytes(), recovered["events"][0]["key"])  # and wrote a good entry back
+
+
+def test_renderer_reports_no_cache_without_compile(tmp_path):
+    from rayimg.config import ModelConfig
+    from rayimg.render.renderer import Renderer
+
+    model = ModelConfig(pretrained="rayimg-tiny-sd", device="cpu", cache_dir=str(tmp_path / "models"))
+    plain = Renderer(model, EngineConfig(), compile_cache=str(tmp_path / "cc"))
+    assert plain.compile_cache is None and plain.compile_cache_status == []
+    compiled = Renderer(model, EngineConfig(compile=True, compile_cache=str(tmp_path / "mine")), compile_cache=str(tmp_path / "cc"))
+    assert compiled.compile_cache.prefix == str(tmp_path / "mine")  # the engine's own prefix wins over the job's default
+
+
+@pytest.mark.slow
+def test_renderer_second_process_starts_warm_with_the_same_image(tmp_path):
+    """The tiny SD model with its VAE decoder compiled (CPU inductor): the first process compiles
+    and saves, the second loads the entry, compiles nothing and renders the same PNG bytes."""
+    models, prefix = str(tmp_path / "models"), str(tmp_path / "compile-cache")
+    cold, _ = run_fresh(RENDERER_RUN, models, prefix, inductor_dir=tmp_path / "inductor-1")
+    assert [e["action"] for e in cold["events"]] == ["cold", "saved"]
+    assert cold["events"][0]["key"]["shape"] == {"mode": "txt2img", "batch": 1, "width": 64, "height": 64, "guidance": True}
+    warm, err = run_fresh(RENDERER_RUN, models, prefix, inductor_dir=tmp_path / "inductor-2")
+    [loaded] = warm["events"]
+    assert loaded["action"] == "loaded" and loaded["graphs_from_cache"] >= 1 and loaded["graphs_compiled"] == 0
+    assert any(line.startswith("rayimg compile cache: loaded ") for line in cache_lines(err))
+    assert warm["png"] == cold["png"]
