@@ -235,6 +235,19 @@ class Storage:
             self.delete(uri)
         return len(infos)
 
+    def remove_partial_writes(self, prefix: str) -> int:
+        """Delete the temporary files that atomic writes killed mid-way left under a local
+        ``prefix`` (``.<name>.<random>.tmp``); returns how many. Call it only when no writer is
+        running under ``prefix``. S3 uploads are atomic and leave nothing behind."""
+        _check_scheme(prefix)
+        root = local_path(prefix) if not is_s3(prefix) else None
+        if root is None or not root.is_dir():
+            return 0
+        stale = [Path(d) / n for d, _dirs, files in os.walk(root) for n in files if n.startswith(".") and n.endswith(".tmp")]
+        for path in stale:
+            _unlink(str(path))
+        return len(stale)
+
     # ------------------------------------------------------------------ prefixes
     def list_info(self, prefix: str) -> list[ObjectInfo]:
         """Every object under ``prefix`` (recursive), sorted by URI.

@@ -230,3 +230,15 @@ def test_local_write_killed_midway_leaves_old_content(tmp_path):
     assert target.read_bytes() == b"old"
     # the interrupted temp file is not listed as an object
     assert st.list(str(tmp_path / "out")) == [str(target)]
+
+
+def test_remove_partial_writes_deletes_only_temp_files(tmp_path):
+    from rayimg.storage import Storage
+
+    st = Storage()
+    st.write_bytes(str(tmp_path / "out" / "images" / "a.png"), b"png")
+    (tmp_path / "out" / "images" / ".b.png.x1y2.tmp").write_bytes(b"half")
+    (tmp_path / "out" / ".manifest.parquet.z9.tmp").write_bytes(b"half")
+    assert st.remove_partial_writes(str(tmp_path / "out")) == 2
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["a.png", "images"]
+    assert st.remove_partial_writes(str(tmp_path / "missing")) == 0

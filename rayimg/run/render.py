@@ -490,6 +490,8 @@ def run(job: RenderJob) -> dict:
         snap = reporter.close()
         ray.kill(progress)
     _progress(rendered, skipped, total, time.time() - started)
+    # every actor is done: what a writer killed mid-write left is stale (its image was rendered again)
+    storage.remove_partial_writes(job.output.uri)
     summary = finalize(storage, job.output.uri)
     summary.update(rendered=rendered, skipped_existing=skipped, seconds=round(time.perf_counter() - t0, 2),
                    units=ds_units(total, unit), actors=(snap or {}).get("per_actor", {}))
