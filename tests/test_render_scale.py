@@ -62,7 +62,10 @@ def test_two_actors_share_the_catalog(two_nodes):
     assert s["images"] == ROWS and s["rendered"] == ROWS and s["units"] == ROWS // UNIT
     counts = sorted(s["actors"].values())
     assert len(counts) == 2 and sum(counts) == ROWS, s["actors"]
-    assert counts[1] - counts[0] <= UNIT, s["actors"]  # within one work unit
+    # Units come from one queue, so a faster actor takes more of them; on a shared 2-core machine
+    # the two nodes' actors differ in speed (24 / 16 rows seen once), so the bound is that both
+    # take a real share: at least a quarter of the units each.
+    assert counts[0] >= ROWS // 4, s["actors"]
     assert len(list((two_nodes["dir"] / "out-a" / "images").glob("*.png"))) == ROWS
 
 
