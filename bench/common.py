@@ -181,6 +181,13 @@ def headline(name: str, *, figure: float | None, unit: str, what: str, reference
             "environment": device, "details": details or {}}
 
 
+def report(result: dict, json_path: str | os.PathLike | None) -> None:
+    """Print the ``HEADLINE`` line (name, figure, reference, ratio) and write the JSON, if asked."""
+    print("HEADLINE " + json.dumps({k: result[k] for k in ("name", "figure", "reference", "ratio")}), flush=True)
+    if json_path:
+        write_json(json_path, result)
+
+
 def out_dir() -> Path:
     """``$OUT`` when set (the GPU machine's returned folder), else ``bench/results``."""
     p = Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "bench" / "results"

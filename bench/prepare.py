@@ -123,9 +123,7 @@ def main(argv=None) -> dict:
         "prepare", figure=steady, unit="images/s", what=f"`rayimg prepare` steady rate, {resolution}² JPEGs -> SDXL latents, batch {batch}, 1 encoder",
         reference=ref["items_per_s"], reference_what=f"bare VAE encode loop, batch {batch}, resident tensors",
         device=env, command=common.command_line(), seconds=time.perf_counter() - t0, details=details)
-    print("HEADLINE " + common.json.dumps({k: result[k] for k in ("name", "figure", "reference", "ratio")}), flush=True)
-    if args.json:
-        common.write_json(args.json, result)
+    common.report(result, args.json)
     return result
 
 

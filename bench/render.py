@@ -154,9 +154,7 @@ def main(argv=None) -> dict:
         what=f"Renderer.render_stream, batch {batch}, {calls} calls, {size}², {steps} steps, options {','.join(sorted(options)) or 'none'}",
         reference=ref and ref["items_per_s"], reference_what=f"diffusers StableDiffusionXLPipeline loop, batch {batch}, eager",
         device=env, command=common.command_line(), seconds=time.perf_counter() - t0, details=details)
-    print("HEADLINE " + common.json.dumps({k: result[k] for k in ("name", "figure", "reference", "ratio")}), flush=True)
-    if args.json:
-        common.write_json(args.json, result)
+    common.report(result, args.json)
     return result
 
 

@@ -278,11 +278,9 @@ def main(argv=None) -> dict:
         what=f"Serve app over HTTP, {concurrency} clients, {len(names)} adapters (Zipf {args.zipf}), {size}², {steps} steps, options {','.join(sorted(options)) or 'none'}",
         reference=ref["images_per_s"], reference_what=f"the render engine's bulk stream, same engine settings, batch {args.max_batch_size}, no adapters",
         device=env, command=common.command_line(), seconds=time.perf_counter() - t0, details=details)
-    print("HEADLINE " + common.json.dumps({k: result[k] for k in ("name", "figure", "reference", "ratio")}), flush=True)
     print(f"latency p50 {details['latency_s']['p50']} s, p95 {details['latency_s']['p95']} s; {details['adapter_swaps']} swaps, "
           f"mean batch {details['mean_batch_size']}", flush=True)
-    if args.json:
-        common.write_json(args.json, result)
+    common.report(result, args.json)
     return result
 
 

@@ -146,9 +146,7 @@ def main(argv=None) -> dict:
         reference=ref.get("images_per_s"), reference_what=f"diffusers train_text_to_image_lora_sdxl.py (v0.40.0), batch {batch}, bf16"
         + (" — missing: " + ref["missing"] if "missing" in ref else ""),
         device=env, command=common.command_line(), seconds=time.perf_counter() - t0, details=details)
-    print("HEADLINE " + common.json.dumps({k: result[k] for k in ("name", "figure", "reference", "ratio")}), flush=True)
-    if args.json:
-        common.write_json(args.json, result)
+    common.report(result, args.json)
     return result
 
 

@@ -151,3 +151,32 @@ def test_renderer_second_process_starts_warm_with_the_same_image(tmp_path):
     assert loaded["action"] == "loaded" and loaded["graphs_from_cache"] >= 1 and loaded["graphs_compiled"] == 0
     assert any(line.startswith("rayimg compile cache: loaded ") for line in cache_lines(err))
     assert warm["png"] == cold["png"]
+
+
+@pytest.mark.slow
+def test_render_job_second_run_starts_warm_and_reports_it(ray_cluster, tmp_path):
+    """Two render jobs with a compiled VAE decoder (tiny SD, CPU inductor) sharing one compile
+    cache: the first compiles and saves, the second loads the stored graphs; both summaries and
+    the job's log say so, and the images are the same bytes."""
+    from rayimg.config import RenderJob, from_dict
+    from rayimg.run.render import run as render
+
+    catalog = tmp_path / "catalog.jsonl"
+    catalog.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"a red square {i}", "seed": i}) + "\n" for i in range(2)))
+    cache = str(tmp_path / "compile-cache")
+
+    def job(out: str):
+        return from_dict(RenderJob, {
+            "catalog": {"source": str(catalog)}, "output": {"uri": out}, "registry": str(tmp_path / "registry"),
+            "model": {"device": "cpu", "cache_dir": str(tmp_path / "models")},
+            "defaults": {"steps": 2, "width": 64, "height": 64, "guidance_scale": 3.0},
+            "engine": {"batch_size": 2, "compile_vae": True, "compile_cache": cache}})
+
+    cold = render(job(str(tmp_path / "out-1")))
+    assert cold["compile_cache"] == {"cold": 1, "saved": 1}, cold
+    assert len(list(Path(cache).glob("*.bin"))) == 1
+    warm = render(job(str(tmp_path / "out-2")))
+    assert warm["compile_cache"] == {"loaded": 1}, warm
+    assert warm["rendered"] == 2 and warm["first_image_s"] is not None
+    for png in (tmp_path / "out-1" / "images").glob("*.png"):
+        assert (tmp_path / "out-2" / "images" / png.name).read_bytes() == png.read_bytes()

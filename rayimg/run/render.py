@@ -126,10 +126,7 @@ class Validate:
             good["row_id"].append(rid)
             good["group"].append(group)
             good["settings"].append(json.dumps(s))
-        if errors:
-            text = "".join(json.dumps(e, sort_keys=True, default=str) + "\n" for e in errors)
-            name = hashlib.sha256(text.encode()).hexdigest()[:20]
-            self.storage.write_text(join(self.job.output.uri, "errors", f"{name}.jsonl"), text)
+        _write_errors(self.storage, self.job.output.uri, errors)
         return good
 
 
@@ -156,6 +153,7 @@ class RenderRows:
         store = AdapterStore(self.storage, job.registry)
         self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=store, compile_cache=join(job.output.uri, ".compile-cache"))
         store.unet_config = self.renderer.pipe.unet.config
+        self._cache_events_sent = 0
 
     def __call__(self, batch: dict) -> dict:
         from rayimg.render.engine import GenerationRequest
@@ -210,6 +208,7 @@ class RenderRows:
                         out["row_id"].append(rid)
                         out["rendered"].append(True)
                     self._report(len(results), 0)  # per engine batch, as its PNGs are written
+                    self._report_cache()
                 chunks = []
             except (LoraError, RegistryError, AdapterCorrupt) as e:  # raised by chunks[done]'s adapter swap
                 failed = chunks[done][0].adapters
@@ -221,6 +220,16 @@ class RenderRows:
         if manifest:
             _write_manifest_part(self.storage, self.job.output.uri, manifest)
         return out
+
+    def _report_cache(self) -> None:
+        """New compile-cache events (loaded / cold / saved / ignored) to the Progress actor."""
+        events = self.renderer.compile_cache_status
+        if self.progress is not None and len(events) > self._cache_events_sent:
+            try:
+                self.progress.cache_events.remote([e["action"] for e in events[self._cache_events_sent:]])
+                self._cache_events_sent = len(events)
+            except Exception:
+                pass
 
     def _report(self, rendered: int, skipped: int) -> None:
         if self.progress is not None:
@@ -256,7 +265,10 @@ class Progress:
         self.rendered = 0
         self.skipped = 0
         self.per_actor: dict[str, int] = {}
-        self.first: float | None = None
+        self.first: float | None = None  # time of the first report (the first engine batch written)
+        self.last: float | None = None
+        self.rendered_at_first = 0  # images of the first report: the steady rate counts what came after
+        self.cache: dict[str, int] = {}  # compile-cache event counts of every actor (loaded, cold, saved, ignored)
         self.started = time.time()
         self.metrics = None
         try:
@@ -278,6 +290,9 @@ class Progress:
         now = time.time()
         if self.first is None:
             self.first = now
+            self.rendered_at_first = rendered
+        if rendered:
+            self.last = now
         self.rendered += rendered
         self.skipped += skipped
         self.per_actor[actor] = self.per_actor.get(actor, 0) + rendered + skipped
@@ -288,20 +303,35 @@ class Progress:
                     done.inc(rendered, tags={"kind": "rendered"})
                 if skipped:
                     done.inc(skipped, tags={"kind": "skipped"})
-                rate.set(self.rendered / max(now - self.started, 1e-9))
+                rate.set(steady_rate(self.snapshot()) or 0.0)
             except Exception:
                 pass
 
+    def cache_events(self, actions: list[str]) -> None:
+        for action in actions:
+            self.cache[action] = self.cache.get(action, 0) + 1
+
     def snapshot(self) -> dict:
-        return {"total": self.total, "rendered": self.rendered, "skipped": self.skipped,
-                "per_actor": dict(self.per_actor), "first": self.first, "now": time.time()}
+        return {"total": self.total, "rendered": self.rendered, "skipped": self.skipped, "per_actor": dict(self.per_actor),
+                "compile_cache": dict(self.cache), "first": self.first, "last": self.last, "rendered_at_first": self.rendered_at_first, "now": time.time()}
+
+
+def steady_rate(snap: dict) -> float | None:
+    """Images/s from the first written batch to the last one (start-up and compile excluded);
+    None before two batches."""
+    if snap["first"] is None or snap["last"] is None or snap["last"] <= snap["first"]:
+        return None
+    return (snap["rendered"] - snap["rendered_at_first"]) / (snap["last"] - snap["first"])
 
 
 def format_progress(snap: dict, started: float) -> str:
-    """``rows done/total, images/s, ETA, per-actor counts`` from a :class:`Progress` snapshot."""
+    """``rows done/total, images/s, ETA, per-actor counts`` from a :class:`Progress` snapshot; the
+    rate counts from the first image on (start-up and compile time are not rendering time)."""
     done = min(snap["rendered"] + snap["skipped"], snap["total"])
-    elapsed = snap["now"] - started
-    rate = snap["rendered"] / elapsed if elapsed > 0 else 0.0
+    rate = steady_rate(snap)
+    if rate is None:
+        elapsed = snap["now"] - started
+        rate = snap["rendered"] / elapsed if elapsed > 0 else 0.0
     left = max(snap["total"] - done, 0)
     eta = f"{left / rate:.0f}s" if rate > 0 else "?"
     actors = ", ".join(f"{a}: {n}" for a, n in sorted(snap["per_actor"].items()))
@@ -438,6 +468,7 @@ def run(job: RenderJob) -> dict:
     from rayimg.registry import list_adapters
 
     t0 = time.perf_counter()
+    wall0 = time.time()
     job = absolute_paths(job)
     storage = Storage(job.storage)
     _ext_format(job)
@@ -493,9 +524,18 @@ def run(job: RenderJob) -> dict:
     # every actor is done: what a writer killed mid-write left is stale (its image was rendered again)
     storage.remove_partial_writes(job.output.uri)
     summary = finalize(storage, job.output.uri)
+    snap = snap or {}
+    steady = steady_rate(snap) if snap else None
+    first = snap.get("first")
     summary.update(rendered=rendered, skipped_existing=skipped, seconds=round(time.perf_counter() - t0, 2),
-                   units=ds_units(total, unit), actors=(snap or {}).get("per_actor", {}))
-    print(f"[render] done: {summary['images']} image(s) ({rendered} rendered, {skipped} already there), "
+                   units=ds_units(total, unit), actors=snap.get("per_actor", {}),
+                   first_image_s=round(first - wall0, 2) if first else None, steady_images_per_s=steady and round(steady, 4),
+                   compile_cache=snap.get("compile_cache", {}))
+    if summary["compile_cache"]:
+        print("[render] compile cache: " + ", ".join(f"{n} {action}" for action, n in sorted(summary["compile_cache"].items()))
+              + (" (warm start)" if summary["compile_cache"].get("loaded") else ""), flush=True)
+    timing = (f"; first image after {summary['first_image_s']:.1f}s" if first else "") + (f", then {steady:.3f} images/s" if steady else "")
+    print(f"[render] done: {summary['images']} image(s) ({rendered} rendered, {skipped} already there) in {summary['seconds']:.1f}s{timing}, "
           f"{summary['errors']} bad row(s) in {job.output.uri}/errors.jsonl; manifest {job.output.uri}/manifest.parquet", flush=True)
     return summary
 

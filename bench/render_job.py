@@ -1,0 +1,154 @@
+"""Render-job headline: the bulk render a user runs — `python jobs/render.py` end to end (Ray Data,
+one GPU render actor, PNGs, manifest) — against the engine's stream (`Renderer.render_stream`,
+what the job's actor runs inside) in the same device call.
+
+Real-size SDXL (random init, saved as a diffusers dir) at 1024², 30 Euler steps, CFG 5.0, a
+catalog of ``--rows`` prompts, batch 16 with the render speed settings (fused QKV, channels-last,
+torch.compile with CUDA graphs, compiled VAE, float8 linears). The job runs twice, each in its
+own process as a user would run it:
+
+1. **cold**: an empty compile cache: the actor compiles the UNet and VAE graphs and saves them;
+2. **warm**: a new output folder, the same compile cache: the actor loads the stored graphs
+   (``--warm-rows``, default 32: its figure is the time to the first image).
+
+Each run reports its wall time (the process, Ray start included), the time from job start to
+the first image written, and its steady rate (images after the first written batch / time to the
+last). The reference, after both: the engine stream in this process, warm from the same cache,
+over the same number of batches.
+
+    python bench/render_job.py            # GPU: 96 rows cold, 32 warm (~9 min on an H100)
+    python bench/render_job.py --smoke    # CPU: tiny SDXL at 64², 3 steps (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import render as render_bench
+
+DONE_LINE = re.compile(r"\[render\] done: (\d+) image\(s\) \((\d+) rendered, (\d+) already there\) in ([\d.]+)s"
+                       r"(?:; first image after ([\d.]+)s)?(?:, then ([\d.]+) images/s)?")
+
+
+def job_config(*, model_dir: Path, work: Path, out: str, rows_file: Path, batch: int, steps: int, size: int, guidance: float,
+               options: set[str], smoke: bool) -> dict:
+    cfg = {
+        "model": {"pretrained": str(model_dir), "family": "sdxl", "dtype": "float32" if smoke else "bfloat16", "device": "cpu" if smoke else "cuda"},
+        "registry": str(work / "registry"),
+        "catalog": {"source": str(rows_file)},
+        "defaults": {"steps": steps, "width": size, "height": size, "guidance_scale": guidance, "scheduler": "euler", "negative_prompt": ""},
+        "engine": {"batch_size": batch, "batch_invariant": False, "compile_cache": str(work / "compile-cache"),
+                   "compile": "compile" in options, "compile_vae": "compile_vae" in options, "fuse_qkv": "fuse_qkv" in options,
+                   "channels_last": "channels_last" in options, "fp8": "fp8" in options,
+                   "compile_mode": "reduce-overhead" if "cudagraphs" in options else "default"},
+        "output": {"uri": out},
+        "concurrency": 1,
+        "num_gpus_per_actor": 0.0 if smoke else 1.0,
+        "cluster": {"num_cpus": 2} if smoke else {"num_gpus": 1},
+    }
+    return cfg
+
+
+def run_job(config: dict, path: Path, log_path: Path, timeout: float) -> dict:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = [sys.executable, "jobs/render.py", "--config", str(path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(common.ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    t = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, cwd=common.ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    wall = time.perf_counter() - t
+    text = log_path.read_text(errors="replace")
+    m = DONE_LINE.search(text)
+    if proc.returncode != 0 or m is None:
+        raise RuntimeError(f"the render job failed (rc {proc.returncode}); last lines of {log_path}:\n" + "\n".join(text.splitlines()[-30:]))
+    cache = re.search(r"\[render\] compile cache: (.*)", text)
+    progress = [line for line in text.splitlines() if re.match(r"\[render\] \d+/\d+ rows done \(", line)]
+    return {"command": " ".join(cmd[1:]), "wall_s": round(wall, 1), "job_s": float(m.group(4)), "images": int(m.group(1)),
+            "rendered": int(m.group(2)), "first_image_s": m.group(5) and float(m.group(5)),
+            "steady_images_per_s": m.group(6) and float(m.group(6)), "compile_cache": cache and cache.group(1),
+            "progress_lines": len(progress)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny SDXL at 64², 3 steps: checks the code path, numbers meaningless")
+    ap.add_argument("--rows", type=int, default=None, help="catalog rows (GPU default 96)")
+    ap.add_argument("--warm-rows", type=int, default=None, help="catalog rows of the warm run (GPU default 32)")
+    ap.add_argument("--ref-calls", type=int, default=None, help="batches in the reference stream (GPU default 4)")
+    ap.add_argument("--batch", type=int, default=None, help="engine batch (GPU default 16)")
+    ap.add_argument("--options", default=None, help=f"engine speed options (GPU default {render_bench.GPU_OPTIONS})")
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None, help="write this headline's JSON here")
+    args = ap.parse_args(argv)
+    smoke = args.smoke
+    device = "cpu" if smoke else "cuda"
+    batch = args.batch or (2 if smoke else 16)
+    rows = args.rows or (6 if smoke else 96)
+    warm_rows = args.warm_rows or (4 if smoke else 32)
+    ref_calls = args.ref_calls or (3 if smoke else 4)
+    steps, size, guidance = (3, 64, 5.0) if smoke else (30, 1024, 5.0)
+    options = {o for o in (args.options if args.options is not None else ("fuse_qkv" if smoke else render_bench.GPU_OPTIONS)).split(",") if o}
+    t0 = time.perf_counter()
+    env = common.device_info(device)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="rayimg-bench-render-job-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    model_dir = common.save_sdxl_dir(work / "sdxl", tiny=smoke, device=device)
+    common.log("render_job", f"model dir {model_dir} in {time.perf_counter() - t:.1f}s")
+    kw = dict(model_dir=model_dir, work=work, batch=batch, steps=steps, size=size, guidance=guidance, options=options, smoke=smoke)
+    runs = {}
+    for name, n, timeout in (("cold", rows, 400), ("warm", warm_rows, 200)):
+        rows_file = work / f"catalog-{name}.jsonl"
+        rows_file.write_text("".join(json.dumps({"id": f"{name}-{i:05d}", "prompt": p, "seed": 1000 + i}) + "\n"
+                                     for i, p in enumerate(common.prompts(n))))
+        cfg = job_config(out=str(work / f"out-{name}"), rows_file=rows_file, **kw)
+        runs[name] = run_job(cfg, work / f"{name}.yaml", common.out_dir() / f"render_job_{name}.log", timeout=120 if smoke else timeout)
+        common.log("render_job", f"{name}: {json.dumps(runs[name])}")
+    ref = None
+    if not args.skip_reference:
+        import torch
+
+        from rayimg.config import EngineConfig, ModelConfig
+        from rayimg.render.renderer import Renderer
+        from rayimg.storage import Storage
+
+        if common.is_cuda(device):
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        engine = EngineConfig(**{**render_bench.engine_config(options, batch).__dict__, "compile_cache": str(work / "compile-cache")})
+        renderer = Renderer(ModelConfig(pretrained=str(model_dir), family="sdxl", dtype="float32" if smoke else "bfloat16", device=device),
+                            engine, Storage())
+        ref = render_bench.engine_stream(renderer, batch=batch, calls=ref_calls, steps=steps, size=size, guidance=guidance, device=device)
+        ref["compile_cache"] = [e["action"] for e in renderer.compile_cache_status]
+        common.log("render_job", f"reference: engine stream {ref['images_per_s']:.3f} images/s (steady {ref['steady_images_per_s']})")
+    warm, cold = runs["warm"], runs["cold"]
+    figure = cold["steady_images_per_s"]
+    reference = ref and ref["steady_images_per_s"]
+    details = {"rows": rows, "warm_rows": warm_rows, "batch": batch, "steps": steps, "size": size, "options": sorted(options), "cold": cold, "warm": warm,
+               "engine_stream": ref, "baseline_96_rows_wall_s": 286,
+               "targets": {"steady_vs_stream": 0.95, "warm_first_image_s": 30}}
+    result = common.headline(
+        "render_job", figure=figure, unit="images/s",
+        what=f"jobs/render.py end to end, {rows} rows, batch {batch}, {size}², {steps} steps, 1 GPU actor: steady rate "
+             f"(cold run: wall {cold['wall_s']} s, first image {cold['first_image_s']} s; warm run: wall {warm['wall_s']} s, first image {warm['first_image_s']} s)",
+        reference=reference, reference_what=f"Renderer.render_stream steady rate, batch {batch}, same process after the jobs",
+        device=env, command=common.command_line(), seconds=time.perf_counter() - t0, details=details)
+    common.report(result, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
