@@ -2,7 +2,8 @@
 
 Writes are atomic: locally a temp file in the same directory is renamed over the target; on
 S3 an object only becomes visible when its single PUT or its multipart upload completes, so a
-reader never sees half an object. S3 goes through boto3; Ray Data and Ray Train reach the same
+reader never sees half an object. Local files get the mode any tool would give them
+(``0o666 & ~umask``: 0644 under umask 022), not the 0600 of the temp file they start as. S3 goes through boto3; Ray Data and Ray Train reach the same
 buckets through a pyarrow filesystem. Both are built from one :class:`S3Settings`, resolved by
 :func:`s3_settings` from :class:`rayimg.config.StorageConfig` and the standard AWS environment.
 """
@@ -181,6 +182,7 @@ class Storage:
             os.close(fd)
             try:
                 shutil.copyfile(src, tmp)
+                os.chmod(tmp, file_mode())
                 os.replace(tmp, dst)
             except BaseException:
                 _unlink(tmp)
@@ -206,6 +208,7 @@ class Storage:
                 if not src.is_file():
                     raise FileNotFoundError(f"{uri}: no such file")
                 shutil.copyfile(src, tmp)
+            os.chmod(tmp, file_mode())
             os.replace(tmp, dst)
         except BaseException:
             _unlink(tmp)
@@ -419,6 +422,36 @@ def _check_relative(rel: str, uri: str) -> None:
         raise StorageError(f"{uri}: refusing to write outside the target directory")
 
 
+def _umask_at_import() -> int:
+    # os.umask can only be read by setting it; done once, before any thread of ours writes files.
+    with _UMASK_LOCK:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+_UMASK_LOCK = threading.Lock()
+_IMPORT_UMASK = _umask_at_import()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status`` on Linux 4.7+);
+    elsewhere the umask the process had when this module was imported."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return _IMPORT_UMASK
+
+
+def file_mode() -> int:
+    """The mode a newly created file gets from ``open()``: ``0o666`` less the umask."""
+    return 0o666 & ~current_umask()
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -433,6 +466,7 @@ def _atomic_write_local(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -242,3 +242,50 @@ def test_remove_partial_writes_deletes_only_temp_files(tmp_path):
     assert st.remove_partial_writes(str(tmp_path / "out")) == 2
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["a.png", "images"]
     assert st.remove_partial_writes(str(tmp_path / "missing")) == 0
+
+
+@pytest.fixture(params=[0o022, 0o002, 0o077])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def test_local_files_get_the_umask_mode(umask, tmp_path, storage, s3_bucket):
+    """Every way Storage creates a local file gives it 0o666 & ~umask (0644 under 022, 0664
+    under 002), like any tool that calls open(); reading the umask leaves it unchanged."""
+    from rayimg.storage import current_umask
+
+    assert current_umask() == umask and os.umask(umask) == umask  # read, not changed
+    want = 0o666 & ~umask
+    st = Storage()
+    st.write_bytes(str(tmp_path / "a" / "written.bin"), b"x")
+    st.write_text("file://" + str(tmp_path / "a" / "text.json"), "{}")
+    (tmp_path / "src.bin").write_bytes(b"src")
+    st.upload_file(tmp_path / "src.bin", str(tmp_path / "a" / "uploaded.bin"))
+    st.download_file(str(tmp_path / "src.bin"), tmp_path / "a" / "copied.bin")
+    st.write_bytes(f"s3://{s3_bucket}/obj.bin", b"s3")
+    st.download_file(f"s3://{s3_bucket}/obj.bin", tmp_path / "a" / "downloaded.bin")
+    st.download_prefix(f"s3://{s3_bucket}", tmp_path / "mirror")
+    files = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "src.bin"]
+    assert len(files) == 6
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(want) for p in files}
+    # an existing file replaced by a write gets the same mode
+    os.chmod(tmp_path / "a" / "written.bin", 0o600)
+    st.write_bytes(str(tmp_path / "a" / "written.bin"), b"y")
+    assert (tmp_path / "a" / "written.bin").stat().st_mode & 0o777 == want
+
+
+def test_umask_is_read_per_write_from_any_thread(tmp_path):
+    """The mode follows the umask at write time, also for writes from worker threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    st = Storage()
+    old = os.umask(0o002)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda i: st.write_bytes(str(tmp_path / f"{i}.bin"), b"x"), range(16)))
+        assert os.umask(0o002) == 0o002
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {oct(0o664)}
