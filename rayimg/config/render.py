@@ -39,9 +39,11 @@ class LimitsConfig:
     max_height: int = field(2048, doc="largest height")
     max_steps: int = field(100, doc="most sampling steps")
     max_num_images: int = field(4, doc="most images per request")
+    max_init_image_pixels: int = field(4096 * 4096, doc="most pixels an init image may declare (width x height, read from its "
+                                       "header before anything is decoded)")
 
     def validate(self) -> None:
-        for name in ("max_width", "max_height", "max_steps", "max_num_images"):
+        for name in ("max_width", "max_height", "max_steps", "max_num_images", "max_init_image_pixels"):
             check(getattr(self, name) >= 1, name, "must be >= 1")
 
 

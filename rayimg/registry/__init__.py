@@ -9,9 +9,10 @@
 """
 
 from rayimg.registry.compat import AdapterIncompatible, adapter_family, check_adapter, check_published
-from rayimg.registry.store import WEIGHT_FILE, AdapterCorrupt, AdapterStore
+from rayimg.registry.store import WEIGHT_FILE, AdapterStore
 from rayimg.registry.versions import (
     METADATA_NAME,
+    AdapterCorrupt,
     AdapterNotFound,
     RegistryError,
     adapter_metadata,

@@ -4,7 +4,9 @@
 Each tier is LRU-bounded by count and bytes. The device tier holds copies of the CPU weights on
 the accelerator (packed, one transfer: what makes a warm swap fast); it is skipped when the
 device is the CPU. Concurrent requests for the same adapter share one download and one load.
-The file's sha256 must equal the one in ``adapter.json``; only safetensors is ever read.
+The file's sha256 must equal the one in ``adapter.json``; only safetensors is ever read, never
+through a link leaving a local registry, and weights that are not finite are refused
+(:class:`AdapterCorrupt` for each, naming the adapter).
 ``latest`` is re-resolved every ``refresh_s`` seconds, so newly published versions are picked
 up without a restart.
 """
@@ -22,16 +24,12 @@ from pathlib import Path
 from typing import Generator, Iterator
 
 from rayimg.config import AdapterCacheConfig
-from rayimg.registry.versions import AdapterNotFound, resolve_adapter
+from rayimg.registry.versions import AdapterCorrupt, AdapterNotFound, check_inside_registry, resolve_adapter
 from rayimg.render.adapters import LORA_WEIGHT_NAME as WEIGHT_FILE
-from rayimg.render.adapters import LoraWeights, load_lora_bytes, load_lora_file
+from rayimg.render.adapters import LoraError, LoraWeights, load_lora_bytes, load_lora_file
 from rayimg.storage import Storage, join
 
 __all__ = ["AdapterStore", "AdapterNotFound", "AdapterCorrupt", "WEIGHT_FILE"]
-
-
-class AdapterCorrupt(ValueError):
-    """The adapter's weights do not match the sha256 recorded in its adapter.json."""
 
 
 @dataclass
@@ -187,11 +185,15 @@ class AdapterStore:
         # the bytes read for that check are parsed as they are (the file is read once)
         sha = (self.metadata(name, version).get("weights") or {}).get(WEIGHT_FILE)
         label = f"{name}@{version}"
-        if data is not None:
-            weights = load_lora_bytes(data, name=label, unet_config=self.unet_config, sha256=sha)
-        else:
-            weights = load_lora_file(path, name=label, unet_config=self.unet_config, sha256=sha)
+        try:
+            if data is not None:
+                weights = load_lora_bytes(data, name=label, unet_config=self.unet_config, sha256=sha)
+            else:
+                weights = load_lora_file(path, name=label, unet_config=self.unet_config, sha256=sha)
+        except LoraError as e:  # the file itself cannot be read as a LoRA: the entry is broken
+            raise AdapterCorrupt(f"adapter {name!r} version {version!r}: {WEIGHT_FILE} cannot be read: {e}") from None
         del data
+        check_finite(weights, f"adapter {name!r} version {version!r}")
         yield
         # one flat buffer per dtype, page-locked when a GPU is present: a warm swap is then one
         # fast host-to-device copy instead of a gather plus a pageable copy
@@ -229,6 +231,7 @@ class AdapterStore:
         with self._lock:
             self.stats.disk.misses += 1
         uri = join(self.registry, "adapters", name, version, WEIGHT_FILE)
+        check_inside_registry(self.registry, uri, f"adapter {name!r} version {version!r}")
         tmp = path.with_name(f".{WEIGHT_FILE}.{os.getpid()}.{threading.get_ident()}.download")
         tmp.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -280,6 +283,17 @@ class AdapterStore:
             return {"disk": (len(self._disk), sum(size for _, size in self._disk.values())),
                     "cpu": (len(self._cpu), sum(w.nbytes for w in self._cpu.values())),
                     "device": (len(self._device), sum(w.nbytes for w in self._device.values()))}
+
+
+def check_finite(weights: LoraWeights, label: str) -> None:
+    """Raise :class:`AdapterCorrupt` when a LoRA tensor holds NaN or infinity (fused, it would
+    turn every image it touches into noise or black)."""
+    import torch
+
+    for component, path, layer in weights.items():
+        for kind, tensor in (("down", layer.down), ("up", layer.up)):
+            if not bool(torch.isfinite(tensor).all()):
+                raise AdapterCorrupt(f"{label}: the {kind} weight of {component}.{path} holds NaN or infinite values; refusing to load it")
 
 
 def _run(steps: Generator):

@@ -22,11 +22,11 @@ import os
 from pathlib import Path
 
 from rayimg.config import ADAPTER_NAME_RE, to_dict
-from rayimg.storage import Storage, join
+from rayimg.storage import Storage, join, local_path
 from rayimg.train.export import file_sha256
 
 __all__ = [
-    "METADATA_NAME", "RegistryError", "AdapterNotFound", "adapter_metadata", "publish_adapter", "list_adapters",
+    "METADATA_NAME", "RegistryError", "AdapterNotFound", "AdapterCorrupt", "adapter_metadata", "publish_adapter", "list_adapters",
     "resolve_adapter", "adapter_uri", "check_name",
 ]
 
@@ -40,6 +40,27 @@ class RegistryError(ValueError):
 
 class AdapterNotFound(RegistryError, LookupError):
     """No such adapter or version in the registry (or a name no adapter can have)."""
+
+
+class AdapterCorrupt(RegistryError):
+    """A published version cannot be used as it is stored: its adapter.json is not a JSON object,
+    its weights do not match the recorded sha256, are not a readable safetensors file, hold
+    non-finite values, or are a link leaving the registry."""
+
+
+def check_inside_registry(registry_root: str, uri: str, label: str) -> None:
+    """Refuse ``uri`` (a file in a local registry) when it is a symlink, or under one, that
+    resolves outside ``registry_root``: a registry entry cannot make a server read other files.
+    Objects in s3:// have no links."""
+    if "://" in str(registry_root) and not str(registry_root).startswith("file://"):
+        return
+    root = os.path.realpath(local_path(registry_root))
+    path = local_path(uri)
+    if not os.path.lexists(path):
+        return
+    real = os.path.realpath(path)
+    if os.path.commonpath([root, real]) != root:
+        raise AdapterCorrupt(f"{label}: {path.name} is a link to {real}, outside the registry {root}; refusing to read it")
 
 
 def check_name(name: str, what: str = "adapter name", error: type[RegistryError] = RegistryError) -> str:
@@ -159,8 +180,19 @@ def resolve_adapter(storage: Storage, registry_root: str, name: str, version: st
         version = versions[-1]
     version = check_name(str(version), f"version of adapter {name!r}", AdapterNotFound)
     uri = adapter_uri(registry_root, name, version)
+    label = f"adapter {name!r} version {version!r}"
+    check_inside_registry(registry_root, join(uri, METADATA_NAME), label)
     try:
-        metadata = json.loads(storage.read_text(join(uri, METADATA_NAME)))
+        text = storage.read_text(join(uri, METADATA_NAME))
     except FileNotFoundError:
-        raise AdapterNotFound(f"adapter {name!r} version {version!r} is not published (no {METADATA_NAME} at {uri})") from None
+        raise AdapterNotFound(f"{label} is not published (no {METADATA_NAME} at {uri})") from None
+    try:
+        metadata = json.loads(text)
+    except ValueError as e:
+        raise AdapterCorrupt(f"{label}: {METADATA_NAME} is not valid JSON ({e})") from None
+    if not isinstance(metadata, dict):
+        raise AdapterCorrupt(f"{label}: {METADATA_NAME} is not a JSON object (it holds a {type(metadata).__name__})")
+    weights = metadata.get("weights")
+    if weights is not None and not (isinstance(weights, dict) and all(isinstance(v, str) for v in weights.values())):
+        raise AdapterCorrupt(f"{label}: {METADATA_NAME} 'weights' must map file names to sha256 strings")
     return version, uri, metadata
