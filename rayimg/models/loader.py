@@ -316,6 +316,10 @@ def _from_pretrained(cfg: "ModelConfig", model_dir: Path, family: str, device: t
     if family == "sd":
         # The safety checker is a separate 1.2 GB model that rendering here does not use.
         kwargs.update(safety_checker=None, requires_safety_checker=False)
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").strip().lower() in ("1", "true", "yes", "on"):
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()  # diffusers' own bars ignore the hub's setting
     try:
         pipe = cls.from_pretrained(
             str(model_dir), dtype=dtype, use_safetensors=True, variant=cfg.variant, local_files_only=True, **kwargs

@@ -2,20 +2,70 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from rayimg.config import ClusterConfig
 
+# Environment of every worker of a rayimg job: no progress bars from inside workers (Ray Data's
+# operator bars, the hub's download bars, diffusers' loading bars) and no library chatter that says
+# nothing to the user; the job prints its own progress lines. A variable the user set wins.
+QUIET_ENV = {
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def worker_env() -> dict[str, str]:
+    """The part of :data:`QUIET_ENV` the user has not set themselves."""
+    return {k: v for k, v in QUIET_ENV.items() if k not in os.environ}
+
+
+def quiet_driver() -> None:
+    """The driver's share of :data:`QUIET_ENV`: Ray Data's progress output and its per-dataset
+    INFO lines off (datasets created afterwards take this context to their executors and
+    split coordinators), hub/transformers/diffusers chatter off."""
+    for k, v in worker_env().items():
+        os.environ[k] = v
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "Progress bars disabled ..."
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
 
 def connect(cfg: ClusterConfig) -> str:
-    """Initialise Ray once; returns 'existing', 'remote' or 'local'."""
+    """Initialise Ray once; returns 'existing', 'remote' or 'local'. Workers get :func:`worker_env`
+    through the job's runtime environment (merged with what ``ray job submit`` passed)."""
     import ray
 
+    env = worker_env()
+    quiet_driver()
     if ray.is_initialized():
         return "existing"
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": env} if env else None
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return "remote"
-    ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, configure_logging=False)
+    ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, configure_logging=False, runtime_env=runtime_env)
     return "local"

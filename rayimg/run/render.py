@@ -239,6 +239,18 @@ class RenderRows:
                 pass
 
 
+def _render_rows_for(job: RenderJob, progress):
+    """RenderRows bound to this job: the arguments travel with the class, not as constructor
+    arguments in the object store (which a restarted actor could find gone)."""
+
+    class JobRenderRows(RenderRows):
+        def __init__(self):
+            super().__init__(job, progress)
+
+    JobRenderRows.__name__ = JobRenderRows.__qualname__ = "RenderRows"
+    return JobRenderRows
+
+
 def _actor_label() -> str:
     """A short, restart-stable name for the current render actor (its actor id)."""
     try:
@@ -502,15 +514,11 @@ def run(job: RenderJob) -> dict:
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
     ).remote(total, hashlib.sha256(job.output.uri.encode()).hexdigest()[:12])
     reporter = _Reporter(progress, job.progress_interval_s, started)
-    gpu = job.num_gpus_per_actor
-    remote_args = {"max_restarts": -1, "max_task_retries": -1}  # a dead actor is replaced and its unit re-run
-    if job.actor_resources:
-        remote_args["resources"] = dict(job.actor_resources)
-    if gpu > 0:
-        remote_args["num_gpus"] = gpu
-    # one unit in flight per actor: a unit waits in the shared queue, not behind a busy actor
-    ds = ds.map_batches(RenderRows, fn_constructor_args=(job, progress), batch_size=None, batch_format="numpy",
-                        compute=ActorPoolStrategy(size=job.concurrency, max_tasks_in_flight_per_actor=1), **remote_args)
+    # Ray Data restarts a dead actor and re-runs its unit (max_restarts/max_task_retries -1 by
+    # default). One unit in flight per actor: a unit waits in the shared queue, not behind a busy actor.
+    ds = ds.map_batches(_render_rows_for(job, progress), batch_size=None, batch_format="numpy",
+                        compute=ActorPoolStrategy(size=job.concurrency, max_tasks_in_flight_per_actor=1),
+                        num_gpus=job.num_gpus_per_actor or None, resources=dict(job.actor_resources) or None)
     rendered = skipped = 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -520,7 +528,6 @@ def run(job: RenderJob) -> dict:
     finally:
         snap = reporter.close()
         ray.kill(progress)
-    _progress(rendered, skipped, total, time.time() - started)
     # every actor is done: what a writer killed mid-write left is stale (its image was rendered again)
     storage.remove_partial_writes(job.output.uri)
     summary = finalize(storage, job.output.uri)
@@ -550,11 +557,3 @@ def unit_rows(job: RenderJob, total: int) -> int:
 
 def ds_units(total: int, unit: int) -> int:
     return -(-total // unit) if total else 0
-
-
-def _progress(rendered: int, skipped: int, total: int, elapsed: float) -> None:
-    rate = rendered / elapsed if elapsed > 0 else 0.0
-    left = max(total - rendered - skipped, 0)
-    eta = f"{left / rate:.0f}s" if rate > 0 else "?"
-    print(f"[render] {rendered + skipped}/{total} rows done: {rendered} rendered, {skipped} already there, "
-          f"{rate:.2f} images/s, ETA {eta}", flush=True)
