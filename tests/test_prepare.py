@@ -9,7 +9,6 @@ import torch
 
 from rayimg.config import ConfigError, PrepareJob, from_dict
 from rayimg.data.cache import CacheError, CacheReader
-from rayimg.data.sources import DatasetError
 from rayimg.run.prepare import run as prepare
 from rayimg.storage import Storage
 
@@ -33,20 +32,26 @@ def test_imagefolder_with_every_bad_input(ray_cluster, tmp_path):
     for name, data in datasets.broken_files().items():
         (src / name).write_bytes(data)
         rows.append({"file_name": name, "text": "a broken file"})
-    rows.append({"file_name": "img_00000.png", "text": rows[0]["text"]})  # an exact duplicate
-    rows.append({"file_name": "img_00001.png"})  # no caption
-    rows.append({"file_name": "img_00002.png", "text": "   "})  # empty caption
+    rows.append({"file_name": "img_00000.png", "text": rows[0]["text"]})  # the same path again
+    (src / "copy.png").write_bytes((src / "img_00003.png").read_bytes())
+    rows.append({"file_name": "copy.png", "text": "another caption"})  # the same bytes under another name
+    (src / "nocap.png").write_bytes(datasets.shape_image(301)[0])
+    rows.append({"file_name": "nocap.png"})  # no caption
+    (src / "blank.png").write_bytes(datasets.shape_image(302)[0])
+    rows.append({"file_name": "blank.png", "text": "   "})  # empty caption
     rows.append({"file_name": "missing.png", "text": "gone"})  # listed but absent
     (src / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "cache"
     report = prepare(job(str(src), str(out)))
     assert report["items"] == 12
     assert report["skipped_by_reason"] == {
-        "corrupt_image": 1, "duplicate": 1, "empty_caption": 1, "missing_caption": 1, "too_small": 1,
-        "truncated_image": 1, "unreadable": 1, "unsupported_format": 1, "zero_byte": 1,
+        "corrupt_image": 1, "duplicate": 1, "duplicate_path": 1, "empty_caption": 1, "missing_caption": 1,
+        "missing_file": 1, "too_small": 1, "truncated_image": 1, "unsupported_format": 1, "zero_byte": 1,
     }
-    bad = [json.loads(line) for line in (out / "bad_items.jsonl").read_text().splitlines()]
+    assert report["rows"] == len(rows) == report["items"] + report["skipped"]
+    bad = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert {(b["image_uri"].rsplit("/", 1)[-1], b["reason"]) for b in bad} >= {("zero.png", "zero_byte"), ("small.png", "too_small")}
+    assert {b["source"] for b in bad} == {str(src / "metadata.jsonl")}
     items = manifest(out)
     assert len({it["key"] for it in items}) == 12
     reader = CacheReader(Storage(), str(out))
@@ -144,8 +149,11 @@ def test_errors_before_any_work(ray_cluster, tmp_path, s3_server):
     empty.mkdir()
     (empty / "a.png").write_bytes(b"")
     (empty / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}) + "\n")
-    with pytest.raises(DatasetError, match="no usable item"):
+    with pytest.raises(ConfigError, match=f"data.source: {empty}: no usable image"):
         prepare(job(str(empty), str(tmp_path / "c3")))
+    assert json.loads((tmp_path / "c3" / "skipped.jsonl").read_text()) == {
+        "source": str(empty / "metadata.jsonl"), "line": 1, "image_uri": str(empty / "a.png"), "reason": "zero_byte",
+        "detail": "the file is empty (0 bytes)"}
 
 
 def test_rerun_skips_finished_items(ray_cluster, tmp_path, capsys):

@@ -7,12 +7,15 @@ Layout under the cache root (local or s3://)::
                              (N, 77, D) and ``pooled_prompt_embeds`` (N, P)
     shards/<id>.json         the shard's item records; written after the shard, so a shard counts only
                              once its record file exists (a crash mid-write leaves no half entry)
-    bad/<id>.jsonl           items skipped for a reason (written as they are found)
-    manifest.jsonl           every item: key, shard, index, bucket, caption, SDXL conditioning, source
-    report.json              counts per skip reason and totals
+    manifest.jsonl           every kept item: key, shard, index, bucket, caption, SDXL conditioning,
+                             image, and the input row it came from (source, line)
+    skipped.jsonl            every input row not kept: source, line, image_uri, reason, detail
+    report.json              input rows read, kept, skipped per reason; shards, buckets, timing
 
-Shard ids are hashes of the item keys they hold, so re-encoding the same items rewrites the same
-files; a re-run skips every key already in a finished shard.
+Shard ids hash the bucket, item keys and input rows they hold: two shards of one run never hold
+the same rows, so their names differ, and re-encoding the same rows rewrites the same files. A
+re-run skips every key already in a finished shard. The manifest, skipped.jsonl and the report
+describe the last run's input: every input row is either kept or skipped with a reason.
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class CacheItem:
     flipped: bool
     image_uri: str
     kind: str
+    image_sha256: str = ""  # of the image file's bytes
+    source: str = ""        # the file that listed the item (metadata, manifest) or the image itself
+    line: int | None = None  # its line (row, for Parquet) in ``source``; None when it has none
 
     @classmethod
     def from_dict(cls, d: dict) -> "CacheItem":
@@ -110,19 +116,21 @@ def ensure_header(storage: Storage, root: str, header: dict) -> None:
         check_compatible(existing, header, root)
 
 
-def shard_id(keys: list[str], width: int, height: int) -> str:
-    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
+def shard_id(records: list[dict], width: int, height: int) -> str:
+    """``<width>x<height>-<hash>``: the hash covers each item's key and input row, so shards of
+    one run (which never share a row) never share a name, and the same rows give the same name."""
+    ident = [[r["key"], r.get("source", ""), r.get("line") or 0, r.get("row", 0)] for r in records]
+    digest = hashlib.sha256(json.dumps(ident, separators=(",", ":")).encode()).hexdigest()[:32]
     return f"{width}x{height}-{digest}"
 
 
 def write_shard(storage: Storage, root: str, records: list[dict], tensors: dict[str, torch.Tensor]) -> str:
     """Write one shard (tensors first, then its record file, which marks it finished)."""
-    keys = [r["key"] for r in records]
     width, height = records[0]["width"], records[0]["height"]
-    sid = shard_id(keys, width, height)
+    sid = shard_id(records, width, height)
     blob = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": str(CACHE_FORMAT)})
     storage.write_bytes(join(root, "shards", f"{sid}.safetensors"), blob)
-    items = [{**r, "shard": sid, "index": i} for i, r in enumerate(records)]
+    items = [{**{k: v for k, v in r.items() if k != "row"}, "shard": sid, "index": i} for i, r in enumerate(records)]
     storage.write_text(join(root, "shards", f"{sid}.json"), json.dumps({"shard": sid, "items": items}))
     return sid
 
@@ -141,53 +149,76 @@ def done_keys(storage: Storage, root: str) -> set[str]:
     return {item["key"] for shard in finished_shards(storage, root) for item in shard["items"]}
 
 
-def write_bad(storage: Storage, root: str, rows: list[dict]) -> None:
-    if not rows:
-        return
-    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    name = hashlib.sha256(text.encode()).hexdigest()[:20]
-    storage.write_text(join(root, "bad", f"{name}.jsonl"), text)
+#: A row's fate in one prepare run, as the job reports it to :func:`finalize`.
+ROW_STATUSES = ("encoded", "cached", "skipped")
 
 
-def finalize(storage: Storage, root: str, *, seconds: float | None = None) -> dict:
-    """Merge shard records into manifest.jsonl and bad items into report.json; return the report.
+def finalize(storage: Storage, root: str, rows: list[dict], *, seconds: float | None = None) -> dict:
+    """Decide every input row of this run: kept (in manifest.jsonl) or skipped (skipped.jsonl),
+    then write report.json and return it.
 
-    An item seen twice (same key: same image bytes, caption and settings) is kept once and the
-    later copies are reported as ``duplicate``.
+    ``rows`` has one dict per input row: ``row`` (input order), ``source``, ``line`` (0: none),
+    ``image_uri``, ``kind``, ``status`` (:data:`ROW_STATUSES`), and ``key``/``image_sha256`` when
+    encoded or cached, ``reason``/``detail`` when skipped. In input order, a row naming an image
+    path an earlier row named is a ``duplicate_path``, and a usable row whose image bytes equal
+    those of a row kept earlier is a ``duplicate``: the first one wins, whatever order the
+    workers finished in.
     """
-    seen: dict[str, dict] = {}
-    duplicates = []
-    for shard in finished_shards(storage, root):
+    records: dict[str, dict] = {}
+    shards = finished_shards(storage, root)
+    for shard in shards:
         for item in shard["items"]:
-            if item["key"] in seen:
-                duplicates.append({"image_uri": item["image_uri"], "reason": "duplicate",
-                                   "detail": f"same content as {seen[item['key']]['image_uri']}"})
-            else:
-                seen[item["key"]] = item
-    bad = {}
-    for uri in storage.list(join(root, "bad")):
-        for line in storage.read_text(uri).splitlines():
-            if line.strip():
-                row = json.loads(line)
-                bad[(row["image_uri"], row["reason"])] = row
-    for row in duplicates:
-        bad.setdefault((row["image_uri"], row["reason"]), row)
-    bad_rows = sorted(bad.values(), key=lambda r: (r["reason"], r["image_uri"]))
+            records.setdefault(item["key"], item)
+    first_path: dict[str, dict] = {}
+    first_image: dict[str, dict] = {}
+    kept, skipped = [], []
+
+    def where(r: dict) -> str:
+        return f"{r['source']} line {r['line']}" if r.get("line") else r["source"]
+
+    def skip(r: dict, reason: str, detail: str) -> None:
+        skipped.append({"source": r["source"], "line": r.get("line") or None, "image_uri": r.get("image_uri") or None,
+                        "reason": reason, "detail": detail})
+
+    for r in sorted(rows, key=lambda r: r["row"]):
+        uri = r.get("image_uri") or ""
+        if uri and uri in first_path:
+            skip(r, "duplicate_path", f"{uri} is listed again (first at {where(first_path[uri])})")
+            continue
+        if uri:
+            first_path[uri] = r
+        if r["status"] == "skipped":
+            skip(r, r["reason"], r.get("detail", ""))
+            continue
+        record = records[r["key"]]
+        image = r.get("image_sha256") or record.get("image_sha256") or ""
+        identity = image or r["key"]  # caches written before records held the image hash
+        if identity in first_image:
+            first = first_image[identity]
+            skip(r, "duplicate", f"same image bytes as {first['image_uri']} ({where(first)})")
+            continue
+        first_image[identity] = r
+        kept.append({**record, "image_uri": uri, "kind": r.get("kind") or record.get("kind", "instance"),
+                     "image_sha256": image, "source": r["source"], "line": r.get("line") or None})
     # Tensor files whose record never landed belong to an interrupted run; their items were
     # re-encoded into other shards, so the orphans only take space.
-    finished = {s for s in (it["shard"] for it in seen.values())} | {d["shard"] for d in finished_shards(storage, root)}
+    finished = {d["shard"] for d in shards}
     for uri in storage.list(join(root, "shards")):
         if uri.endswith(".safetensors") and uri.rsplit("/", 1)[-1][: -len(".safetensors")] not in finished:
             storage.delete(uri)
-    items = sorted(seen.values(), key=lambda it: (it["shard"], it["index"]))
-    storage.write_text(join(root, "manifest.jsonl"), "".join(json.dumps(it, sort_keys=True) + "\n" for it in items))
-    storage.write_text(join(root, "bad_items.jsonl"), "".join(json.dumps(r, sort_keys=True) + "\n" for r in bad_rows))
+    kept.sort(key=lambda it: (it["shard"], it["index"]))
+    storage.write_text(join(root, "manifest.jsonl"), "".join(json.dumps(it, sort_keys=True) + "\n" for it in kept))
+    storage.write_text(join(root, "skipped.jsonl"), "".join(json.dumps(r, sort_keys=True) + "\n" for r in skipped))
+    status = Counter(r["status"] for r in rows)
     report = {
-        "items": len(items),
-        "skipped": len(bad_rows),
-        "skipped_by_reason": dict(sorted(Counter(r["reason"] for r in bad_rows).items())),
-        "buckets": dict(sorted(Counter(f"{it['width']}x{it['height']}" for it in items).items())),
-        "shards": len({it["shard"] for it in items}),
+        "rows": len(rows),
+        "items": len(kept),
+        "skipped": len(skipped),
+        "skipped_by_reason": dict(sorted(Counter(r["reason"] for r in skipped).items())),
+        "encoded": status["encoded"],
+        "already_cached": status["cached"],
+        "buckets": dict(sorted(Counter(f"{it['width']}x{it['height']}" for it in kept).items())),
+        "shards": len({it["shard"] for it in kept}),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if seconds is not None:

@@ -24,9 +24,11 @@ REASONS = (
     "missing_caption",    # no caption for the image
     "empty_caption",      # caption empty after cleanup
     "non_utf8_caption",   # caption bytes are not valid UTF-8
-    "duplicate",          # same content key as an item already kept
+    "duplicate",          # same image bytes (sha256) as a row kept earlier, under another name
     "unreadable",         # I/O error reading the image or caption
 )
+# Reasons of whole input rows, decided by the readers and the prepare job rather than by
+# BadItem: see rayimg.data.sources.ROW_REASONS.
 
 
 class BadItem(Exception):

@@ -1,7 +1,8 @@
 """Dataset readers: find the (image, caption) items of a dataset without reading any image.
 
 Layouts (``data.format``):
-- ``imagefolder``: ``metadata.jsonl`` with ``file_name`` and a caption column (``text`` by default);
+- ``imagefolder``: ``metadata.jsonl`` (or ``metadata.csv`` with a header row) with ``file_name``
+  and a caption column (``text`` by default);
 - ``captions``: ``images/`` + ``captions/`` with matching stems, or captions beside images
   (``a.png`` + ``a.txt``);
 - ``dreambooth``: a folder of instance images + ``data.instance_prompt``, optionally class images
@@ -11,17 +12,24 @@ Layouts (``data.format``):
   :func:`manifest_rows_to_items` maps each block.
 
 Captions are carried by value when the layout holds them in a table, or by URI (``caption_uri``)
-when each lives in its own file, so workers read them, not the driver. Everything here is
-checked up front: a missing path, an empty listing or a wrong caption column raises
+when each lives in its own file, so workers read them, not the driver.
+
+Every input row becomes one :class:`SourceItem`, usable or not: a metadata or manifest line that
+is not a JSON object (or a CSV record with the wrong number of fields) or that names no image is
+an item with ``reason`` set (``malformed_line``, ``missing_image_path``) and its ``source`` and
+``line``, so the prepare job skips and reports it instead of stopping. What makes the whole
+dataset unreadable -- a missing path, an empty listing, a column that no row has -- raises
 :class:`DatasetError` naming the problem before any work starts.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import posixpath
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, replace
+from typing import Iterable, Iterator
 
 from rayimg.config import DataConfig
 from rayimg.storage import Storage, StorageError, is_s3, join
@@ -29,6 +37,18 @@ from rayimg.storage import Storage, StorageError, is_s3, join
 CAPTION_EXTS = (".txt", ".caption")
 TABLE_EXTS = (".jsonl", ".json", ".parquet", ".csv", ".md", ".yaml", ".yml", ".toml")
 MANIFEST_EXTS = (".parquet", ".jsonl")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # ImageFolder layout, in order of preference
+
+
+#: Why a whole input row is skipped, beside the per-item :data:`rayimg.data.captions.REASONS`
+#: (the prepare report counts both; add, never rename).
+ROW_REASONS = (
+    "malformed_line",      # a metadata/manifest line that is not a JSON object (or a CSV record) rayimg can read
+    "missing_image_path",  # a metadata/manifest row that names no image
+    "missing_file",        # the image file the row names does not exist
+    "duplicate_path",      # the same image path listed again by a later row
+    "processing_error",    # an unexpected error while preparing this row (the detail names it)
+)
 
 
 class DatasetError(ValueError):
@@ -37,13 +57,29 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class SourceItem:
+    """One input row. ``reason``/``detail`` are set when the row itself is unusable (a code of
+    :data:`rayimg.data.captions.REASONS`); ``source`` is the file that lists the row (the metadata
+    file or manifest; the image itself in folder layouts) and ``line`` its 1-based line (row, for
+    Parquet) there, 0 when it has none; ``row`` orders the rows of one dataset (the first of two
+    duplicates is the one kept)."""
+
     image_uri: str
     caption: str | None = None  # the caption itself, when the layout holds it in a table
     caption_uri: str | None = None  # or the file that holds it
     kind: str = "instance"  # "class" for DreamBooth prior-preservation images
+    source: str = ""
+    line: int = 0
+    row: int = 0
+    reason: str = ""
+    detail: str = ""
 
     def to_row(self) -> dict:
-        return {"image_uri": self.image_uri, "caption": self.caption, "caption_uri": self.caption_uri, "kind": self.kind}
+        return {"image_uri": self.image_uri, "caption": self.caption, "caption_uri": self.caption_uri, "kind": self.kind,
+                "source": self.source, "line": self.line, "row": self.row, "reason": self.reason, "detail": self.detail}
+
+    def where(self) -> str:
+        """``source line N`` (or just the source) for messages."""
+        return f"{self.source} line {self.line}" if self.line else self.source
 
 
 def _ext(uri: str) -> str:
@@ -78,57 +114,139 @@ def detect_format(storage: Storage, cfg: DataConfig) -> str:
         return "manifest"
     if cfg.instance_prompt:
         return "dreambooth"
-    if storage.exists(join(cfg.source, "metadata.jsonl")):
+    if any(storage.exists(join(cfg.source, name)) for name in METADATA_FILES):
         return "imagefolder"
     uris = _listing(storage, cfg.source, "data.source")
     if any(_ext(u) in CAPTION_EXTS for u in uris):
         return "captions"
     raise DatasetError(
-        f"data.source {cfg.source!r}: cannot tell the dataset layout (no metadata.jsonl, no .txt captions, "
+        f"data.source {cfg.source!r}: cannot tell the dataset layout (no metadata.jsonl/.csv, no .txt captions, "
         "not a .parquet/.jsonl manifest); set data.format or data.instance_prompt for DreamBooth"
     )
 
 
-def list_items(storage: Storage, cfg: DataConfig) -> list[SourceItem]:
-    """The items of a folder layout (not 'manifest'), in a stable order."""
+def list_rows(storage: Storage, cfg: DataConfig) -> list[SourceItem]:
+    """Every row of a folder layout (not 'manifest'), unusable ones included (``reason`` set),
+    in a stable order with ``row`` numbered from 0."""
     fmt = detect_format(storage, cfg)
     if fmt == "imagefolder":
-        return list(_imagefolder(storage, cfg))
-    if fmt == "captions":
-        return list(_captions(storage, cfg))
-    if fmt == "dreambooth":
-        return list(_dreambooth(storage, cfg))
-    raise DatasetError(f"data.format {fmt!r} is read as a streaming manifest, not listed")
+        rows = _imagefolder(storage, cfg)
+    elif fmt == "captions":
+        rows = _captions(storage, cfg)
+    elif fmt == "dreambooth":
+        rows = _dreambooth(storage, cfg)
+    else:
+        raise DatasetError(f"data.format {fmt!r} is read as a streaming manifest, not listed")
+    return [replace(item, row=i) for i, item in enumerate(rows)]
 
 
-def _imagefolder(storage: Storage, cfg: DataConfig) -> Iterator[SourceItem]:
-    meta_uri = join(cfg.source, "metadata.jsonl")
-    try:
-        text = storage.read_bytes(meta_uri).decode("utf-8-sig")
-    except FileNotFoundError:
-        raise DatasetError(f"data.source {cfg.source!r}: no metadata.jsonl (ImageFolder layout)") from None
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"{meta_uri}: not UTF-8 ({e})") from None
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+def list_items(storage: Storage, cfg: DataConfig) -> list[SourceItem]:
+    """The usable items of a folder layout; the first unusable row raises :class:`DatasetError`
+    naming its line (for readers without a per-row report; prepare uses :func:`list_rows`)."""
+    rows = list_rows(storage, cfg)
+    for item in rows:
+        if item.reason:
+            raise DatasetError(f"{item.where()}: {item.detail}")
+    return rows
+
+
+def _imagefolder(storage: Storage, cfg: DataConfig) -> list[SourceItem]:
+    for name in METADATA_FILES:
+        meta_uri = join(cfg.source, name)
+        try:
+            raw = storage.read_bytes(meta_uri)
+        except FileNotFoundError:
+            continue
+        break
+    else:
+        raise DatasetError(f"data.source {cfg.source!r}: no metadata.jsonl or metadata.csv (ImageFolder layout)")
+    lines = _csv_rows(raw) if meta_uri.endswith(".csv") else _jsonl_rows(raw)
+    items, tables = [], []
+    for lineno, row, problem in lines:
+        if problem:
+            items.append(SourceItem(image_uri="", source=meta_uri, line=lineno, reason="malformed_line", detail=problem))
+            continue
+        tables.append(row)
+        items.append(row_to_item(row, cfg, base=cfg.source, source=meta_uri, line=lineno))
+    if not items:
+        raise DatasetError(f"{meta_uri}: no rows")
+    if not tables:
+        first = items[0]
+        raise DatasetError(f"{meta_uri}: no readable row ({len(items)} malformed; line {first.line}: {first.detail})")
+    _check_columns(meta_uri, {c for row in tables for c in row}, cfg)
+    return items
+
+
+def _jsonl_rows(raw: bytes) -> Iterator[tuple[int, dict | None, str]]:
+    """(line number, object or None, problem) for each non-blank line of a JSONL file."""
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
             continue
+        row, problem = parse_json_line(line)
+        yield lineno, row, problem
+
+
+def parse_json_line(line: bytes | str) -> tuple[dict | None, str]:
+    """(object, "") for a line holding a JSON object, else (None, what is wrong with it)."""
+    if isinstance(line, (bytes, bytearray, memoryview)):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{meta_uri} line {lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{meta_uri} line {lineno}: expected a JSON object")
-        rows.append(row)
-    if not rows:
-        raise DatasetError(f"{meta_uri}: no rows")
-    _check_columns(meta_uri, rows[0].keys(), cfg)
-    for row in rows:
-        name = row.get(cfg.image_column)
-        if not isinstance(name, str) or not name:
+            line = bytes(line).decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, f"not UTF-8 (invalid byte at column {e.start + 1})"
+    line = line.removeprefix("\ufeff")  # a byte-order mark, as some editors start a file
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(row, dict):
+        return None, f"expected a JSON object, got {type(row).__name__}"
+    return row, ""
+
+
+def _csv_rows(raw: bytes) -> Iterator[tuple[int, dict | None, str]]:
+    """(line number, row or None, problem) for each record of a CSV file with a header row."""
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        yield line, None, f"not UTF-8 (invalid byte {raw[e.start:e.start + 1]!r}); the CSV file cannot be read past it"
+        return
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+    except (StopIteration, csv.Error):
+        return
+    while True:
+        start = reader.line_num + 1
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield start, None, f"not valid CSV ({e})"
             continue
-        caption = row.get(cfg.caption_column)
-        yield SourceItem(image_uri=_resolve(cfg.source, name), caption=caption if isinstance(caption, str) else None)
+        if not any(v.strip() for v in values):
+            continue
+        if len(values) != len(header):
+            yield start, None, f"{len(values)} field(s), the header has {len(header)}"
+            continue
+        yield start, dict(zip(header, values)), ""
+
+
+def row_to_item(row: dict, cfg: DataConfig, *, base: str, source: str, line: int) -> SourceItem:
+    """One table row (metadata.jsonl/.csv, a manifest) -> an item; a row without an image path
+    or with a caption that is not text is an item with its reason."""
+    name = row.get(cfg.image_column)
+    if not isinstance(name, str) or not name.strip():
+        what = "no" if name is None or name == "" else f"a {type(name).__name__} in"
+        return SourceItem(image_uri="", source=source, line=line, reason="missing_image_path",
+                          detail=f"{what} column data.image_column={cfg.image_column!r}")
+    uri = _resolve(base, name.strip())
+    caption = row.get(cfg.caption_column)
+    if caption is not None and not isinstance(caption, str):
+        return SourceItem(image_uri=uri, source=source, line=line, reason="malformed_line",
+                          detail=f"data.caption_column={cfg.caption_column!r} holds a {type(caption).__name__}, not text")
+    return SourceItem(image_uri=uri, caption=caption, source=source, line=line)
 
 
 def _check_columns(where: str, columns, cfg: DataConfig) -> None:
@@ -162,33 +280,56 @@ def _captions(storage: Storage, cfg: DataConfig) -> Iterator[SourceItem]:
         if not _is_candidate_image(u):
             continue
         stem = posixpath.splitext(u[len(images_dir):] if split else u)[0]
-        yield SourceItem(image_uri=u, caption_uri=captions.get(stem))
+        yield SourceItem(image_uri=u, caption_uri=captions.get(stem), source=u)
 
 
 def _dreambooth(storage: Storage, cfg: DataConfig) -> Iterator[SourceItem]:
     for u in _listing(storage, cfg.source, "data.source"):
         if _is_candidate_image(u):
-            yield SourceItem(image_uri=u, caption=cfg.instance_prompt)
+            yield SourceItem(image_uri=u, caption=cfg.instance_prompt, source=u)
     if cfg.class_source:
         for u in _listing(storage, cfg.class_source, "data.class_source"):
             if _is_candidate_image(u):
-                yield SourceItem(image_uri=u, caption=cfg.class_prompt, kind="class")
+                yield SourceItem(image_uri=u, caption=cfg.class_prompt, kind="class", source=u)
 
 
 def check_manifest_columns(columns, cfg: DataConfig) -> None:
     _check_columns(f"manifest {cfg.source}", columns, cfg)
 
 
-def manifest_rows_to_items(rows: list[dict], cfg: DataConfig) -> list[SourceItem]:
-    """Map manifest rows to items: image paths relative to the manifest's folder."""
+def check_manifest_sample(sample: bytes, cfg: DataConfig, whole: bool) -> None:
+    """Check a JSONL manifest's columns on its first bytes: a column that none of the sampled
+    rows has is a config error; malformed or incomplete rows are left to the per-row report.
+    ``whole``: the sample is the whole file (else its last, cut line is ignored)."""
+    lines = sample.split(b"\n")
+    if not whole:
+        lines = lines[:-1]
+    rows, problems = [], []
+    for lineno, line in enumerate(lines, 1):
+        if line.strip():
+            row, problem = parse_json_line(line)
+            if row is None:
+                problems.append(f"line {lineno}: {problem}")
+            else:
+                rows.append(row)
+    if rows:
+        check_manifest_columns({c for row in rows for c in row}, cfg)
+    elif problems:
+        raise DatasetError(f"manifest {cfg.source}: none of its first {len(problems)} line(s) is a JSON object ({problems[0]})")
+
+
+def manifest_rows_to_items(rows: Iterable[tuple[int, bytes]], cfg: DataConfig) -> list[SourceItem]:
+    """Map manifest lines ``(line number, raw JSON)`` to items (``row`` = line): image paths
+    relative to the manifest's folder; a malformed or incomplete line is an item with its reason."""
     base = cfg.source.rsplit("/", 1)[0] if "/" in cfg.source else "."
     out = []
-    for row in rows:
-        name = row.get(cfg.image_column)
-        caption = row.get(cfg.caption_column)
-        if not isinstance(name, str) or not name:
-            continue
-        out.append(SourceItem(image_uri=_resolve(base, name), caption=caption if isinstance(caption, str) else None))
+    for line, raw in rows:
+        row, problem = parse_json_line(raw)
+        if row is None:
+            item = SourceItem(image_uri="", source=cfg.source, line=line, reason="malformed_line", detail=problem)
+        else:
+            item = row_to_item(row, cfg, base=base, source=cfg.source, line=line)
+        out.append(replace(item, row=line))
     return out
 
 

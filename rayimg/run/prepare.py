@@ -1,25 +1,39 @@
 """`rayimg prepare`: a Ray Data pipeline from captioned images to the encode cache.
 
-    items (listing or streamed manifest) -> read + clean + transform (tasks) -> encode + write
-    shards (actor pool, GPU on a cluster) -> small records back to the driver (progress)
+    rows (listing or streamed manifest lines) -> read + clean + transform (tasks) -> encode + write
+    shards (actor pool, GPU on a cluster) -> one small record per row back to the driver
 
-The driver only sees item references and per-item records, never image data. Everything that
-can be checked before work starts is: the dataset path, its layout and caption column, the model,
-and that an existing cache was built with the same model and transforms.
+The driver only sees item references and per-row records, never image data. No single row stops
+the job: a malformed or incomplete metadata line, a missing or broken file, a duplicate goes on
+as a skipped row with its reason, and the end of the run decides every row -- kept (manifest.jsonl)
+or skipped (skipped.jsonl, with the file and line it came from) -- and counts them in report.json.
+Everything that can be checked before work starts is: the dataset path, its layout and columns,
+the model, and that an existing cache was built with the same model and transforms.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
+from ray.data.datasource import FileBasedDatasource
 
 from rayimg.config import ConfigError, PrepareJob, StorageConfig, TransformConfig, absolute_paths, to_dict
 from rayimg.data import cache as cache_mod
-from rayimg.data.sources import DatasetError, check_manifest_columns, check_source, list_items, manifest_rows_to_items
+from rayimg.data.sources import (DatasetError, SourceItem, check_manifest_columns, check_manifest_sample, check_source,
+                                 list_rows, manifest_rows_to_items)
 from rayimg.storage import Storage, arrow_filesystem, is_s3
 
 READ_BATCH = 16
+MANIFEST_BLOCK_ROWS = 4096
+ITEM_COLUMNS = ("image_uri", "caption", "caption_uri", "kind", "source", "line", "row", "reason", "detail")
+# What stage 1 hands stage 2: every row, with pixels only when status is "encode".
+STAGE1_COLUMNS = ("status", "key", "image_sha256", "caption", "pixels", "width", "height", "original_size",
+                  "crop_top_left", "target_size", "flipped", "image_uri", "kind", "source", "line", "row", "reason", "detail")
+# What reaches the driver: one small record per input row (cache.finalize decides its fate).
+ROW_COLUMNS = ("row", "source", "line", "image_uri", "kind", "status", "key", "image_sha256", "reason", "detail")
+NO_PIXELS = np.zeros((3, 0, 0), dtype=np.uint8)
 
 
 def _opt_str(value) -> str | None:
@@ -27,76 +41,142 @@ def _opt_str(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
+# --------------------------------------------------------------------------- stage 0: manifest lines
+class ManifestLines(FileBasedDatasource):
+    """A manifest as rows ``(line, raw)``: each non-blank line of a JSONL file, or each row of a
+    Parquet file (its image and caption columns as JSON, ``line`` = row number). Parsing is left
+    to the per-row stage, so a malformed line becomes a skipped row, not a failed read."""
+
+    def __init__(self, path: str, *, filesystem, columns: list[str]):
+        super().__init__(path, filesystem=filesystem)
+        self.columns = columns
+
+    def _open_input_source(self, filesystem, path: str, **open_args):
+        if path.endswith(".parquet"):
+            return filesystem.open_input_file(path)  # Parquet needs random access
+        return super()._open_input_source(filesystem, path, **open_args)
+
+    def _read_stream(self, f, path: str):
+        lines = self._parquet_rows(f) if path.endswith(".parquet") else self._jsonl_lines(f)
+        numbers, raws = [], []
+        for number, raw in lines:
+            numbers.append(number)
+            raws.append(raw)
+            if len(numbers) >= MANIFEST_BLOCK_ROWS:
+                yield self._block(numbers, raws)
+                numbers, raws = [], []
+        if numbers:
+            yield self._block(numbers, raws)
+
+    @staticmethod
+    def _block(numbers, raws):
+        import pyarrow as pa
+
+        return pa.table({"line": pa.array(numbers, pa.int64()), "raw": pa.array(raws, pa.binary())})
+
+    @staticmethod
+    def _jsonl_lines(f):
+        pending, number = b"", 0
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            *complete, pending = (pending + chunk).split(b"\n")
+            for line in complete:
+                number += 1
+                if line.strip():
+                    yield number, line
+        if pending.strip():
+            yield number + 1, pending
+
+    def _parquet_rows(self, f):
+        import pyarrow.parquet as pq
+
+        number = 0
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=MANIFEST_BLOCK_ROWS, columns=self.columns):
+            for row in batch.to_pylist():
+                number += 1
+                yield number, json.dumps(row, default=str).encode()
+
+
 # --------------------------------------------------------------------------- stage 1: read + transform
 class Preprocess:
-    """Reads each item's bytes and caption, cleans and transforms it; bad items are written to
-    the cache's ``bad/`` folder with their reason and dropped from the stream."""
+    """Reads each row's image and caption, cleans and transforms it. Every row goes on: a usable
+    one with its pixels (status ``encode``), one already in the cache as ``cached``, an unusable
+    one as ``skipped`` with its reason."""
 
     def __init__(self, storage_cfg: StorageConfig, transforms: TransformConfig, min_size: int, model_key: str,
-                 cache_root: str, done: set[str]):
+                 done: set[str]):
         from rayimg.data.buckets import make_buckets
 
         self.storage = Storage(storage_cfg)
         self.transforms = transforms
         self.min_size = min_size
         self.model_key = model_key
-        self.root = cache_root
         self.done = done
         self.buckets = make_buckets(transforms.buckets, transforms.resolution) if transforms.buckets.enabled else None
 
-    def _read(self, uri: str | None) -> bytes | None:
-        return None if uri is None else self.storage.read_bytes(uri)
-
-    def __call__(self, batch: dict) -> dict:
+    def _prepare(self, uri: str, caption: str | None, caption_uri: str | None):
+        """A PreparedItem, or (reason, detail) for a row that cannot be used."""
         from rayimg.data.transforms import BadItem, process_item
 
-        out = {k: [] for k in ("key", "caption", "pixels", "width", "height", "original_size", "crop_top_left",
-                               "target_size", "flipped", "image_uri", "kind")}
-        bad, skipped_done = [], 0
-        for i in range(len(batch["image_uri"])):
-            uri = str(batch["image_uri"][i])
-            caption, caption_uri = _opt_str(batch["caption"][i]), _opt_str(batch["caption_uri"][i])
+        try:
+            image_bytes = self.storage.read_bytes(uri)
+        except FileNotFoundError:
+            return "missing_file", f"{uri} does not exist"
+        except OSError as e:
+            return "unreadable", f"{uri}: {type(e).__name__}: {e}"
+        if caption is None and caption_uri is not None:
             try:
-                try:
-                    image_bytes = self.storage.read_bytes(uri)
-                    if caption is None and caption_uri is not None:
-                        caption = self._read(str(caption_uri))
-                except FileNotFoundError as e:
-                    raise BadItem("unreadable", str(e)) from None
-                except OSError as e:
-                    raise BadItem("unreadable", f"{type(e).__name__}: {e}") from None
-                item = process_item(image_bytes, caption, cfg=self.transforms, min_size=self.min_size,
-                                    model_id=self.model_key, buckets=self.buckets)
-            except BadItem as e:
-                bad.append({"image_uri": uri, "reason": e.reason, "detail": e.detail})
-                continue
-            if item.key in self.done:
-                skipped_done += 1
-                continue
-            out["key"].append(item.key)
-            out["caption"].append(item.caption)
-            out["pixels"].append(cache_mod.pixels_to_uint8(item.pixels))
-            out["width"].append(item.width)
-            out["height"].append(item.height)
-            out["original_size"].append(np.asarray(item.original_size, dtype=np.int64))
-            out["crop_top_left"].append(np.asarray(item.crop_top_left, dtype=np.int64))
-            out["target_size"].append(np.asarray(item.target_size, dtype=np.int64))
-            out["flipped"].append(bool(item.flipped))
-            out["image_uri"].append(uri)
-            out["kind"].append(str(batch["kind"][i]))
-        cache_mod.write_bad(self.storage, self.root, bad)
-        # Bad and already-cached items leave the stream here; their counts ride on the first row
-        # for the progress line (the report itself is built from the files). A batch with no
-        # usable row drops its counts from progress only.
-        n = len(out["key"])
-        out["_bad"] = ([len(bad)] + [0] * (n - 1)) if n else []
-        out["_done"] = ([skipped_done] + [0] * (n - 1)) if n else []
+                caption = self.storage.read_bytes(caption_uri)
+            except FileNotFoundError:
+                return "missing_caption", f"{caption_uri} does not exist"
+            except OSError as e:
+                return "unreadable", f"{caption_uri}: {type(e).__name__}: {e}"
+        try:
+            return process_item(image_bytes, caption, cfg=self.transforms, min_size=self.min_size,
+                                model_id=self.model_key, buckets=self.buckets)
+        except BadItem as e:
+            return e.reason, e.detail
+        except Exception as e:  # one row's surprise is that row's skip reason, not the job's end
+            return "processing_error", f"{type(e).__name__}: {e}"
+
+    def __call__(self, batch: dict) -> dict:
+        out = {k: [] for k in STAGE1_COLUMNS}
+        for i in range(len(batch["image_uri"])):
+            row = {"image_uri": str(batch["image_uri"][i]), "kind": str(batch["kind"][i]), "source": str(batch["source"][i]),
+                   "line": int(batch["line"][i]), "row": int(batch["row"][i])}
+            reason, detail = _opt_str(batch["reason"][i]), _opt_str(batch["detail"][i]) or ""
+            item = (reason, detail) if reason else self._prepare(
+                row["image_uri"], _opt_str(batch["caption"][i]), _opt_str(batch["caption_uri"][i]))
+            if isinstance(item, tuple):
+                _append(out, row, status="skipped", reason=item[0], detail=item[1])
+            elif item.key in self.done:
+                _append(out, row, status="cached", key=item.key, image_sha256=item.image_sha256)
+            else:
+                _append(out, row, status="encode", key=item.key, image_sha256=item.image_sha256, caption=item.caption,
+                        pixels=cache_mod.pixels_to_uint8(item.pixels), width=item.width, height=item.height,
+                        original_size=item.original_size, crop_top_left=item.crop_top_left,
+                        target_size=item.target_size, flipped=item.flipped)
         return out
+
+
+def _append(out: dict, row: dict, *, status: str, key: str = "", image_sha256: str = "", caption: str = "",
+            pixels: np.ndarray = NO_PIXELS, width: int = 0, height: int = 0, original_size=(0, 0), crop_top_left=(0, 0),
+            target_size=(0, 0), flipped: bool = False, reason: str = "", detail: str = "") -> None:
+    values = {**row, "status": status, "key": key, "image_sha256": image_sha256, "caption": caption, "pixels": pixels,
+              "width": width, "height": height, "original_size": np.asarray(original_size, dtype=np.int64),
+              "crop_top_left": np.asarray(crop_top_left, dtype=np.int64),
+              "target_size": np.asarray(target_size, dtype=np.int64), "flipped": bool(flipped), "reason": reason,
+              "detail": detail}
+    for k in STAGE1_COLUMNS:
+        out[k].append(values[k])
 
 
 # --------------------------------------------------------------------------- stage 2: encode + write shards
 class EncodeShards:
-    """An actor holding the VAE (and text encoders); writes one shard per bucket of each batch."""
+    """An actor holding the VAE (and text encoders); writes one shard per bucket of each batch's
+    rows to encode and passes one small record per row on to the driver."""
 
     def __init__(self, model_cfg, storage_cfg: StorageConfig, cache_root: str, cache_text_embeddings: bool, micro_batch: int):
         from rayimg.data.encode import Encoder
@@ -110,87 +190,93 @@ class EncodeShards:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        n = len(batch["key"])
-        records = [
-            {
-                "key": str(batch["key"][i]), "caption": str(batch["caption"][i]), "width": int(batch["width"][i]),
-                "height": int(batch["height"][i]), "original_size": [int(v) for v in batch["original_size"][i]],
-                "crop_top_left": [int(v) for v in batch["crop_top_left"][i]],
-                "target_size": [int(v) for v in batch["target_size"][i]], "flipped": bool(batch["flipped"][i]),
-                "image_uri": str(batch["image_uri"][i]), "kind": str(batch["kind"][i]),
-            }
-            for i in range(n)
-        ]
+        n = len(batch["status"])
+        rows = [{k: _scalar(batch[k][i]) for k in ROW_COLUMNS} for i in range(n)]
         groups: dict[tuple[int, int], list[int]] = {}
         seen = set()
-        for i, r in enumerate(records):
+        for i, r in enumerate(rows):
+            if r["status"] != "encode":
+                continue
+            r["status"] = "encoded"
             if r["key"] in seen:
-                continue  # the same item twice in one batch: encode it once (finalize reports it)
+                continue  # the same item twice in one batch: encoded once (finalize reports the second)
             seen.add(r["key"])
-            groups.setdefault((r["width"], r["height"]), []).append(i)
-        out = {"key": [], "shard": [], "_bad": [], "_done": []}
-        for (_w, _h), idx in sorted(groups.items()):
+            groups.setdefault((int(batch["width"][i]), int(batch["height"][i])), []).append(i)
+        for (width, height), idx in sorted(groups.items()):
             latents, embeds = [], {}
             for start in range(0, len(idx), self.micro_batch):
                 part = idx[start:start + self.micro_batch]
                 latents.append(self.encoder.encode_latents([batch["pixels"][i] for i in part]))
                 if self.encoder.cache_text_embeddings:
-                    for k, v in self.encoder.encode_text([records[i]["caption"] for i in part]).items():
+                    for k, v in self.encoder.encode_text([str(batch["caption"][i]) for i in part]).items():
                         embeds.setdefault(k, []).append(v)
             tensors = {"latents": torch.cat(latents)}
             tensors.update({k: torch.cat(v) for k, v in embeds.items()})
-            sid = cache_mod.write_shard(self.storage, self.root, [records[i] for i in idx], tensors)
-            out["key"].extend(records[i]["key"] for i in idx)
-            out["shard"].extend([sid] * len(idx))
-        # carry the skip counters of stage 1 (attached to whichever rows held them)
-        total_bad, total_done = int(np.sum(batch["_bad"])), int(np.sum(batch["_done"]))
-        out["_bad"] = [total_bad] + [0] * (len(out["key"]) - 1) if out["key"] else []
-        out["_done"] = [total_done] + [0] * (len(out["key"]) - 1) if out["key"] else []
-        return out
+            records = [
+                {"key": rows[i]["key"], "caption": str(batch["caption"][i]), "width": width, "height": height,
+                 "original_size": [int(v) for v in batch["original_size"][i]],
+                 "crop_top_left": [int(v) for v in batch["crop_top_left"][i]],
+                 "target_size": [int(v) for v in batch["target_size"][i]], "flipped": bool(batch["flipped"][i]),
+                 "image_uri": rows[i]["image_uri"], "kind": rows[i]["kind"], "image_sha256": rows[i]["image_sha256"],
+                 "source": rows[i]["source"], "line": rows[i]["line"] or None, "row": rows[i]["row"]}
+                for i in idx
+            ]
+            cache_mod.write_shard(self.storage, self.root, records, tensors)
+        return {k: [r[k] for r in rows] for k in ROW_COLUMNS}
+
+
+def _scalar(value):
+    """A numpy scalar from a batch as the plain Python value."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 # --------------------------------------------------------------------------- the job
-def _item_dataset(cfg: PrepareJob, storage: Storage, fmt: str):
-    """(Ray Dataset of item rows, total or None)."""
-    import ray
+def _listed_rows(cfg: PrepareJob, storage: Storage) -> list[SourceItem]:
+    """The rows of a folder layout, read on the driver before Ray starts; a dataset with no
+    usable row at all is a config error here."""
+    rows = list_rows(storage, cfg.data)
+    if not rows:
+        raise DatasetError(f"data.source {cfg.data.source!r}: no images found")
+    if all(r.reason for r in rows):
+        first = rows[0]
+        raise DatasetError(f"data.source {cfg.data.source!r}: none of its {len(rows)} row(s) is usable "
+                           f"({first.where()}: {first.reason}: {first.detail})")
+    return rows
 
-    if fmt != "manifest":
-        items = list_items(storage, cfg.data)
-        if not items:
-            raise DatasetError(f"data.source {cfg.data.source!r}: no images found")
-        return ray.data.from_items([it.to_row() for it in items]), len(items)
+
+def _check_manifest(cfg: PrepareJob, storage: Storage) -> int | None:
+    """Check a manifest's columns before Ray starts; returns its row count when known (Parquet)."""
     filesystem, path = arrow_filesystem(cfg.storage, cfg.data.source)
     if cfg.data.source.endswith(".parquet"):
         import pyarrow.parquet as pq
 
         meta = pq.ParquetFile(filesystem.open_input_file(path) if filesystem else path)
         check_manifest_columns(meta.schema_arrow.names, cfg.data)
-        total = meta.metadata.num_rows
-        ds = ray.data.read_parquet(path, filesystem=filesystem, columns=[cfg.data.image_column, cfg.data.caption_column])
-    else:
-        first = storage.read_bytes(cfg.data.source)[:1 << 16].decode("utf-8", "replace").splitlines()[:1]
-        import json
+        return meta.metadata.num_rows
+    sample = storage.read_bytes(cfg.data.source)[: (1 << 16) + 1]
+    check_manifest_sample(sample[: 1 << 16], cfg.data, whole=len(sample) <= 1 << 16)
+    return None
 
-        try:
-            columns = json.loads(first[0]).keys() if first else []
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"manifest {cfg.data.source}: first line is not JSON ({e.msg})") from None
-        check_manifest_columns(columns, cfg.data)
-        total = None
-        ds = ray.data.read_json(path, filesystem=filesystem, lines=True)
+
+def _item_dataset(cfg: PrepareJob, listed: list[SourceItem] | None):
+    """A Ray Dataset of item rows (:data:`ITEM_COLUMNS`), one per input row."""
+    import ray
+
+    if listed is not None:
+        return ray.data.from_items([it.to_row() for it in listed])
+    filesystem, path = arrow_filesystem(cfg.storage, cfg.data.source)
+    columns = [cfg.data.image_column, cfg.data.caption_column]
+    ds = ray.data.read_datasource(ManifestLines(path, filesystem=filesystem, columns=columns))
     data_cfg = cfg.data
 
     def to_items(batch):
-        rows = [dict(zip(batch.keys(), vals)) for vals in zip(*batch.values())]
-        items = [it.to_row() for it in manifest_rows_to_items(rows, data_cfg)]
-        return {k: [it[k] for it in items] for k in ("image_uri", "caption", "caption_uri", "kind")}
+        items = [it.to_row() for it in manifest_rows_to_items(zip(batch["line"].tolist(), batch["raw"]), data_cfg)]
+        return {k: [it[k] for it in items] for k in ITEM_COLUMNS}
 
-    return ds.map_batches(to_items, batch_format="numpy"), total
+    return ds.map_batches(to_items, batch_format="numpy")
 
 
 def run(cfg: PrepareJob) -> dict:
-    import ray
-
     from rayimg.run.cluster import connect
     from rayimg.models.loader import check_family, model_id_and_hash, resolve_model_dir
 
@@ -201,6 +287,8 @@ def run(cfg: PrepareJob) -> dict:
     # --- checks before any work
     try:
         fmt = check_source(storage, cfg.data)
+        listed = _listed_rows(cfg, storage) if fmt != "manifest" else None
+        total = len(listed) if listed is not None else _check_manifest(cfg, storage)
     except DatasetError as e:
         raise ConfigError("", str(e)) from None
     model_dir = resolve_model_dir(cfg.model, storage)
@@ -210,14 +298,10 @@ def run(cfg: PrepareJob) -> dict:
 
     connect(cfg.cluster)
     print(f"[prepare] {fmt} dataset {cfg.data.source} -> cache {root} (model {model_id})", flush=True)
-    try:
-        ds, total = _item_dataset(cfg, storage, fmt)
-    except DatasetError as e:
-        raise ConfigError("", str(e)) from None
+    ds = _item_dataset(cfg, listed)
 
     # The header needs the VAE's shape facts; read them from the model dir's config.
-    import json as _json
-    vae_cfg = _json.loads((model_dir / "vae" / "config.json").read_text())
+    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     header = cache_mod.make_header(
         model_id=model_id, model_hash=model_hash, family=family, transforms=to_dict(cfg.transforms),
         cache_text_embeddings=cfg.cache.cache_text_embeddings, latent_channels=int(vae_cfg["latent_channels"]),
@@ -231,7 +315,7 @@ def run(cfg: PrepareJob) -> dict:
     gpu = cfg.cache.num_gpus_per_actor
     # Stateless CPU tasks, so reading, decoding and transforming share the CPUs with the readers
     # (an actor pool here could hold every CPU and starve a manifest's read tasks).
-    preprocess = Preprocess(cfg.storage, cfg.transforms, cfg.data.min_size, f"{model_id}@{model_hash[:16]}", root, done)
+    preprocess = Preprocess(cfg.storage, cfg.transforms, cfg.data.min_size, f"{model_id}@{model_hash[:16]}", done)
     ds = ds.map_batches(preprocess, batch_size=READ_BATCH, batch_format="numpy")
     ds = ds.map_batches(
         EncodeShards, batch_size=cfg.cache.shard_size, batch_format="numpy", concurrency=cfg.cache.concurrency,
@@ -239,40 +323,43 @@ def run(cfg: PrepareJob) -> dict:
         fn_constructor_kwargs=dict(model_cfg=model_cfg, storage_cfg=cfg.storage, cache_root=root,
                                    cache_text_embeddings=cfg.cache.cache_text_embeddings, micro_batch=cfg.cache.batch_size),
     )
-    written = bad = skipped = 0
+    rows: list[dict] = []
+    counts = {"encoded": 0, "cached": 0, "skipped": 0}
     last = time.perf_counter()
     first_at, first_n = None, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        if first_at is None:  # start-up (actors, model load) ends with the first encoded batch
-            first_at, first_n = time.perf_counter(), len(batch["key"])
-        written += len(batch["key"])
-        bad += int(np.sum(batch["_bad"])) if len(batch["_bad"]) else 0
-        skipped += int(np.sum(batch["_done"])) if len(batch["_done"]) else 0
+        batch_rows = [{k: _scalar(batch[k][i]) for k in ROW_COLUMNS} for i in range(len(batch["row"]))]
+        rows.extend(batch_rows)
+        for r in batch_rows:
+            counts[r["status"]] += 1
+        if first_at is None and counts["encoded"]:  # start-up (actors, model load) ends with the first encoded batch
+            first_at, first_n = time.perf_counter(), counts["encoded"]
         now = time.perf_counter()
         if now - last >= 5.0:
             last = now
-            _progress(written, bad, skipped, total, now - t0)
-    _progress(written, bad, skipped, total, time.perf_counter() - t0)
+            _progress(counts["encoded"], counts["skipped"], counts["cached"], total, now - t0)
+    _progress(counts["encoded"], counts["skipped"], counts["cached"], total, time.perf_counter() - t0)
     end = time.perf_counter()
-    report = cache_mod.finalize(storage, root, seconds=end - t0)
+    report = cache_mod.finalize(storage, root, rows, seconds=end - t0)
+    written = counts["encoded"]
     if first_at is not None and end > first_at and written > first_n:
         report["steady_items_per_s"] = round((written - first_n) / (end - first_at), 2)
-    print(f"[prepare] done: {report['items']} item(s) cached in {report['shards']} shard(s), "
-          f"{report['skipped']} skipped {report['skipped_by_reason']}; report {root}/report.json", flush=True)
+    print(f"[prepare] done: {report['rows']} row(s) read, {report['items']} kept in {report['shards']} shard(s), "
+          f"{report['skipped']} skipped {report['skipped_by_reason']}; report {root}/report.json, "
+          f"skipped rows {root}/skipped.jsonl", flush=True)
     if report["items"] == 0:
-        raise DatasetError(f"data.source {cfg.data.source!r}: no usable item (skipped: {report['skipped_by_reason']}); "
-                           f"see {root}/bad_items.jsonl")
-    del ray
+        raise ConfigError("data.source", f"{cfg.data.source}: no usable image: all {report['rows']} row(s) were skipped "
+                          f"({report['skipped_by_reason']}); see {root}/skipped.jsonl")
     return report
 
 
-def _progress(written: int, bad: int, skipped: int, total: int | None, elapsed: float) -> None:
-    processed = written + bad + skipped
-    rate = written / elapsed if elapsed > 0 else 0.0
+def _progress(encoded: int, skipped: int, cached: int, total: int | None, elapsed: float) -> None:
+    processed = encoded + skipped + cached
+    rate = processed / elapsed if elapsed > 0 else 0.0
     if total:
         eta = (total - processed) / (processed / elapsed) if processed else float("nan")
-        head = f"{processed}/{total} items ({100 * processed / total:.0f}%)"
+        head = f"{processed}/{total} rows ({100 * processed / total:.0f}%)"
         tail = f", ETA {eta:.0f}s" if processed else ""
     else:
-        head, tail = f"{processed} items", ""
-    print(f"[prepare] {head}: {written} encoded, {skipped} already cached, {bad} skipped, {rate:.1f} items/s{tail}", flush=True)
+        head, tail = f"{processed} rows", ""
+    print(f"[prepare] {head}: {encoded} encoded, {cached} already cached, {skipped} skipped, {rate:.1f} rows/s{tail}", flush=True)
