@@ -43,8 +43,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rayimg.config import ConfigError, ServeJob, absolute_paths, load_job
 from rayimg.storage import Storage
-from serving.errors import ApiError
-from serving.image_cache import ImageStore
+from serving.errors import ApiError, error_responses
+from serving.image_cache import ImageStore, is_key
 from serving.metrics import CONTENT_TYPE, ServeMetrics
 from serving.schema import GenerateBody, Img2ImgBody, adapter_set_id, parse_adapter_set_id, settings_for
 
@@ -63,6 +63,41 @@ class AdapterSet:
         self.tiers = tiers  # "name@version" -> tier it came from: storage, disk, cpu or device
         self.seconds = seconds
         self.uses = 0
+
+
+class RequestCancelled(Exception):
+    """Raised between denoising steps when no one waits for a batch's images any more."""
+
+
+class Ticket:
+    """One request's claim on the engine: done once its client is gone (the request task was
+    cancelled) or its deadline (unix time, set by the ingress) has passed."""
+
+    def __init__(self, deadline: float | None):
+        self.deadline = deadline
+        self.cancelled = threading.Event()
+
+    def done(self) -> bool:
+        return self.cancelled.is_set() or (self.deadline is not None and time.time() > self.deadline)
+
+
+def stop_when_done(tickets: list, steps: int):
+    """The engine's ``while_busy`` work for one pipeline call: one part per denoising step, each
+    raising :class:`RequestCancelled` once every ticket is done, so abandoned work stops at the
+    next step boundary. It has exactly ``steps`` parts (the steps the call runs), so nothing is
+    left to run after the call."""
+    for _ in range(steps):
+        if all(t.done() for t in tickets):
+            raise RequestCancelled
+        yield
+
+
+def denoising_steps(request) -> int:
+    """The denoising steps one pipeline call of ``request`` runs (img2img skips the first part of
+    the schedule, as diffusers' img2img pipelines do)."""
+    if request.mode == "img2img":
+        return min(int(request.steps * request.strength), request.steps)
+    return request.steps
 
 
 class GeneratorBase:
@@ -90,9 +125,13 @@ class GeneratorBase:
         except Exception:  # outside Serve (never in the app)
             self.replica = uuid.uuid4().hex[:8]
         self.counters = {"seq": 0, "images_rendered": 0, "image_cache_hits": 0, "batches": 0, "batched_images": 0,
-                         "swaps": 0, "swap_seconds": 0.0, "set_loads": 0}
+                         "swaps": 0, "swap_seconds": 0.0, "set_loads": 0, "cancelled": 0, "image_cache_rejected": 0}
         self.render_batch.set_max_batch_size(job.http.max_batch_size)
         self.render_batch.set_batch_wait_timeout_s(job.http.batch_wait_timeout_s)
+
+    def model_identity(self) -> dict:
+        """What adapters are checked against: the model's family, id and content hash."""
+        return {"family": self.renderer.family, "model_id": self.renderer.model_id, "model_hash": self.renderer.model_hash}
 
     # ------------------------------------------------------------------ adapters
     def _load_set(self, set_id: str) -> AdapterSet:
@@ -106,10 +145,31 @@ class GeneratorBase:
                             model_id=self.renderer.model_id, model_hash=self.renderer.model_hash,
                             metadata=self.store.metadata(name, version))
             _v, w, tier = self.store.get_on(name, version, self.device)
+            self._check_fits(name, version, w)
             weights[(name, version)] = w
             tiers[f"{name}@{version}"] = tier
         self.counters["set_loads"] += 1
         return AdapterSet(set_id, weights, tiers, time.perf_counter() - start)
+
+    def _check_fits(self, name: str, version: str, weights) -> None:
+        """Every layer of the adapter has a module of its shape in this model (an adapter of the
+        same family but another architecture fails here, when its set loads, not mid-batch)."""
+        from rayimg.registry import AdapterIncompatible
+        from rayimg.render.adapters import LoraError
+
+        fused = self.renderer.engine.fused
+        base = (self.store.metadata(name, version).get("base_model") or {})
+        trained_on = f"trained on {base.get('id')!r}" if isinstance(base, dict) and base.get("id") else "trained on an unrecorded model"
+        for component, path, layer in weights.items():
+            try:
+                target = fused._target(component, path, f"{name}@{version}")
+            except LoraError as e:
+                raise AdapterIncompatible(f"adapter {name!r} version {version!r} ({trained_on}) does not fit this server's model "
+                                          f"{self.renderer.model_id!r}: {e}") from None
+            if layer.up.shape[0] != target.shape[0] or layer.down[0].numel() != target.shape[1:].numel():
+                raise AdapterIncompatible(
+                    f"adapter {name!r} version {version!r} ({trained_on}) does not fit this server's model {self.renderer.model_id!r}: "
+                    f"{component}.{path} has weight {tuple(target.shape)}, the LoRA is up {tuple(layer.up.shape)} @ down {tuple(layer.down.shape)}")
 
     async def adapter_set(self, set_id: str) -> AdapterSet:  # replaced by the multiplexed loader
         raise NotImplementedError
@@ -118,12 +178,16 @@ class GeneratorBase:
     async def generate(self, payload: dict) -> dict:
         """One request: ``payload`` holds the checked settings with resolved adapter versions.
         Returns ``{"images": [...], ...}`` or ``{"error": ApiError.as_dict()}``."""
+        ticket = Ticket(payload.get("deadline"))
         try:
-            return await self._generate(payload)
+            return await self._generate(payload, ticket)
         except ApiError as e:
             return {"error": e.as_dict(), "stats": self.snapshot()}
+        except asyncio.CancelledError:  # the client went away or the ingress gave up: stop its work
+            ticket.cancelled.set()
+            raise
 
-    async def _generate(self, payload: dict) -> dict:
+    async def _generate(self, payload: dict, ticket: Ticket) -> dict:
         from rayimg.registry import AdapterCorrupt, AdapterIncompatible, AdapterNotFound
         from rayimg.render.adapters import LoraError
         from rayimg.render.request import GenerationRequest
@@ -159,14 +223,14 @@ class GeneratorBase:
                 except AdapterNotFound as e:
                     raise ApiError(404, "adapter_not_found", str(e)) from None
                 except AdapterCorrupt as e:
-                    raise ApiError(500, "adapter_corrupt", str(e)) from None
+                    raise ApiError(422, "adapter_corrupt", str(e), field="adapters") from None
                 except (LoraError, AdapterIncompatible) as e:
                     raise ApiError(422, "adapter_incompatible", str(e), field="adapters") from None
                 first_use = aset.uses == 0
                 aset.uses += 1
                 info["adapter_tiers"] = aset.tiers if first_use else {k: "resident" for k in aset.tiers}
                 info["adapter_load_s"] = aset.seconds if first_use else 0.0
-            results = await asyncio.gather(*(self.render_batch((requests[i], aset)) for i in todo))
+            results = await asyncio.gather(*(self.render_batch((requests[i], aset, ticket)) for i in todo))
             for i, r in zip(todo, results):
                 if isinstance(r, ApiError):
                     raise r
@@ -198,17 +262,24 @@ class GeneratorBase:
         from rayimg.render.adapters import LoraError
 
         groups: dict = {}
-        for i, (request, aset) in enumerate(items):
+        for i, (request, aset, ticket) in enumerate(items):
             groups.setdefault(request.batch_key(), []).append(i)
         results: list = [None] * len(items)
         for indices in groups.values():
+            gone = [i for i in indices if items[i][2].done()]
+            for i in gone:  # never started: no one waits for it
+                results[i] = self._cancelled()
+            indices = [i for i in indices if i not in gone]
+            if not indices:
+                continue
             requests = [items[i][0] for i in indices]
+            tickets = [items[i][2] for i in indices]
             aset = items[indices[0]][1]
             try:
                 with self.render_lock:
                     swap_s = self._use_adapters(requests[0].adapters, aset)
                     start = time.perf_counter()
-                    images = self.renderer.engine.generate(requests)
+                    images = self._run_engine(requests, tickets)
                     if self.device.type == "cuda":
                         import torch
 
@@ -218,12 +289,42 @@ class GeneratorBase:
                 for i in indices:
                     results[i] = ApiError(422, "adapter_incompatible", str(e), field="adapters")
                 continue
+            rendered = [(i, request, image) for i, request, image in zip(indices, requests, images) if image is not None]
+            for i, image in zip(indices, images):
+                if image is None:
+                    results[i] = self._cancelled()
+            if not rendered:
+                continue
             self.counters["batches"] += 1
-            self.counters["batched_images"] += len(requests)
-            self.counters["images_rendered"] += len(requests)
-            for i, request, image in zip(indices, requests, images):
-                results[i] = {"png": self._png(request, image), "batch_size": len(requests), "swap_s": swap_s, "engine_s": engine_s}
+            self.counters["batched_images"] += len(rendered)
+            self.counters["images_rendered"] += len(rendered)
+            for i, request, image in rendered:
+                results[i] = {"png": self._png(request, image), "batch_size": len(rendered), "swap_s": swap_s, "engine_s": engine_s}
         return results
+
+    def _run_engine(self, requests: list, tickets: list) -> list:
+        """The images of ``requests`` (None for those cancelled). The engine stops a pipeline call
+        at the next step boundary once every request in it is abandoned (client gone or deadline
+        passed). Batch-invariant engines render one request per call anyway: each call then
+        stops for its own request."""
+        engine = self.renderer.engine
+        calls = [[i] for i in range(len(requests))] if engine.batch_invariant else [list(range(len(requests)))]
+        images: list = [None] * len(requests)
+        for call in calls:
+            batch, waiting = [requests[i] for i in call], [tickets[i] for i in call]
+            if all(t.done() for t in waiting):
+                continue
+            try:
+                out = engine.generate(batch, while_busy=stop_when_done(waiting, denoising_steps(batch[0])))
+            except RequestCancelled:
+                continue
+            for i, image in zip(call, out):
+                images[i] = image
+        return images
+
+    def _cancelled(self) -> ApiError:
+        self.counters["cancelled"] += 1
+        return ApiError(504, "timeout", "the request was cancelled (its client left or its deadline passed)")
 
     def _png(self, request, image) -> bytes:
         """PNG with the same metadata the render job writes (Renderer.render)."""
@@ -249,6 +350,7 @@ class GeneratorBase:
     def snapshot(self) -> dict:
         """Counters for the ingress's /metrics, numbered so the newest wins."""
         self.counters["seq"] += 1
+        self.counters["image_cache_rejected"] = self.images.rejected
         return {"replica": self.replica, "store": self.store.stats.as_dict(), "tiers": self.store.tier_sizes(), **self.counters}
 
 
@@ -284,9 +386,14 @@ def generator_options(job: ServeJob) -> dict:
 
 
 # --------------------------------------------------------------------------- ingress
+NOT_JSON = "send the body as a JSON object with 'Content-Type: application/json'"
+
+
 def _build_fastapi(job: ServeJob):
-    api = FastAPI(title="rayimg", version="1", description="Text-to-image and image-to-image with LoRA adapters from a registry.",
-                  docs_url="/docs", redoc_url=None)
+    api = FastAPI(title="rayimg", version="1", docs_url="/docs", redoc_url=None, description=(
+        "Text-to-image and image-to-image with LoRA adapters from a registry. Every error is "
+        "`{\"error\": {\"code\", \"message\", \"field\"?}}`. Also speaks OpenAI's "
+        "`POST /v1/images/generations` and Automatic1111's `POST /sdapi/v1/txt2img`, with the same checks, limits and errors."))
 
     def error_response(e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -302,13 +409,16 @@ def _build_fastapi(job: ServeJob):
         field = ".".join(loc) if loc else None
         message = f"{field}: {first.get('msg')}" if field else str(first.get("msg"))
         if first.get("type") == "json_invalid":
-            field, message = None, "the body is not valid JSON"
+            field, message = None, f"the body is not valid JSON; {NOT_JSON}"
+        elif not loc and first.get("type") in ("model_attributes_type", "dict_type", "missing", "model_type"):
+            content_type = request.headers.get("content-type") or "none"
+            field, message = None, f"the body is not a JSON object (Content-Type: {content_type}); {NOT_JSON}"
         return error_response(ApiError(422, "invalid_request", message, field=field))
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
-        return error_response(ApiError(e.status_code, code, str(e.detail)))
+        return error_response(ApiError(e.status_code, code, str(e.detail), headers=dict(e.headers or {})))
 
     @api.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
@@ -319,18 +429,43 @@ def _build_fastapi(job: ServeJob):
     return api
 
 
-def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
-    api = _build_fastapi(job)
-    bearer = HTTPBearer(auto_error=False, description="API key (when the server sets http.api_key_env)")
+def _replica_lost(e: BaseException) -> bool:
+    """Whether awaiting a generator call failed because its replica died or became unreachable."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import DeploymentUnavailableError
 
-    def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if api_key_sha256 is None:
-            return
-        if credentials is None or credentials.scheme.lower() != "bearer":
-            raise ApiError(401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
-        given = hashlib.sha256(credentials.credentials.encode()).hexdigest()
-        if not hmac.compare_digest(given, api_key_sha256):
-            raise ApiError(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+    return isinstance(e, (RayActorError, ActorUnavailableError, DeploymentUnavailableError))
+
+
+def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
+    from serving.compat import (
+        A1111_FIELDS, OPENAI_FIELDS, A1111Txt2ImgBody, A1111Txt2ImgResponse, OpenAIImagesBody, OpenAIImagesResponse,
+        a1111_answer, a1111_to_generate, openai_to_generate, rename_field,
+    )
+    from serving.schema import GenerateResponse
+
+    api = _build_fastapi(job)
+    auth = api_key_sha256 is not None
+    dependencies = []
+    if auth:  # only then does the OpenAPI document name a security scheme
+        bearer = HTTPBearer(auto_error=False, description="the API key (the server sets http.api_key_env)")
+
+        def authorize(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+            if credentials is None or credentials.scheme.lower() != "bearer":
+                raise ApiError(401, "unauthorized", "send the API key as 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"})
+            given = hashlib.sha256(credentials.credentials.encode()).hexdigest()
+            if not hmac.compare_digest(given, api_key_sha256):
+                raise ApiError(401, "unauthorized", "the API key is not valid", headers={"WWW-Authenticate": "Bearer"})
+
+        dependencies = [Depends(authorize)]
+
+    def documented(model, *statuses: int) -> dict:
+        responses = error_responses(*statuses, auth=auth)
+        if model is not None:
+            responses[200] = {"model": model, "description": "success"}
+        return {"dependencies": dependencies, "responses": responses}
+
+    generating = (404, 405, 422, 500, 503, 504)
 
     @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": job.num_cpus_ingress}, max_ongoing_requests=1000,
                       num_replicas=1)
@@ -343,44 +478,111 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
             self.job = job
             self.storage = Storage(job.storage)
             self.registry = AdapterStore(self.storage, job.registry, job.adapter_cache)  # resolves versions only
+            self.images = ImageStore(self.storage, job.image_cache.uri)
             self.metrics = ServeMetrics()
+            self.model: dict | None = None  # the generators' model identity, asked once
+            self.checked: dict[tuple[str, str], tuple[ApiError | None, str | None]] = {}
+            # init images decode in threads, a few at a time: big ones cannot starve the event loop or memory
+            self.decoding = asyncio.Semaphore(2)
 
-        async def _resolve(self, adapters: list[dict]) -> list[dict]:
-            from rayimg.registry import AdapterNotFound
+        # -------------------------------------------------------------- adapters
+        async def _model_identity(self) -> dict:
+            if self.model is None:
+                self.model = await self._call(self.generator.model_identity.remote())
+            return self.model
 
-            out = []
+        async def _resolve(self, adapters: list[dict]) -> tuple[list[dict], list[str]]:
+            """Versions resolved and each adapter checked against the model (family, method, a
+            readable adapter.json): (adapters, warnings)."""
+            from rayimg.registry import AdapterCorrupt, AdapterNotFound
+
+            out, warnings = [], []
             for a in adapters:
                 try:
                     version = await asyncio.to_thread(self.registry.resolve, a["name"], a["version"])
                 except AdapterNotFound as e:
                     raise ApiError(404, "adapter_not_found", str(e)) from None
+                except AdapterCorrupt as e:
+                    raise ApiError(422, "adapter_corrupt", str(e), field="adapters") from None
+                error, warning = await self._check(a["name"], version)
+                if error is not None:
+                    raise error
+                if warning:
+                    warnings.append(warning)
                 out.append({"name": a["name"], "version": version, "scale": a["scale"]})
-            return out
+            return out, warnings
 
-        async def _run(self, route: str, body) -> dict:
+        async def _check(self, name: str, version: str) -> tuple[ApiError | None, str | None]:
+            """check_published (as the render job runs it) once per published version."""
+            from rayimg.registry import AdapterCorrupt, AdapterIncompatible, RegistryError, check_published
+
+            key = (name, version)
+            if key not in self.checked:
+                model = await self._model_identity()
+
+                def check():
+                    return check_published(self.storage, self.job.registry, name, version, family=model["family"],
+                                           model_id=model["model_id"], model_hash=model["model_hash"],
+                                           metadata=self.registry.metadata(name, version))
+
+                try:
+                    self.checked[key] = (None, await asyncio.to_thread(check))
+                except AdapterIncompatible as e:
+                    self.checked[key] = (ApiError(422, "adapter_incompatible", str(e), field="adapters"), None)
+                except (AdapterCorrupt, RegistryError) as e:
+                    self.checked[key] = (ApiError(422, "adapter_corrupt", str(e), field="adapters"), None)
+            return self.checked[key]
+
+        # -------------------------------------------------------------- generation
+        async def _call(self, response):
+            """Await a generator call; a replica that died with it is a retryable 503."""
+            try:
+                return await response
+            except BaseException as e:
+                if _replica_lost(e):
+                    logger.warning("rayimg: a generator replica was lost with a request: %s", type(e).__name__)
+                    raise ApiError(503, "unavailable", "the generator replica working on this request stopped; retry later",
+                                   headers={"Retry-After": str(self.job.http.retry_after_s)}) from None
+                raise
+
+        async def _run(self, body) -> tuple[dict, dict]:
+            """(settings used, the generator's answer) of a request body."""
             from ray.serve.exceptions import BackPressureError
 
-            settings = settings_for(body, self.job.defaults, self.job.limits, max_timeout_s=self.job.http.request_timeout_s)
-            settings["adapters"] = await self._resolve(settings["adapters"])
-            set_id = adapter_set_id(settings["adapters"])
+            def settings():
+                return settings_for(body, self.job.defaults, self.job.limits, max_timeout_s=self.job.http.request_timeout_s)
+
+            if getattr(body, "init_image", None) is not None:
+                async with self.decoding:
+                    s = await asyncio.to_thread(settings)
+            else:
+                s = settings()
+            s["adapters"], warnings = await self._resolve(s["adapters"])
+            set_id = adapter_set_id(s["adapters"])
             timeout = min(body.timeout_s or self.job.http.request_timeout_s, self.job.http.request_timeout_s)
-            response = self.generator.options(multiplexed_model_id=set_id).generate.remote(
-                {"settings": settings, "response_format": body.response_format})
+            # the replica stops the work at a step boundary once this deadline passes
+            payload = {"settings": s, "response_format": body.response_format, "deadline": time.time() + timeout}
+            response = self.generator.options(multiplexed_model_id=set_id).generate.remote(payload)
             try:
-                result = await asyncio.wait_for(response, timeout=timeout)
+                result = await asyncio.wait_for(self._call(response), timeout=timeout)
             except BackPressureError:
                 raise ApiError(503, "overloaded", "the server's queue is full; retry later",
                                headers={"Retry-After": str(self.job.http.retry_after_s)}) from None
             except asyncio.TimeoutError:
                 response.cancel()
                 raise ApiError(504, "timeout", f"the request took longer than {timeout:g} s") from None
+            except asyncio.CancelledError:  # the client went away: the replica drops its work
+                response.cancel()
+                raise
             self.metrics.replicas.update(result.pop("stats", None))
             if "error" in result:
                 raise ApiError.from_dict(result["error"])
             for image in result["images"]:
                 self.metrics.images.labels("image_cache" if image["cached"] else "rendered").inc()
-            result["adapters"] = settings["adapters"]
-            return result
+            result["adapters"] = s["adapters"]
+            if warnings:
+                result["warnings"] = warnings
+            return s, result
 
         async def _measured(self, route: str, fn):
             self.metrics.in_flight.inc()
@@ -398,25 +600,82 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
                 self.metrics.requests.labels(route, str(status)).inc()
                 self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
-        @api.post("/v1/generate", dependencies=[Depends(authorize)], summary="Text to image")
-        async def generate(self, body: GenerateBody) -> dict:
-            return await self._measured("/v1/generate", lambda: self._run("/v1/generate", body))
+        async def _generate(self, body) -> dict:
+            return (await self._run(body))[1]
 
-        @api.post("/v1/img2img", dependencies=[Depends(authorize)], summary="Image to image")
-        async def img2img(self, body: Img2ImgBody) -> dict:
-            return await self._measured("/v1/img2img", lambda: self._run("/v1/img2img", body))
+        @api.post("/v1/generate", summary="Text to image", **documented(GenerateResponse, *generating))
+        async def generate(self, body: GenerateBody):
+            return await self._measured("/v1/generate", lambda: self._generate(body))
 
-        @api.get("/v1/adapters", dependencies=[Depends(authorize)], summary="Published adapters")
+        @api.post("/v1/img2img", summary="Image to image", **documented(GenerateResponse, *generating))
+        async def img2img(self, body: Img2ImgBody):
+            return await self._measured("/v1/img2img", lambda: self._generate(body))
+
+        # -------------------------------------------------------------- other APIs
+        async def _openai(self, body, request: Request) -> dict:
+            model = await self._model_identity()
+            base_names = {self.job.model.pretrained, model["model_id"]}
+            try:
+                _s, result = await self._run(openai_to_generate(body, base_names))
+            except ApiError as e:
+                raise rename_field(e, OPENAI_FIELDS) from None
+            data = []
+            for image in result["images"]:
+                if body.response_format == "url":
+                    data.append({"url": str(request.url_for("image_file", file=f"{image['key']}.png"))})
+                else:
+                    data.append({"b64_json": image["b64_json"]})
+            return {"created": int(time.time()), "data": data}
+
+        @api.post("/v1/images/generations", summary="Text to image, OpenAI's Images API", **documented(OpenAIImagesResponse, *generating))
+        async def openai_images(self, body: OpenAIImagesBody, request: Request):
+            return await self._measured("/v1/images/generations", lambda: self._openai(body, request))
+
+        # the path is read from the request (not a typed parameter), so no 422 can come of it
+        @api.get("/v1/images/{file}", summary="A generated image (the URLs /v1/images/generations answers with)",
+                 response_class=Response, openapi_extra={"parameters": [
+                     {"name": "file", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{64}\\.png$"},
+                      "description": "<output key>.png"}]},
+                 **documented(None, 404, 500), response_description="the PNG (image/png)")
+        async def image_file(self, request: Request):
+            file = request.path_params["file"]
+            key, _, ext = file.partition(".")
+            if ext != "png" or not is_key(key):
+                raise ApiError(404, "not_found", f"no image {file!r} (images are /v1/images/<64 hex digits>.png)")
+            png = await asyncio.to_thread(self.images.get, key)
+            if png is None:
+                raise ApiError(404, "not_found", f"no image {file!r}")
+            return Response(png, media_type="image/png")
+
+        async def _a1111(self, body) -> dict:
+            try:
+                s, result = await self._run(a1111_to_generate(body))
+            except ApiError as e:
+                raise rename_field(e, A1111_FIELDS) from None
+            return a1111_answer(body, s, result, result.get("model", ""))
+
+        @api.post("/sdapi/v1/txt2img", summary="Text to image, Automatic1111's API (common subset)",
+                  **documented(A1111Txt2ImgResponse, *generating))
+        async def a1111_txt2img(self, body: A1111Txt2ImgBody):
+            return await self._measured("/sdapi/v1/txt2img", lambda: self._a1111(body))
+
+        # -------------------------------------------------------------- the rest
+        @api.get("/v1/adapters", summary="Published adapters (entries that cannot be read are left out and logged)",
+                 **documented(None, 500))
         async def adapters(self) -> dict:
             return await self._measured("/v1/adapters", lambda: asyncio.to_thread(self._list_adapters))
 
         def _list_adapters(self) -> dict:
-            from rayimg.registry import list_adapters
+            from rayimg.registry import RegistryError, list_adapters
 
             out = []
             for name, versions in list_adapters(self.storage, self.job.registry).items():
-                meta = self.registry.metadata(name, versions[-1])
-                base = meta.get("base_model") or {}
+                try:
+                    meta = self.registry.metadata(name, versions[-1])
+                except RegistryError as e:
+                    logger.warning("rayimg: GET /v1/adapters leaves out %s: %s", name, e)
+                    continue
+                base = meta.get("base_model") if isinstance(meta.get("base_model"), dict) else {}
                 out.append({"name": name, "versions": versions, "latest": versions[-1], "method": meta.get("method"),
                             "rank": meta.get("rank"), "trigger_word": meta.get("trigger_word"),
                             "base_model": base.get("id"), "created": meta.get("created")})

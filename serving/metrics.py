@@ -1,7 +1,8 @@
 """Prometheus metrics of the HTTP service (GET /metrics).
 
 The ingress counts requests, statuses and latencies itself. The generator replicas' counters
-(adapter downloads and loads, cache hits per tier, evictions, batches, swaps, image-cache hits)
+(adapter downloads and loads, cache hits per tier, evictions, batches, swaps, image-cache hits and
+rejects, cancelled requests)
 travel back with every response as a snapshot numbered by the replica; the ingress keeps the
 newest snapshot of each replica and exports it, labelled by replica. Asking the replicas
 directly would wake a deployment scaled to zero.
@@ -47,6 +48,10 @@ class ReplicaStats:
             "rayimg_batches": ("engine batches run", lambda s: s["batches"]),
             "rayimg_adapter_swaps": ("adapter sets fused into the weights", lambda s: s["swaps"]),
             "rayimg_adapter_set_loads": ("adapter sets loaded for multiplexing", lambda s: s["set_loads"]),
+            "rayimg_requests_cancelled": ("requests whose rendering was stopped or skipped: client gone or deadline passed",
+                                          lambda s: s.get("cancelled", 0)),
+            "rayimg_image_cache_rejected": ("cached images ignored: not decodable or not their key's image",
+                                            lambda s: s.get("image_cache_rejected", 0)),
         }
         for name, (doc, get) in counters.items():
             family = CounterMetricFamily(name, doc, labels=["replica"])

@@ -2,7 +2,7 @@
 
 The pydantic models check types and ranges (FastAPI answers 422 naming the field); then
 :func:`settings_for` fills defaults from the job's ``defaults``, checks ``limits`` (422 naming the
-field) and derives seeds. Adapter names and versions must match the registry pattern, so no
+field) and sets seeds (given; -1: random; omitted: derived from the request). Adapter names and versions must match the registry pattern, so no
 request can name a path outside the registry.
 """
 
@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import io
 import json
+import secrets
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -55,7 +56,9 @@ class GenerateBody(BaseModel):
     guidance: Optional[float] = Field(None, ge=0.0, le=50.0, allow_inf_nan=False, description="classifier-free guidance scale")
     width: Optional[int] = Field(None, ge=8, multiple_of=8, description="image width, a multiple of 8 (at most limits.max_width)")
     height: Optional[int] = Field(None, ge=8, multiple_of=8, description="image height, a multiple of 8 (at most limits.max_height)")
-    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="seed of the first image (image i uses seed + i); default derived from the request")
+    seed: Optional[int] = Field(None, ge=-1, lt=2**63, description="seed of the first image (image i uses seed + i). -1: a random seed "
+                                "(the one used is in the answer). Omitted: derived from the request's own settings, so the same "
+                                "request gives the same images (and is answered from the image cache when enabled)")
     scheduler: Optional[Literal[SCHEDULERS]] = Field(None, description="sampler")
     adapters: list[AdapterSpec] = Field(default_factory=list, max_length=MAX_ADAPTERS, description="LoRA adapters with scales")
     num_images: int = Field(1, ge=1, description="images to generate (at most limits.max_num_images)")
@@ -75,8 +78,35 @@ class Img2ImgBody(GenerateBody):
     """POST /v1/img2img: ``init_image`` is a base64 PNG/JPEG/WebP (a ``data:`` URL is fine).
     ``width``/``height`` default to the image's size; when given, the image is resized to them."""
 
-    init_image: str = Field(min_length=1, description="base64-encoded PNG, JPEG or WebP image")
-    strength: float = Field(0.8, gt=0.0, le=1.0, description="how far from the init image (1 ignores it)")
+    init_image: str = Field(min_length=1, description="base64-encoded PNG, JPEG or WebP image (line breaks and a data: URL prefix "
+                            "are accepted); at most limits.max_init_image_pixels pixels, checked from its header before decoding")
+    strength: float = Field(0.8, gt=0.0, le=1.0, description="how far from the init image (1 ignores it); img2img runs "
+                            "int(steps x strength) denoising steps, which must be at least 1")
+
+
+class GeneratedImage(BaseModel):
+    key: str = Field(description="output key: sha256 of the model, adapters and every setting (the same key, the same image)")
+    seed: int = Field(description="the seed this image used")
+    cached: bool = Field(description="answered from the image cache")
+    b64_json: Optional[str] = Field(None, description="base64 PNG (response_format b64_json)")
+    uri: Optional[str] = Field(None, description="storage URI of the PNG (response_format uri)")
+
+
+class ResolvedAdapter(BaseModel):
+    name: str
+    version: str
+    scale: float
+
+
+class GenerateResponse(BaseModel):
+    """The answer of /v1/generate and /v1/img2img."""
+
+    images: list[GeneratedImage]
+    adapters: list[ResolvedAdapter] = Field(description="the adapters applied, versions resolved")
+    model: str = Field(description="the base model's id")
+    replica: str = Field(description="the generator replica that answered")
+    timings: dict = Field(description="seconds spent: adapter loading, swaps, the engine; batch sizes")
+    warnings: Optional[list[str]] = Field(None, description="e.g. an adapter trained on another base model of the same family")
 
 
 def _limit(field: str, value: int, maximum: int) -> None:
@@ -84,28 +114,41 @@ def _limit(field: str, value: int, maximum: int) -> None:
         raise ApiError(422, "limit_exceeded", f"{field} {value} is above the maximum {maximum}", field=field)
 
 
-def decode_image(data: str, limits: LimitsConfig):
-    """The PIL image of a base64 (or data URL) string, size-checked before it is decoded."""
-    from PIL import Image, UnidentifiedImageError
-
+def decode_base64(data: str, field: str) -> bytes:
+    """The bytes of a base64 string: a ``data:`` URL prefix and whitespace (line breaks, as
+    ``base64`` tools wrap at 76 columns) are accepted; anything else outside the alphabet is not."""
     if data.startswith("data:"):
         data = data.split(",", 1)[-1]
+    data = "".join(data.split())
     try:
-        raw = base64.b64decode(data, validate=True)
+        return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(422, "invalid_request", "init_image is not valid base64", field="init_image") from None
+        raise ApiError(422, "invalid_request", f"{field} is not valid base64", field=field) from None
+
+
+def decode_image(data: str, limits: LimitsConfig):
+    """The RGB PIL image of a base64 (or data URL) string. The pixel count its header declares is
+    checked against ``limits.max_init_image_pixels`` before any pixel is decoded. Slow for large
+    images: callers on an event loop run it in a thread."""
+    from PIL import Image, UnidentifiedImageError
+
+    raw = decode_base64(data, "init_image")
     try:
         image = Image.open(io.BytesIO(raw))
         if image.format not in ("PNG", "JPEG", "WEBP"):
             raise ApiError(422, "invalid_request", f"init_image must be PNG, JPEG or WebP, got {image.format}", field="init_image")
-        # The header gives the size: refuse huge images before decoding their pixels.
-        if image.width > 4 * limits.max_width or image.height > 4 * limits.max_height:
-            raise ApiError(422, "limit_exceeded", f"init_image is {image.width}x{image.height}, far above the maximum "
-                           f"{limits.max_width}x{limits.max_height}", field="init_image")
+        if image.width * image.height > limits.max_init_image_pixels:
+            raise ApiError(422, "limit_exceeded", f"init_image is {image.width}x{image.height} ({image.width * image.height} pixels), "
+                           f"above the maximum of {limits.max_init_image_pixels} pixels", field="init_image")
         image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, SyntaxError):
         raise ApiError(422, "invalid_request", "init_image is not a readable image", field="init_image") from None
-    return image.convert("RGB")
+
+
+def random_seed() -> int:
+    """A fresh random seed (32 bits, as A1111 prints and accepts them)."""
+    return secrets.randbelow(2**32)
 
 
 def settings_for(body: GenerateBody, defaults: GenerationConfig, limits: LimitsConfig, *, max_timeout_s: float) -> dict:
@@ -136,6 +179,9 @@ def settings_for(body: GenerateBody, defaults: GenerationConfig, limits: LimitsC
     _limit("num_images", body.num_images, limits.max_num_images)
     if body.timeout_s is not None:
         _limit_float("timeout_s", body.timeout_s, max_timeout_s)
+    if init_image is not None and int(steps * body.strength) < 1:
+        raise ApiError(422, "invalid_request", f"img2img runs int(steps x strength) denoising steps: int({steps} x {body.strength:g}) "
+                       "is 0; raise strength or steps", field="strength")
     if init_image is not None and init_image.size != (width, height):
         from PIL import Image
 
@@ -154,7 +200,10 @@ def settings_for(body: GenerateBody, defaults: GenerationConfig, limits: LimitsC
     }
     if init_image is not None:
         settings.update(mode="img2img", init_image=init_image, strength=body.strength)
-    settings["seed"] = body.seed if body.seed is not None else derived_seed(settings, init_image)
+    if body.seed == -1:
+        settings["seed"] = random_seed()
+    else:
+        settings["seed"] = body.seed if body.seed is not None else derived_seed(settings, init_image)
     return settings
 
 

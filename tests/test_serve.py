@@ -240,7 +240,7 @@ def test_adapter_store_single_flight_across_threads(s3_registry, tmp_path):
 
 def test_corrupted_adapter_is_refused(main_app):
     r = post(f"{main_app}/v1/generate", {"prompt": "x", "adapters": [{"name": "tampered"}]})
-    error = assert_clean_error(r, 500, "adapter_corrupt")
+    error = assert_clean_error(r, 422, "adapter_corrupt", "adapters")
     assert "sha256" in error["message"] and "tampered" in error["message"]
 
 

@@ -67,7 +67,8 @@ class HttpConfig:
     max_ongoing_requests: int = field(8, doc="requests a replica works on at once")
     max_queued_requests: int = field(16, doc="requests queued for the generator replicas before 503")
     retry_after_s: int = field(5, doc="Retry-After (seconds) sent with a 503 when the queue is full")
-    request_timeout_s: float = field(300.0, doc="per-request timeout (504 after it); a request may ask for less with timeout_s")
+    request_timeout_s: float = field(120.0, doc="per-request timeout: 504 after it, and the request's rendering stops at the next "
+                                     "denoising step; a request may ask for less with timeout_s")
 
     def validate(self) -> None:
         check(1 <= self.port <= 65535, "port", f"must be in 1..65535, got {self.port}")
@@ -92,7 +93,8 @@ class ServeJob:
     cluster: ClusterConfig = field(default_factory=ClusterConfig, doc="Ray cluster")
     registry: str = field("outputs/registry", doc="adapter registry root", path=True)
     defaults: GenerationConfig = field(default_factory=GenerationConfig, doc="defaults for requests")
-    limits: LimitsConfig = field(default_factory=LimitsConfig, doc="bounds on requests")
+    limits: LimitsConfig = field(default_factory=lambda: LimitsConfig(max_width=1024, max_height=1024, max_steps=50, max_num_images=4),
+                                 doc="bounds on requests (defaults sized for one GPU per replica; lower them for CPU replicas)")
     engine: EngineConfig = field(default_factory=EngineConfig, doc="generation engine")
     http: HttpConfig = field(default_factory=HttpConfig, doc="HTTP front end")
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig, doc="replica autoscaling")
