@@ -159,10 +159,10 @@ def finalize(storage: Storage, root: str, rows: list[dict], *, seconds: float | 
 
     ``rows`` has one dict per input row: ``row`` (input order), ``source``, ``line`` (0: none),
     ``image_uri``, ``kind``, ``status`` (:data:`ROW_STATUSES`), and ``key``/``image_sha256`` when
-    encoded or cached, ``reason``/``detail`` when skipped. In input order, a row naming an image
-    path an earlier row named is a ``duplicate_path``, and a usable row whose image bytes equal
-    those of a row kept earlier is a ``duplicate``: the first one wins, whatever order the
-    workers finished in.
+    encoded or cached, ``reason``/``detail`` when skipped. A row skipped for a reason of its own
+    keeps it; among the usable rows, in input order, one naming an image path an earlier one named
+    is a ``duplicate_path``, and one whose image bytes equal those of a row kept earlier is a
+    ``duplicate``: the first one wins, whatever order the workers finished in.
     """
     records: dict[str, dict] = {}
     shards = finished_shards(storage, root)
@@ -181,15 +181,14 @@ def finalize(storage: Storage, root: str, rows: list[dict], *, seconds: float | 
                         "reason": reason, "detail": detail})
 
     for r in sorted(rows, key=lambda r: r["row"]):
-        uri = r.get("image_uri") or ""
-        if uri and uri in first_path:
-            skip(r, "duplicate_path", f"{uri} is listed again (first at {where(first_path[uri])})")
-            continue
-        if uri:
-            first_path[uri] = r
         if r["status"] == "skipped":
             skip(r, r["reason"], r.get("detail", ""))
             continue
+        uri = r["image_uri"]
+        if uri in first_path:
+            skip(r, "duplicate_path", f"{uri} is listed again (first at {where(first_path[uri])})")
+            continue
+        first_path[uri] = r
         record = records[r["key"]]
         image = r.get("image_sha256") or record.get("image_sha256") or ""
         identity = image or r["key"]  # caches written before records held the image hash

@@ -253,8 +253,10 @@ def _check_manifest(cfg: PrepareJob, storage: Storage) -> int | None:
         meta = pq.ParquetFile(filesystem.open_input_file(path) if filesystem else path)
         check_manifest_columns(meta.schema_arrow.names, cfg.data)
         return meta.metadata.num_rows
-    sample = storage.read_bytes(cfg.data.source)[: (1 << 16) + 1]
-    check_manifest_sample(sample[: 1 << 16], cfg.data, whole=len(sample) <= 1 << 16)
+    size = 1 << 16
+    with (filesystem.open_input_stream(path) if filesystem else open(path, "rb")) as f:
+        sample = f.read(size + 1)
+    check_manifest_sample(sample[:size], cfg.data, whole=len(sample) <= size)
     return None
 
 
