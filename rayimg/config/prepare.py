@@ -71,7 +71,7 @@ class CacheConfig:
 
     output: str = field("", doc="cache dir or s3:// prefix (shards + manifest)", path=True)
     cache_text_embeddings: bool = field(False, doc="also cache text-encoder outputs (worth it when captions repeat)")
-    shard_size: int = field(256, doc="items per shard file")
+    shard_size: int = field(256, doc="input rows per encode batch: each bucket of a batch is one shard file, so a shard holds at most this many items")
     batch_size: int = field(8, doc="images per encode batch")
     concurrency: int = field(1, doc="encoder actors")
     num_gpus_per_actor: float = field(0.0, doc="GPUs per encoder actor (1.0 on a GPU cluster)")
