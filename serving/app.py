@@ -615,14 +615,15 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
         async def _openai(self, body, request: Request) -> dict:
             model = await self._model_identity()
             base_names = {self.job.model.pretrained, model["model_id"]}
+            request_body = openai_to_generate(body, base_names)  # its errors name OpenAI's fields already
             try:
-                _s, result = await self._run(openai_to_generate(body, base_names))
+                _s, result = await self._run(request_body)
             except ApiError as e:
                 raise rename_field(e, OPENAI_FIELDS) from None
             data = []
             for image in result["images"]:
                 if body.response_format == "url":
-                    data.append({"url": str(request.url_for("image_file", file=f"{image['key']}.png"))})
+                    data.append({"url": str(request.url_for("image_file", key=image["key"]))})
                 else:
                     data.append({"b64_json": image["b64_json"]})
             return {"created": int(time.time()), "data": data}
@@ -631,25 +632,25 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
         async def openai_images(self, body: OpenAIImagesBody, request: Request):
             return await self._measured("/v1/images/generations", lambda: self._openai(body, request))
 
-        # the path is read from the request (not a typed parameter), so no 422 can come of it
-        @api.get("/v1/images/{file}", summary="A generated image (the URLs /v1/images/generations answers with)",
+        # the key is read from the request (not a typed parameter), so no 422 can come of it
+        @api.get("/v1/images/{key}.png", summary="A generated image (the URLs /v1/images/generations answers with)",
                  response_class=Response, openapi_extra={"parameters": [
-                     {"name": "file", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{64}\\.png$"},
-                      "description": "<output key>.png"}]},
+                     {"name": "key", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                      "description": "the image's output key"}]},
                  **documented(None, 404, 500), response_description="the PNG (image/png)")
         async def image_file(self, request: Request):
-            file = request.path_params["file"]
-            key, _, ext = file.partition(".")
-            if ext != "png" or not is_key(key):
-                raise ApiError(404, "not_found", f"no image {file!r} (images are /v1/images/<64 hex digits>.png)")
+            key = request.path_params["key"]
+            if not is_key(key):
+                raise ApiError(404, "not_found", f"no image {key!r}.png (images are /v1/images/<64 hex digits>.png)")
             png = await asyncio.to_thread(self.images.get, key)
             if png is None:
-                raise ApiError(404, "not_found", f"no image {file!r}")
+                raise ApiError(404, "not_found", f"no image {key}.png")
             return Response(png, media_type="image/png")
 
         async def _a1111(self, body) -> dict:
+            request_body = a1111_to_generate(body)  # its errors name A1111's fields already
             try:
-                s, result = await self._run(a1111_to_generate(body))
+                s, result = await self._run(request_body)
             except ApiError as e:
                 raise rename_field(e, A1111_FIELDS) from None
             return a1111_answer(body, s, result, result.get("model", ""))

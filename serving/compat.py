@@ -227,10 +227,11 @@ def to_generate_body(fields: dict, names: dict) -> GenerateBody:
 
 
 def rename_field(error: ApiError, names: dict) -> ApiError:
-    """``error`` with its field (and a message starting with it) in the client's own terms."""
+    """``error`` with its field in the client's own terms, and a message starting with the field
+    too where the rename is one to one (``width`` stays in the message of a ``size`` error)."""
     if error.field in names:
         theirs = names[error.field]
-        if error.message.startswith(error.field):
+        if error.message.startswith(error.field) and list(names.values()).count(theirs) == 1:
             error.message = theirs + error.message[len(error.field):]
         error.field = theirs
     return error
