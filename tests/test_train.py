@@ -71,22 +71,6 @@ def test_lora_from_cache_loss_falls_and_exports_load(cache, tmp_path):
     np.testing.assert_allclose(render(kohya), after, atol=2e-3)
 
 
-def test_dreambooth_prior_preservation_on_the_fly(ray_cluster, tmp_path):
-    inst, cls = tmp_path / "inst", tmp_path / "cls"
-    inst.mkdir()
-    cls.mkdir()
-    for i in range(4):
-        (inst / f"{i}.png").write_bytes(datasets.shape_image(i)[0])
-        (cls / f"{i}.png").write_bytes(datasets.shape_image(40 + i)[0])
-    r = train(job(tmp_path, data={"source": str(inst), "instance_prompt": "a sks shape", "class_source": str(cls),
-                                  "class_prompt": "a shape"},
-                  transforms={"resolution": 64}, train={"method": "dreambooth"},
-                  dreambooth={"prior_preservation": True, "prior_loss_weight": 1.0}, publish={"trigger_word": "sks"}))
-    meta = json.loads((tmp_path / "registry/adapters/test-adapter/1/adapter.json").read_text())
-    assert meta["method"] == "dreambooth" and meta["trigger_word"] == "sks"
-    assert len(r["losses"]) == 4 and all(np.isfinite(r["losses"]))
-
-
 def test_textual_inversion_loads_in_plain_diffusers(cache, tmp_path):
     train(job(tmp_path, cache=str(cache / "cache"), train={"method": "textual_inversion", "learning_rate": 5e-2},
               textual_inversion={"placeholder_token": "<shape>", "initializer_token": "circle"}))
@@ -118,6 +102,21 @@ def test_full_finetune_with_deepspeed_on_cpu(cache, tmp_path, stage):
     assert len(digests) == 2 and digests[0] == digests[1], digests
     saved = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     assert weights_sha256({f"unet.{k}": v for k, v in saved.items()}) == digests[0]
+
+
+def test_deepspeed_run_resumes_from_its_checkpoint(cache, tmp_path):
+    """A ZeRO-3 run continued under the same run name picks up its checkpoint (DeepSpeed's files
+    loaded with weights_only=True, the loop's state from safetensors + JSON) and trains on."""
+    common = dict(cache=str(cache / "cache"), deepspeed={"enabled": True, "stage": 3},
+                  checkpoint={"run_name": "ds-resume", "every_n_steps": 2})
+    first = train(job(tmp_path, train={"method": "full", "max_steps": 2, "learning_rate": 1e-4}, **common))
+    ckpt = sorted(p for p in (tmp_path / "runs" / "ds-resume").glob("checkpoint_*") if p.is_dir())[-1]
+    assert (ckpt / "deepspeed" / "zero").is_dir() and (ckpt / "lr_scheduler.json").exists()
+    assert not list(ckpt.glob("*.pt"))  # the loop's own state is not pickled
+    more = train(job(tmp_path, train={"method": "full", "max_steps": 3, "learning_rate": 1e-4},
+                     publish={"name": "ds-more"}, **common))
+    # the first two losses come from the checkpoint's state.json: the run resumed at step 2
+    assert more["losses"][:2] == first["losses"] and len(more["losses"]) == 3
 
 
 class KillAWorker:

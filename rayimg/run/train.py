@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -76,6 +77,53 @@ def _records(job: TrainJob, storage: Storage, model_id: str, model_hash: str) ->
     return [it.to_row() for it in items]
 
 
+def _class_images_to_generate(job: TrainJob, storage: Storage, model_id: str, model_hash: str) -> list:
+    """DreamBooth prior preservation: the class images ``data.class_source`` lacks (checked
+    before Ray starts: a folder that cannot be read, or no class image and none to generate, is a
+    ConfigError)."""
+    from rayimg.train.class_images import existing_class_images, missing_class_images
+
+    if not (job.train.method == "dreambooth" and job.dreambooth.prior_preservation):
+        return []
+    try:
+        have = len(existing_class_images(storage, job.data.class_source))
+    except ValueError as e:
+        raise ConfigError("data.class_source", str(e).split(": ", 1)[1]) from None
+    if have == 0 and job.dreambooth.num_class_images == 0:
+        raise ConfigError("dreambooth.num_class_images", f"is 0 and data.class_source {job.data.class_source!r} holds no image: "
+                          "prior preservation has no class image; set num_class_images to have them generated")
+    return missing_class_images(job, storage, model_id, model_hash)
+
+
+def generate_class_images(job: TrainJob, model_cfg, todo: list) -> int:
+    """Render the missing class images with the base model: Ray tasks on up to
+    ``scaling.num_workers`` workers (a GPU each with ``scaling.use_gpu``), each through the
+    render engine, writing into ``data.class_source``. Returns how many were written."""
+    import ray
+
+    t0 = time.perf_counter()
+    batches = -(-len(todo) // job.dreambooth.class_batch_size)
+    n = max(1, min(job.scaling.num_workers, batches))
+    print(f"[train] generating {len(todo)} class image(s) of {job.data.class_prompt!r} into {job.data.class_source} "
+          f"with the base model ({n} task(s){', a GPU each' if job.scaling.use_gpu else ''})", flush=True)
+    resources = {"num_gpus": 1} if job.scaling.use_gpu else {"num_cpus": job.scaling.cpus_per_worker}
+    task = ray.remote(_render_class_images).options(**resources)
+    written = sum(ray.get([task.remote(job, model_cfg, todo[i::n]) for i in range(n)]))
+    print(f"[train] {written} class image(s) written in {time.perf_counter() - t0:.1f}s", flush=True)
+    return written
+
+
+def _render_class_images(job: TrainJob, model_cfg, images: list) -> int:
+    from rayimg.config import EngineConfig
+    from rayimg.render.renderer import Renderer
+    from rayimg.train.class_images import render_class_images
+
+    storage = Storage(job.storage)
+    # batched calls for throughput: each image's noise comes from its own seed either way
+    engine = EngineConfig(batch_size=job.dreambooth.class_batch_size, batch_invariant=False)
+    return render_class_images(Renderer(model_cfg, engine, storage), job, storage, images)
+
+
 def run(job: TrainJob) -> dict:
     import ray
     import ray.train
@@ -92,7 +140,9 @@ def run(job: TrainJob) -> dict:
     model_dir = resolve_model_dir(job.model, storage)
     family = check_family(job.model, model_dir)
     model_id, model_hash = model_id_and_hash(job.model, model_dir)
-    records = _records(job, storage, model_id, model_hash)
+    class_todo = _class_images_to_generate(job, storage, model_id, model_hash)
+    # the class folder may be empty until its images are generated: check the rest of the data now
+    records = _records(replace(job, data=replace(job.data, class_source=None)) if class_todo else job, storage, model_id, model_hash)
     connect(job.cluster)
     name = run_name(job)
     fs, storage_path = arrow_filesystem(job.storage, job.checkpoint.storage_path)
@@ -102,6 +152,10 @@ def run(job: TrainJob) -> dict:
           f"{job.scaling.num_workers} worker(s){' with GPUs' if job.scaling.use_gpu else ''}; run {name} in {job.checkpoint.storage_path}", flush=True)
 
     model_cfg = job.model if is_s3(job.model.pretrained) else type(job.model)(**{**job.model.__dict__, "pretrained": str(model_dir)})
+    generated = 0
+    if class_todo:
+        generated = generate_class_images(job, model_cfg, class_todo)
+        records = _records(job, storage, model_id, model_hash)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"job": job, "model_cfg": model_cfg, "model_key": f"{model_id}@{model_hash[:16]}",
@@ -125,6 +179,8 @@ def run(job: TrainJob) -> dict:
     with final.as_directory() as ckpt_dir:
         summary = _publish(job, storage, Path(ckpt_dir), model_id, model_hash, family)
     summary.update(run=name, checkpoint=final.path, seconds=round(time.perf_counter() - t0, 1), metrics=result.metrics)
+    if job.train.method == "dreambooth" and job.dreambooth.prior_preservation:
+        summary["class_images"] = {"generated": generated, "used": sum(r.get("kind") == "class" for r in records)}
     print(f"[train] done in {summary['seconds']}s: {summary.get('uri', summary.get('model_dir'))}", flush=True)
     return summary
 
@@ -187,7 +243,10 @@ def train_loop(config: dict) -> None:
 
 class DeepSpeedBackend:
     """The loop's backend for ``deepspeed.enabled``: the engine owns precision, accumulation,
-    clipping and the optimizer; its own checkpoint holds the (sharded) weights and optimizer."""
+    clipping and the optimizer; its own checkpoint (``deepspeed/``, torch.save files) holds the
+    (sharded) weights and optimizer. Those files are read back with ``weights_only=True``
+    (:func:`_weights_only_checkpoint_engine`): tensors, plain containers and the few DeepSpeed
+    data classes they hold, nothing else is unpickled."""
 
     amp_dtype = None  # the engine casts the module itself
 
@@ -199,6 +258,7 @@ class DeepSpeedBackend:
         self.trainee = trainee
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=trainee, model_parameters=trainee.trainable_parameters(), config=build_deepspeed_config(job, world))
+        self.model.checkpoint_engine = _weights_only_checkpoint_engine(self.model)
         self.partitions_weights = self.model.zero_optimization_stage() == 3
 
     def accumulate(self, last: bool):
@@ -228,6 +288,29 @@ class DeepSpeedBackend:
         with gather:
             weights = {n: p.detach().cpu().clone() for n, p in params.items()}
         return weights, {"weights_sha256": _same_weights_on_every_rank(weights, rank)}
+
+
+def _weights_only_checkpoint_engine(engine):
+    """DeepSpeed's torch checkpoint engine with loads restricted to ``weights_only=True``, allowing
+    only the DeepSpeed classes its ZeRO checkpoints hold (loss scalers, the ZeRO stage enum, bf16
+    fragment addresses) besides tensors and plain containers. DeepSpeed's own engine loads with
+    ``weights_only=False``, which would run any code a checkpoint file carries."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise ValueError(f"deepspeed.enabled: checkpoint engine {type(engine.checkpoint_engine).__name__} is not supported; "
+                         "rayimg loads DeepSpeed checkpoints through its torch engine with weights_only=True")
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    return WeightsOnlyCheckpointEngine(engine._config)
 
 
 def weights_sha256(weights: dict[str, torch.Tensor]) -> str:
