@@ -30,6 +30,7 @@ from PIL import Image
 from rayimg.config import ServeJob
 from rayimg.storage import Storage
 from tests.test_serve import assert_clean_error, free_port, m, metrics, png_of, post, serve_job
+from tests.test_web_page import CHROMIUM, browser  # noqa: F401  (browser: a pytest fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -342,40 +343,22 @@ def test_web_page_seed_adapters_and_image(url):
     assert re.search(r'\$\("apikey"\)\.addEventListener\("change"[^;]*\n[^}]*\n\s*loadAdapters\(\)', html)
 
 
-@pytest.mark.skipif(not (__import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")),
-                    reason="no chromium on this machine")
-def test_web_page_in_a_browser(url):
-    """Random seed by default, no image before one is generated, then an image and its seed."""
-    import subprocess
-
-    from tests.test_web_page import CHROMIUM, DevTools
-
-    port = free_port()
-    proc = subprocess.Popen([CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 30
-        while True:
-            try:
-                pages = requests.get(f"http://127.0.0.1:{port}/json", timeout=2).json()
-                break
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.3)
-        page = next(p for p in pages if p["type"] == "page")
-        tools = DevTools(page["webSocketDebuggerUrl"])
-        tools.call("Page.navigate", url=f"{url}/")
-        tools.wait_for('document.querySelector("#adapters input[type=checkbox]") !== null')
-        assert tools.js('document.getElementById("result").hidden') is True
-        assert tools.js('document.getElementById("random-seed").checked') is True
-        tools.js('document.getElementById("prompt").value = "a red circle"; document.getElementById("generate").click(); true')
-        tools.wait_for('!document.getElementById("result").hidden')
-        seed = tools.js('document.getElementById("seed").value')
-        assert seed and 0 <= int(seed) < 2**32
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on this machine (apt-get install chromium)")
+def test_web_page_in_a_browser(url, browser):
+    """No image before one is generated; with "random" ticked, an image and the seed it used."""
+    tools = browser
+    tools.call("Page.enable")
+    tools.call("Page.navigate", url=f"{url}/")
+    tools.wait_for("document.querySelectorAll('#adapters input[type=checkbox]').length")
+    assert tools.js("document.getElementById('result').hidden") is True
+    tools.js("document.getElementById('random-seed').click()")
+    assert tools.js("document.getElementById('seed').disabled") is True
+    tools.js("document.getElementById('prompt').value = 'a red circle'")
+    tools.js("document.getElementById('steps').value = '2'")
+    tools.js("document.getElementById('generate').click()")
+    tools.wait_for("!document.getElementById('result').hidden && document.getElementById('result').naturalWidth")
+    seed = int(tools.js("document.getElementById('seed').value"))
+    assert 0 <= seed < 2**32 and f"seed {seed}" in tools.js("document.getElementById('status').textContent")
 
 
 # --------------------------------------------------------------------------- README laptop command
