@@ -1,10 +1,17 @@
 """The Ray Serve application: a FastAPI ingress in front of multiplexed, batched generator replicas.
 
-    HTTP -> Ingress (FastAPI; auth, body checks, limits, adapter versions resolved, timeout)
+    HTTP -> Ingress (FastAPI; auth, body checks, limits, adapters resolved and checked, deadline)
          -> Generator (model + engine; multiplexed by adapter set, @serve.batch, autoscaled)
 
-Routes: POST /v1/generate, POST /v1/img2img, GET /v1/adapters, GET /healthz, GET /metrics,
-GET / (a small web page), GET /openapi.json (and /docs).
+Routes: POST /v1/generate, POST /v1/img2img, POST /v1/images/generations (OpenAI) with
+GET /v1/images/<key>.png, POST /sdapi/v1/txt2img (Automatic1111; both in :mod:`serving.compat`),
+GET /v1/adapters, GET /healthz, GET /metrics, GET / (a small web page), GET /openapi.json (and
+/docs). Every error is ``{"error": {...}}`` (:mod:`serving.errors`).
+
+Each request carries a deadline; the generator stops its rendering at the next denoising step
+once the deadline passes or the request is cancelled (its client left, or the ingress gave up),
+through the engine's ``while_busy`` step hook. A replica that dies with a request makes it a 503
+with ``Retry-After``.
 
 The ingress routes each request with ``multiplexed_model_id`` = its adapter set
 (``name@version,...``), so requests go to replicas that already hold those adapters. A replica
