@@ -1,0 +1,317 @@
+"""Step-level (continuous) batching over an :class:`~rayimg.render.engine.Engine` (plain PyTorch).
+
+A request joins the running batch at the next denoising step and leaves when its own steps
+are done, so a short request never waits for a long batch, and the UNet always sees every
+request in flight. Each sample keeps its own scheduler (its own timesteps, step index and
+state: any scheduler, several in one batch), its own step count, guidance scale and seed;
+only the UNet call is shared::
+
+    batcher = StepBatcher(engine, max_batch=8)
+    slot = batcher.submit(request)            # queued; joins at the next step
+    while batcher.busy:
+        for done in batcher.step():           # one denoising step of the running batch
+            done.image                        # PIL image (or done.error)
+
+Samples share a batch when their UNet inputs fit one tensor: same mode, width, height and
+guidance on/off (:func:`compat_key`); other requests wait for the running group to drain,
+oldest first. Each sample's math is the diffusers pipeline's for that request alone
+(txt2img: prompt embeddings, seeded CPU noise times the scheduler's initial sigma, the
+scheduler's ``scale_model_input``, CFG, ``scheduler.step``, the VAE decode), so an image from a
+mixed batch equals the same request rendered alone up to kernel rounding.
+
+``adapters``: optional per-sample LoRA (e.g. :class:`~rayimg.render.multi_lora`'s slots): an
+object with ``select(rows)`` called before each UNet call with one adapter tuple per UNet row
+(uncond rows first, then cond rows), and ``encode_prompts(request, fn)`` wrapping the prompt
+encoding of one request. Without it, requests must name no adapters (or the engine's fused set).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from rayimg.render.output import to_pil
+from rayimg.render.request import GenerationRequest
+from rayimg.render.schedulers import make_scheduler
+
+__all__ = ["StepBatcher", "Slot", "compat_key"]
+
+
+def compat_key(request: GenerationRequest, uses_cfg: bool) -> tuple:
+    """Requests with equal keys can share a UNet call: one latent shape, the same UNet rows per sample."""
+    return (request.mode, request.width, request.height, uses_cfg)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One request in the batcher: queued, then running, then done (``image`` or ``error``)."""
+
+    request: GenerationRequest
+    cancelled: Callable[[], bool] | None = None  # checked at every step boundary
+    on_done: Callable[["Slot"], Any] | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float | None = None
+    finished: float | None = None
+    image: Any = None  # PIL image (or the final latents with output="latent")
+    error: BaseException | None = None
+    step: int = 0  # denoising steps done
+    # running state
+    scheduler: Any = None
+    timesteps: Any = None
+    latents: torch.Tensor | None = None
+    embeds: dict = field(default_factory=dict)
+    generator: list | None = None
+    step_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+    @property
+    def total_steps(self) -> int:
+        return len(self.timesteps) if self.timesteps is not None else self.request.steps
+
+
+class StepBatcher:
+    """Continuous batching of txt2img requests over one engine's pipeline (see the module doc).
+
+    ``max_batch``: samples per UNet call (each is two UNet rows with CFG). ``pad_to``: batch
+    sizes to pad the UNet call to (e.g. ``(1, 2, 4, 8)``), so a compiled UNet with CUDA graphs
+    sees a few static shapes; padding rows repeat the last sample and are discarded.
+    ``output``: ``"pil"`` (decoded images) or ``"latent"`` (each sample's final latents, undecoded).
+    Single-threaded: one thread calls :meth:`submit` and :meth:`step` (a server wraps it).
+    """
+
+    def __init__(self, engine, *, max_batch: int = 8, pad_to: tuple[int, ...] = (), adapters=None, output: str = "pil"):
+        if max_batch < 1:
+            raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
+        self.engine = engine
+        self.pipe = engine.pipe
+        self.max_batch = max_batch
+        self.pad_to = tuple(sorted(pad_to))
+        if output not in ("pil", "latent"):
+            raise ValueError(f"output: 'pil' or 'latent', got {output!r}")
+        self.output = output
+        self.adapters = adapters
+        self.waiting: deque[Slot] = deque()
+        self.running: list[Slot] = []
+        self.sdxl = engine.family == "sdxl"
+        self.stats = {"steps": 0, "unet_rows": 0, "samples": 0, "joined_running": 0}
+
+    # ------------------------------------------------------------------ queue
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def submit(self, request: GenerationRequest, *, cancelled=None, on_done=None) -> Slot:
+        if request.mode != "txt2img":
+            raise ValueError(f"mode: step-level batching renders txt2img; {request.mode!r} goes through Engine.generate")
+        if request.adapters and self.adapters is None and request.adapters != self.engine.adapter_identity:
+            raise ValueError(f"adapters: {list(request.adapters)} are not applied and this batcher has no per-sample adapters")
+        slot = Slot(request, cancelled=cancelled, on_done=on_done)
+        self.waiting.append(slot)
+        return slot
+
+    def _key(self, slot: Slot) -> tuple:
+        return compat_key(slot.request, self.engine.prompts.uses_cfg(slot.request))
+
+    def _admit(self) -> tuple[list[Slot], list[Slot]]:
+        """Waiting requests that fit the running group, oldest first, up to ``max_batch``; and
+        those that ended here (cancelled while queued, or failing to start)."""
+        admitted, ended = [], []
+        key = self._key(self.running[0]) if self.running else None
+        for slot in list(self.waiting):
+            if len(self.running) + len(admitted) >= self.max_batch:
+                break
+            if self._cancelled(slot):
+                self.waiting.remove(slot)
+                self._finish(slot, error=TimeoutError("cancelled before it started"))
+                ended.append(slot)
+                continue
+            if key is None:
+                key = self._key(slot)
+            if self._key(slot) != key:
+                continue
+            self.waiting.remove(slot)
+            try:
+                self._start(slot)
+            except Exception as e:  # noqa: BLE001 - one bad request never stops the batch
+                self._finish(slot, error=e)
+                ended.append(slot)
+                continue
+            admitted.append(slot)
+        if admitted and self.running:
+            self.stats["joined_running"] += len(admitted)
+        return admitted, ended
+
+    # ------------------------------------------------------------------ one sample
+    def _start(self, slot: Slot) -> None:
+        """The pipeline's set-up for this request alone: scheduler, timesteps, prompt embeddings,
+        seeded noise."""
+        req, pipe = slot.request, self.pipe
+        device = self.engine.device
+        scheduler = make_scheduler(req.scheduler, self.engine.base_scheduler_config)
+        scheduler.set_timesteps(req.steps, device=device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        slot.scheduler, slot.timesteps = scheduler, scheduler.timesteps
+
+        def encode():
+            return self.engine.prompts.embeds([req])
+
+        embeds = self.adapters.encode_prompts(req, encode) if self.adapters is not None else encode()
+        dtype = embeds["prompt_embeds"].dtype
+        slot.generator = [torch.Generator(device="cpu").manual_seed(req.seed)]
+        vae_scale = pipe.vae_scale_factor
+        shape = (1, pipe.unet.config.in_channels, req.height // vae_scale, req.width // vae_scale)
+        from diffusers.utils.torch_utils import randn_tensor
+
+        latents = randn_tensor(shape, generator=slot.generator, device=device, dtype=dtype)
+        slot.latents = latents * scheduler.init_noise_sigma
+        cfg = self.engine.prompts.uses_cfg(req)
+        cond = {"embeds": embeds["prompt_embeds"].to(device)}
+        uncond = {"embeds": embeds["negative_prompt_embeds"].to(device)} if cfg else None
+        if self.sdxl:
+            projection = int(embeds["pooled_prompt_embeds"].shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
+            time_ids = pipe._get_add_time_ids((req.height, req.width), (0, 0), (req.height, req.width), dtype=dtype,
+                                              text_encoder_projection_dim=projection).to(device)
+            cond.update(text_embeds=embeds["pooled_prompt_embeds"].to(device), time_ids=time_ids)
+            if cfg:
+                uncond.update(text_embeds=embeds["negative_pooled_prompt_embeds"].to(device), time_ids=time_ids)
+        slot.embeds = {"cond": cond, "uncond": uncond}
+        params = inspect.signature(scheduler.step).parameters
+        slot.step_kwargs = {"generator": slot.generator} if "generator" in params else {}
+        if "eta" in params:
+            slot.step_kwargs["eta"] = 0.0
+        slot.started = time.perf_counter()
+
+    def _cancelled(self, slot: Slot) -> bool:
+        try:
+            return bool(slot.cancelled and slot.cancelled())
+        except Exception:  # noqa: BLE001 - a broken check counts as cancelled
+            return True
+
+    def _finish(self, slot: Slot, *, image=None, error: BaseException | None = None) -> None:
+        slot.image, slot.error, slot.finished = image, error, time.perf_counter()
+        slot.latents = slot.scheduler = slot.timesteps = None
+        slot.embeds = {}
+        if slot.on_done is not None:
+            slot.on_done(slot)
+
+    # ------------------------------------------------------------------ one step of the batch
+    @torch.no_grad()
+    def step(self) -> list[Slot]:
+        """Admit what fits, run one denoising step of every running sample, decode the samples
+        whose steps are done; returns the slots that finished (or failed, or were cancelled)."""
+        finished: list[Slot] = []
+        for slot in list(self.running):
+            if self._cancelled(slot):
+                self.running.remove(slot)
+                self._finish(slot, error=TimeoutError("cancelled"))
+                finished.append(slot)
+        admitted, ended = self._admit()
+        self.running += admitted
+        finished += ended
+        if not self.running:
+            return finished
+        try:
+            self._denoise(self.running)
+        except Exception as e:  # noqa: BLE001 - the whole step failed: every sample in it fails
+            for slot in self.running:
+                self._finish(slot, error=e)
+            finished += self.running
+            self.running = []
+            return finished
+        done = [s for s in self.running if s.step >= s.total_steps]
+        if done:
+            self.running = [s for s in self.running if s.step < s.total_steps]
+            try:
+                images = self._decode(done) if self.output == "pil" else [s.latents[0] for s in done]
+            except Exception as e:  # noqa: BLE001
+                images = [e] * len(done)
+            for slot, image in zip(done, images):
+                if isinstance(image, BaseException):
+                    self._finish(slot, error=image)
+                else:
+                    self._finish(slot, image=image)
+            finished += done
+        return finished
+
+    def _rows(self, slots: list[Slot], part: str, name: str, pad: int) -> torch.Tensor:
+        tensors = [s.embeds[part][name] for s in slots]
+        return torch.cat(tensors + tensors[-1:] * pad)
+
+    def _denoise(self, slots: list[Slot]) -> None:
+        n = len(slots)
+        target = next((b for b in self.pad_to if b >= n), n)
+        pad = target - n
+        cfg = slots[0].embeds["uncond"] is not None
+        scaled, timesteps = [], []
+        for s in slots:
+            t = s.timesteps[s.step]
+            x = torch.cat([s.latents] * 2) if cfg else s.latents
+            scaled.append(s.scheduler.scale_model_input(x, t))
+            timesteps.append(t.reshape(1).to(torch.float32))
+        scaled += scaled[-1:] * pad
+        timesteps += timesteps[-1:] * pad
+        t_rows = torch.cat(timesteps)
+        parts = ["uncond", "cond"] if cfg else ["cond"]
+        if cfg:
+            sample = torch.cat([x[0:1] for x in scaled] + [x[1:2] for x in scaled])
+            t_rows = torch.cat([t_rows, t_rows])
+        else:
+            sample = torch.cat(scaled)
+        padded = slots + slots[-1:] * pad
+        encoder = torch.cat([self._rows(slots, p, "embeds", pad) for p in parts])
+        added = None
+        if self.sdxl:
+            added = {"text_embeds": torch.cat([self._rows(slots, p, "text_embeds", pad) for p in parts]),
+                     "time_ids": torch.cat([self._rows(slots, p, "time_ids", pad) for p in parts])}
+        if self.adapters is not None:
+            self.adapters.select([s.request.adapters for _ in parts for s in padded])
+        out = self.pipe.unet(sample, t_rows.to(sample.device), encoder_hidden_states=encoder, timestep_cond=None,
+                             cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False)[0]
+        rows = target
+        for b, s in enumerate(slots):
+            if cfg:
+                uncond, text = out[b:b + 1], out[rows + b:rows + b + 1]
+                noise = uncond + s.request.guidance_scale * (text - uncond)
+            else:
+                noise = out[b:b + 1]
+            s.latents = s.scheduler.step(noise, s.timesteps[s.step], s.latents, **s.step_kwargs, return_dict=False)[0]
+            s.step += 1
+        self.stats["steps"] += 1
+        self.stats["unet_rows"] += sample.shape[0]
+        self.stats["samples"] += n
+
+    def _decode(self, slots: list[Slot]) -> list:
+        """The pipelines' decode of these samples' final latents, as PIL images."""
+        pipe, vae = self.pipe, self.pipe.vae
+        latents = torch.cat([s.latents for s in slots])
+        if self.sdxl:
+            needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
+            if needs_upcasting:
+                pipe.upcast_vae()
+                latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+                latents = latents * std / vae.config.scaling_factor + mean
+            else:
+                latents = latents / vae.config.scaling_factor
+            image = vae.decode(latents, return_dict=False)[0]
+            if needs_upcasting:
+                vae.to(dtype=torch.float16)
+            if getattr(pipe, "watermark", None) is not None:
+                image = pipe.watermark.apply_watermark(image)
+            image = pipe.image_processor.postprocess(image, output_type="pt")
+        else:
+            image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=None)[0]
+            image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * len(slots))
+        return to_pil(image)

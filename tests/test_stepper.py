@@ -1,0 +1,109 @@
+"""Step-level batching (rayimg.render.stepper) on the tiny models (CPU, float32): requests that
+join a running batch, leave it at their own step counts and mix schedulers, guidance scales and
+seeds give the latents of the same request rendered alone through the engine (diffusers'
+pipeline), within the engine's batch tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rayimg.config import ModelConfig
+from rayimg.models import load_model
+from rayimg.render.engine import Engine, GenerationRequest
+from rayimg.render.stepper import StepBatcher
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("models"))
+    return {name: Engine(load_model(ModelConfig(pretrained=name, device="cpu", cache_dir=cache)).pipeline)
+            for name in ("rayimg-tiny-sd", "rayimg-tiny-sdxl")}
+
+
+def req(prompt="a red square", **kw) -> GenerationRequest:
+    return GenerationRequest(**{"prompt": prompt, "width": SIZE, "height": SIZE, "steps": 4, "guidance_scale": 5.0, **kw})
+
+
+def alone(engine, request) -> torch.Tensor:
+    return engine.generate([request], output_type="latent")[0]
+
+
+def run(batcher, schedule: dict[int, list]) -> tuple[list, list[tuple[int, object]]]:
+    """Submit ``schedule[step]`` before that step; run until idle. Returns the slots in submit
+    order and the (step, slot) finish events."""
+    slots, events, step = [], [], 0
+    while batcher.busy or any(k >= step for k in schedule):
+        for r in schedule.get(step, []):
+            slots.append(batcher.submit(r))
+        for s in batcher.step():
+            events.append((step, s))
+        step += 1
+        assert step < 200
+    return slots, events
+
+
+@pytest.mark.parametrize("model", ["rayimg-tiny-sd", "rayimg-tiny-sdxl"])
+def test_joins_and_leaves_match_the_request_alone(engines, model):
+    engine = engines[model]
+    batcher = StepBatcher(engine, max_batch=4, output="latent")
+    first = [req(seed=1, steps=6), req("a blue circle", seed=2, steps=3, scheduler="euler_a", guidance_scale=3.0)]
+    later = [req("green grass", seed=3, steps=5, scheduler="dpmpp_2m_karras", negative_prompt="blurry"),
+             req("a red square", seed=4, steps=2, scheduler="ddim", guidance_scale=8.0)]
+    slots, events = run(batcher, {0: first, 2: later})
+    assert all(s.error is None for s in slots), [s.error for s in slots]
+    assert batcher.stats["joined_running"] == 2  # the later two joined a running batch
+    finished_at = {id(s): step for step, s in events}
+    # each leaves after its own steps: the 3-step request (joined at 0) before the 6-step one
+    assert finished_at[id(slots[1])] == 2 and finished_at[id(slots[0])] == 5 and finished_at[id(slots[3])] == 3
+    for slot in slots:
+        torch.testing.assert_close(slot.image, alone(engine, slot.request), rtol=0, atol=1e-4)
+
+
+def test_guidance_off_waits_for_its_own_group_and_images_decode(engines):
+    engine = engines["rayimg-tiny-sd"]
+    batcher = StepBatcher(engine, max_batch=4)
+    slots, events = run(batcher, {0: [req(seed=5, steps=3), req(seed=6, steps=2, guidance_scale=1.0)], 1: [req(seed=7, steps=2)]})
+    no_cfg = slots[1]
+    finished_at = {id(s): step for step, s in events}
+    # the CFG-free request shares no UNet call with the CFG group: it starts once that group drains
+    assert finished_at[id(no_cfg)] > max(finished_at[id(slots[0])], finished_at[id(slots[2])])
+    import numpy as np
+
+    for slot in slots:
+        ref = np.asarray(engine.generate([slot.request])[0], dtype=np.int16)
+        assert slot.image.size == (SIZE, SIZE)
+        assert np.abs(np.asarray(slot.image, dtype=np.int16) - ref).max() <= 1
+
+
+def test_padding_and_cancel(engines):
+    engine = engines["rayimg-tiny-sd"]
+    batcher = StepBatcher(engine, max_batch=4, pad_to=(1, 2, 4), output="latent")
+    stop = {"now": False}
+    keep = [req(seed=8, steps=3), req(seed=9, steps=4, scheduler="unipc")]
+    doomed = batcher.submit(req(seed=10, steps=4), cancelled=lambda: stop["now"])
+    slots = [batcher.submit(r) for r in keep]
+    batcher.step()
+    stop["now"] = True
+    done = []
+    while batcher.busy:
+        done += batcher.step()
+    assert doomed.error is not None and "cancelled" in str(doomed.error) and doomed.image is None
+    assert doomed.step == 1  # left at the first step boundary after its client went away
+    # UNet rows (two per sample with CFG): 3 samples padded to 4; then 2 (one cancelled); 2; 1
+    assert batcher.stats["unet_rows"] == 2 * (4 + 2 + 2 + 1)
+    for slot in slots:
+        torch.testing.assert_close(slot.image, alone(engine, slot.request), rtol=0, atol=1e-4)
+
+
+def test_bad_request_fails_alone(engines):
+    engine = engines["rayimg-tiny-sd"]
+    batcher = StepBatcher(engine, max_batch=2, output="latent")
+    with pytest.raises(ValueError, match="adapters"):
+        batcher.submit(req(adapters=[("nope", "1", 1.0)]))
+    good = batcher.submit(req(seed=11, steps=2))
+    while batcher.busy:
+        batcher.step()
+    torch.testing.assert_close(good.image, alone(engine, good.request), rtol=0, atol=1e-4)
