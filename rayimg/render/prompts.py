@@ -91,11 +91,12 @@ class PromptCache:
         tokenizers = [getattr(self.pipe, n, None) for n in ("tokenizer", "tokenizer_2")]
         return (self._changes, *(len(t) if t is not None else 0 for t in tokenizers))
 
-    def embeds(self, requests) -> dict[str, torch.Tensor]:
+    def embeds(self, requests, *, cached: bool = True) -> dict[str, torch.Tensor]:
         """``prompt_embeds`` (and the negative and pooled ones) for a pipeline call, each text
-        encoded alone and cached."""
+        encoded alone and cached (``cached=False``: encoded now and not kept, e.g. under
+        per-request text-encoder adapters)."""
         self.collect()
-        state = self.state()
+        state = self.state() if cached else None
         cache = self._cache if state is not None else OrderedDict()
         for text in dict.fromkeys(self._texts(requests)):
             if (state, text) in cache:

@@ -19,10 +19,11 @@ oldest first. Each sample's math is the diffusers pipeline's for that request al
 scheduler's ``scale_model_input``, CFG, ``scheduler.step``, the VAE decode), so an image from a
 mixed batch equals the same request rendered alone up to kernel rounding.
 
-``adapters``: optional per-sample LoRA (e.g. :class:`~rayimg.render.multi_lora`'s slots): an
-object with ``select(rows)`` called before each UNet call with one adapter tuple per UNet row
-(uncond rows first, then cond rows), and ``encode_prompts(request, fn)`` wrapping the prompt
-encoding of one request. Without it, requests must name no adapters (or the engine's fused set).
+``adapters``: per-sample LoRA, e.g. :class:`SlotAdapters` over
+:class:`~rayimg.render.multi_lora.AdapterSlots`: ``acquire(request)`` when a request starts (its
+handle), ``release(handle)`` when it ends, ``select(handles, guidance)`` before each UNet call (one
+handle per sample, padding included) and ``encode(request, handle, encode)`` around its prompt
+encoding. Without it, requests must name no adapters (or the engine's fused set).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from rayimg.render.output import to_pil
 from rayimg.render.request import GenerationRequest
 from rayimg.render.schedulers import make_scheduler
 
-__all__ = ["StepBatcher", "Slot", "compat_key"]
+__all__ = ["StepBatcher", "Slot", "SlotAdapters", "compat_key"]
 
 
 def compat_key(request: GenerationRequest, uses_cfg: bool) -> tuple:
@@ -67,6 +68,7 @@ class Slot:
     embeds: dict = field(default_factory=dict)
     generator: list | None = None
     step_kwargs: dict = field(default_factory=dict)
+    adapters: Any = None  # the adapters hook's handle while running
 
     @property
     def done(self) -> bool:
@@ -141,7 +143,7 @@ class StepBatcher:
             try:
                 self._start(slot)
             except Exception as e:  # noqa: BLE001 - one bad request never stops the batch
-                self._finish(slot, error=e)
+                self._finish(slot, error=e)  # releases what it acquired
                 ended.append(slot)
                 continue
             admitted.append(slot)
@@ -161,10 +163,14 @@ class StepBatcher:
             scheduler.set_begin_index(0)
         slot.scheduler, slot.timesteps = scheduler, scheduler.timesteps
 
-        def encode():
-            return self.engine.prompts.embeds([req])
+        def encode(cached: bool = True):
+            return self.engine.prompts.embeds([req], cached=cached)
 
-        embeds = self.adapters.encode_prompts(req, encode) if self.adapters is not None else encode()
+        if self.adapters is not None:
+            slot.adapters = self.adapters.acquire(req)
+            embeds = self.adapters.encode(req, slot.adapters, encode)
+        else:
+            embeds = encode()
         dtype = embeds["prompt_embeds"].dtype
         slot.generator = [torch.Generator(device="cpu").manual_seed(req.seed)]
         vae_scale = pipe.vae_scale_factor
@@ -198,6 +204,9 @@ class StepBatcher:
 
     def _finish(self, slot: Slot, *, image=None, error: BaseException | None = None) -> None:
         slot.image, slot.error, slot.finished = image, error, time.perf_counter()
+        if slot.adapters is not None:
+            handle, slot.adapters = slot.adapters, None
+            self.adapters.release(handle)
         slot.latents = slot.scheduler = slot.timesteps = None
         slot.embeds = {}
         if slot.on_done is not None:
@@ -273,7 +282,7 @@ class StepBatcher:
             added = {"text_embeds": torch.cat([self._rows(slots, p, "text_embeds", pad) for p in parts]),
                      "time_ids": torch.cat([self._rows(slots, p, "time_ids", pad) for p in parts])}
         if self.adapters is not None:
-            self.adapters.select([s.request.adapters for _ in parts for s in padded])
+            self.adapters.select([s.adapters for s in padded], cfg)
         out = self.pipe.unet(sample, t_rows.to(sample.device), encoder_hidden_states=encoder, timestep_cond=None,
                              cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False)[0]
         rows = target
@@ -315,3 +324,32 @@ class StepBatcher:
             image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=None)[0]
             image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * len(slots))
         return to_pil(image)
+
+
+class SlotAdapters:
+    """The :class:`StepBatcher` adapters hook over :class:`~rayimg.render.multi_lora.AdapterSlots`.
+
+    ``weights_for(adapters)``: the ``(LoraWeights, scale)`` pairs of a request's adapter identity
+    (``(name, version, scale)`` triples), e.g. from the server's adapter store. A request whose
+    adapters touch the text encoders has its prompts encoded with its own adapters selected (and
+    not cached: the prompt cache holds base-encoder texts only)."""
+
+    def __init__(self, slots, weights_for: Callable[[tuple], list]):
+        self.slots = slots
+        self.weights_for = weights_for
+
+    def acquire(self, request: GenerationRequest) -> tuple:
+        """``(pinned slots, whether they touch the text encoders)``."""
+        pairs = self.weights_for(request.adapters) if request.adapters else []
+        text = any(modules for weights, _ in pairs for component, modules in weights.layers.items() if component != "unet")
+        return self.slots.acquire(pairs), text
+
+    def release(self, handle: tuple) -> None:
+        self.slots.release(handle[0])
+
+    def select(self, handles: list, guidance: bool) -> None:
+        self.slots.set_batch([h[0] for h in handles], guidance=guidance)
+
+    def encode(self, request: GenerationRequest, handle: tuple, encode: Callable[..., dict]) -> dict:
+        self.slots.set_batch([handle[0]], guidance=False)  # the text encoders see this request's row
+        return encode(cached=not handle[1])
