@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,20 +193,29 @@ def _hub_model_dir(repo_id: str, cfg: "ModelConfig") -> Path:
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover - a dependency of diffusers
         raise ModelLoadError(f"model.pretrained: {repo_id!r} looks like a hub id but huggingface_hub is not installed") from e
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     allow, ignore = _hub_patterns(cfg.variant)
     offline = _hub_offline()
+    taken = f"model.pretrained: {repo_id!r} is not a local dir, so it was taken as a Hugging Face hub id"
+    instead = "pass a local diffusers model dir or an s3:// URI as model.pretrained"
     try:
         path = snapshot_download(repo_id, revision=cfg.revision, allow_patterns=allow, ignore_patterns=ignore, local_files_only=offline)
     except Exception as e:
         if offline:
             raise ModelLoadError(
-                f"model.pretrained: {repo_id!r} is not a local dir, so it was taken as a Hugging Face hub id, which "
-                "cannot be fetched while the hub is offline (HF_HUB_OFFLINE) and is not in the local hub cache; "
-                "pass a local diffusers model dir or an s3:// URI as model.pretrained"
+                f"{taken}, which cannot be fetched while the hub is offline (HF_HUB_OFFLINE) and is not in the local "
+                f"hub cache ({hub_constants.HF_HUB_CACHE}); {instead}"
+            ) from e
+        if isinstance(e, LocalEntryNotFoundError):  # no connection to the hub, and nothing cached
+            reason = str(e).splitlines()[0].removeprefix("Got: ")
+            raise ModelLoadError(
+                f"{taken}; the hub cannot be reached ({reason}) and the local hub cache ({hub_constants.HF_HUB_CACHE}) "
+                f"does not hold it; {instead}"
             ) from e
         raise ModelLoadError(
-            f"model.pretrained: {repo_id!r} is not a local dir, so it was taken as a Hugging Face hub id; fetching it "
-            f"(revision {cfg.revision or 'main'}) failed: {e}"
+            f"{taken}; fetching it (revision {cfg.revision or 'main'}) failed: {' '.join(str(e).split())}"
         ) from e
     return _local_model_dir(Path(path), repo_id)
 
@@ -264,7 +274,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     except (RuntimeError, TypeError) as e:
         raise ModelLoadError(f"model.device: {name!r} is not a device; use 'auto', 'cpu' or 'cuda'") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"model.device is {name!r} but CUDA is not available on this machine; use 'auto' or 'cpu'")
+        raise ModelLoadError(f"model.device is {name!r} but CUDA is not available on this machine ({socket.gethostname()}); "
+                             "use 'auto' or 'cpu', or run where a GPU is")
     if device.type not in ("cpu", "cuda"):
         raise ModelLoadError(f"model.device: {name!r} is not supported; use 'auto', 'cpu' or 'cuda'")
     return device
