@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
         rows_file.write_text("".join(json.dumps({"id": f"{name}-{i:05d}", "prompt": p, "seed": 1000 + i}) + "\n"
                                      for i, p in enumerate(common.prompts(n))))
         cfg = job_config(out=str(work / f"out-{name}"), rows_file=rows_file, **kw)
-        runs[name] = run_job(cfg, work / f"{name}.yaml", common.out_dir() / f"render_job_{name}.log", timeout=120 if smoke else timeout)
+        runs[name] = run_job(cfg, work / f"{name}.yaml", common.out_dir() / f"render_job_{name}.log", timeout=240 if smoke else timeout)
         common.log("render_job", f"{name}: {json.dumps(runs[name])}")
     ref = None
     if not args.skip_reference:

@@ -54,7 +54,7 @@ def main(argv=None) -> Path:
         with open(out / f"{name}.log", "w") as log:
             try:
                 rc = subprocess.run(cmd, cwd=common.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    timeout=120 if args.smoke else TIMEOUT_S[name]).returncode
+                                    timeout=300 if args.smoke else TIMEOUT_S[name]).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         if part.is_file():

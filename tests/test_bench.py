@@ -36,11 +36,14 @@ def check_headline(h, *, reference=True):
 
 
 def test_bench_smoke_render_serve_prepare(tmp_path):
-    result = run_bench(tmp_path, "render,serve,prepare")
+    result = run_bench(tmp_path, "render,render_job,serve,prepare")
     assert result["smoke"] and result["device"]["kind"] == "cpu"
-    assert set(result["headlines"]) == {"render", "serve", "prepare"}
+    assert set(result["headlines"]) == {"render", "render_job", "serve", "prepare"}
     for h in result["headlines"].values():
         check_headline(h)
+    job = result["headlines"]["render_job"]["details"]
+    assert job["cold"]["rendered"] == job["rows"] and job["warm"]["rendered"] == job["warm_rows"]
+    assert job["cold"]["first_image_s"] > 0 and job["cold"]["wall_s"] >= job["cold"]["job_s"]
     serve = result["headlines"]["serve"]["details"]
     assert serve["ok"] == serve["requests_sent"] > 0 and not serve["errors"]
 
