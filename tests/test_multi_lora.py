@@ -174,9 +174,15 @@ def test_sdxl_mixed_batch_equals_diffusers(tmp_path):
     assert (mixed[0] - render(reference, requests[:1])[0]).abs().max() > 0.05
 
 
-def test_fused_qkv_projections_take_slots(loras, reference):
+def test_render_engine_layout_fused_qkv_and_channels_last(loras, reference):
+    """Slots installed after the render engine's speed-ups (fused QKV projections, channels-last UNet)."""
+    from rayimg.config import EngineConfig
+    from rayimg.render import speedups
+
     pipe = tiny_sd()
-    pipe.fuse_qkv_projections()
+    speedups.apply(pipe, EngineConfig(fuse_qkv=True, channels_last=True))
+    conv = pipe.unet.down_blocks[0].resnets[0].conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
     slots = AdapterSlots(pipe, SlotConfig(num_slots=3, max_rank=8, max_batch=4))
     attn1 = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
     attn2 = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2
@@ -342,6 +348,12 @@ def test_slot_manager_lru_pins_and_refusals(loras):
     assert small.loaded() == {}
     with pytest.raises(ValueError, match="num_slots"):
         SlotConfig(num_slots=0)
+    # Slot-row images: one per adapter, cached up to SlotConfig.images, rebuilt after that.
+    one_image = AdapterSlots(tiny_sd(), SlotConfig(num_slots=2, max_rank=8, images=1))
+    for weights in (a, b, b, a):
+        one_image.evict(weights)
+        one_image.load(weights)
+    assert one_image.stats["images"] == 3 and one_image.row_nbytes * 3 == one_image.nbytes
     # Slots for exactly the modules a registry's adapters use.
     targets = targets_of([b])
     exact = AdapterSlots(tiny_sd(), SlotConfig(num_slots=1, max_rank=2, unet_targets=targets["unet"], text_targets=()))
@@ -349,29 +361,71 @@ def test_slot_manager_lru_pins_and_refusals(loras):
     exact.load(b)
 
 
-def test_compiled_unet_keeps_one_graph_across_loads_and_batches(loras):
-    """Loading adapters into slots and changing the batch's adapters copy into the same buffers:
-    one compiled graph (no graph break, no recompile), with the eager results."""
+class TinyNet(torch.nn.Module):
+    """A 3x3 conv and a linear, as in a UNet block (defined outside torch, so dynamo traces it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.proj_out = torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj_out(self.conv1(x).flatten(2).transpose(1, 2))
+
+
+def counting(backend, graphs: list):
+    def compile_graph(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return backend(graph_module, example_inputs)
+
+    return compile_graph
+
+
+def test_compiled_modules_keep_one_graph_across_loads_and_batches(loras):
+    """Loading adapters into slots and changing a batch's adapters are copies into the same
+    tensors: one compiled graph (no graph break, no recompile) computing what eager computes."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._inductor.compile_fx import compile_fx
+
+    # A block of the tiny UNet (resnets with conv1, conv_shortcut, time_emb_proj; attention, proj_in/out,
+    # feed-forward), traced whole and through AOT autograd.
     pipe = tiny_sd()
     slots = AdapterSlots(pipe, SlotConfig(num_slots=2, max_rank=8, max_batch=2))
-    first = [([("a", 1.0)], "a red circle", 1), ([("b", 0.5)], "a blue square", 2)]
-    second = [([("c", 0.8), ("a", 0.3)], "a red circle", 1), ([], "a blue square", 2)]
+    block = pipe.unet.down_blocks[1]
+    g = torch.Generator().manual_seed(0)
+    x, temb, text = torch.randn(2, 32, 8, 8, generator=g), torch.randn(2, 128, generator=g), torch.randn(2, 77, 32, generator=g)
+    batches = [[[(loras["a"], 1.0)], [(loras["b"], 0.5)]], [[(loras["c"], 0.8), (loras["a"], 0.3)], []]]
     eager = []
-    for requests in (first, second):
-        with slots.batch(with_weights(loras, requests)):
-            eager.append(render(pipe, requests))
+    for batch in batches:
+        with slots.batch(batch, guidance=False):
+            eager.append(block(x, temb, encoder_hidden_states=text)[0])
     graphs = []
+    block.compile(backend=counting(aot_autograd(fw_compiler=lambda gm, _: gm.forward), graphs), fullgraph=True, dynamic=False)
+    for batch, expected in zip(batches, eager):
+        for key in list(slots.loaded()):
+            slots.evict(key)  # each batch loads its adapters afresh
+        with slots.batch(batch, guidance=False):
+            assert torch.equal(block(x, temb, encoder_hidden_states=text)[0], expected)
+    assert len(graphs) == 1 and (eager[0] - eager[1]).abs().max() > 1e-3
 
-    def backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        from torch._dynamo.backends.common import aot_autograd
+    # inductor's kernels for the gathers, the grouped conv and the batched products
+    holder = type("Holder", (), {"unet": TinyNet()})()
+    slots = AdapterSlots(holder, SlotConfig(num_slots=2, max_rank=4, max_batch=3))
 
-        return aot_autograd(fw_compiler=lambda gm, _: gm.forward)(graph_module, example_inputs)
+    def lora(i: int, rank: int) -> LoraWeights:
+        return LoraWeights({"unet": {
+            "conv1": LoraLayer(torch.randn(rank, 4, 3, 3, generator=g), torch.randn(8, rank, 1, 1, generator=g), 2.0),
+            "proj_out": LoraLayer(torch.randn(rank, 8, generator=g), torch.randn(8, rank, generator=g), 1.0)}}, f"{i:064x}", f"tiny-{i}")
 
-    pipe.unet.compile(backend=backend, fullgraph=True, dynamic=False)
-    for requests, expected in zip((first, second), eager):
-        for p in list(slots.loaded()):
-            slots.evict(p)  # every call loads its adapters afresh
-        with slots.batch(with_weights(loras, requests)):
-            torch.testing.assert_close(render(pipe, requests), expected, rtol=0, atol=1e-6)
-    assert len(graphs) == 1
+    tiny = [lora(i, rank) for i, rank in enumerate((1, 4, 2))]
+    x = torch.randn(3, 4, 6, 6, generator=g)
+    batches = [[[(tiny[0], 1.0)], [], [(tiny[1], 0.5), (tiny[0], -1.0)]], [[(tiny[2], 2.0)], [(tiny[1], 1.0)], []]]
+    eager = []
+    for batch in batches:
+        with slots.batch(batch, guidance=False):
+            eager.append(holder.unet(x))
+    graphs = []
+    holder.unet.compile(backend=counting(compile_fx, graphs), fullgraph=True, dynamic=False)
+    for batch, expected in zip(batches, eager):
+        with slots.batch(batch, guidance=False):
+            torch.testing.assert_close(holder.unet(x), expected, rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1 and len(slots.loaded()) == 2

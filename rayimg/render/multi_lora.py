@@ -8,7 +8,8 @@ adapters can target (attention and feed-forward ``nn.Linear``, ``nn.Conv2d``, th
 
     y[n] = base(x)[n] + sum_k scale[n, k] * B[index[n, k]] @ (A[index[n, k]] @ x[n])
 
-from two tables kept beside the module as non-persistent buffers:
+from two tables held by the module (``lora_slot_down``, ``lora_slot_up``; views of one slot store
+per device and dtype, see :class:`AdapterSlots`):
 
 - ``lora_slot_down`` (A): ``(num_slots + 1, parts * max_rank, in)``, or
   ``(num_slots + 1, parts * max_rank, in, kh, kw)`` for a convolution (LoRA A is a kxk conv with
@@ -28,10 +29,12 @@ as diffusers concatenates them); both halves of a sample use its adapters, as di
 ``set_adapters`` does. The text encoders see one row per prompt (prompts and negative prompts are
 encoded in separate calls of ``batch`` rows each).
 
-Everything a forward reads has a fixed shape and address: loading an adapter is an in-place copy
-into its slot (``_foreach_copy_``), eviction zeroes the slot, setting a batch's adapters copies
-into persistent index/scale buffers; the forward does gathers and ``bmm`` with no Python branch on
-data, so a ``torch.compile``d UNet keeps its graph (and its CUDA graphs) across all of these.
+Everything a forward reads has a fixed shape and address: loading an adapter is one in-place copy
+of a prepared image into its slot's row, eviction zeroes the row, setting a batch's adapters copies
+into persistent index/scale buffers; the forward does gathers, ``bmm``/``baddbmm`` and (for convs) a
+grouped convolution, with no Python branch on data, so a ``torch.compile``d UNet keeps its graph
+(and its CUDA graphs) across all of these. Under CUDA graphs the slot stores and the index/scale
+buffers are marked static addresses (``torch._dynamo.mark_static_address``).
 
 Order: install after the pipeline is on its device and after :func:`rayimg.render.speedups.apply`
 has fused QKV and converted float8 linears (a linear converted to float8 later is not seen, and
@@ -89,8 +92,8 @@ class SlotConfig:
     """UNet modules given slots, as peft target names (a module's path or its last dotted parts)"""
     text_targets: tuple[str, ...] = TEXT_TARGETS
     """text-encoder modules given slots (empty: none)"""
-    images: int = 32
-    """slot-row images of adapters kept (host memory for CPU weights; one row per adapter)"""
+    images: int = 16
+    """slot-row images of adapters kept in host memory (pinned on CUDA), each ``AdapterSlots.row_nbytes``"""
 
     def __post_init__(self) -> None:
         for name in ("num_slots", "max_rank", "max_batch", "max_adapters", "images"):
@@ -254,11 +257,12 @@ class AdapterSlots:
 
     Storage: all tables of one device and dtype are views of one slot store ``(num_slots + 1,
     row)``: a slot's tables in every module are one contiguous row. An adapter is turned once into
-    an *image* of that row (padded, ``alpha / rank`` folded in, on the device its weights are on:
-    pinned CPU memory for CPU weights) and loading it is one copy of the image into the row, with
+    an *image* of that row in host memory (padded, ``alpha / rank`` folded in; pinned when the
+    tables are on CUDA) and loading it is one non-blocking copy of the image into the row, with
     nothing of an earlier occupant left behind; eviction zeroes the row. Images are cached (LRU,
     ``SlotConfig.images`` of them); :meth:`prepare` builds one ahead of need (e.g. while the GPU
-    works). Copies are ordered on the current stream, after the kernels of earlier batches.
+    works). Copies are ordered on the current stream, after the kernels of earlier batches that
+    read the slot.
 
     Adapters are keyed by ``LoraWeights.fingerprint``. :meth:`acquire` loads missing adapters
     (into a free slot, else the least recently used unpinned one) and pins them; :meth:`release`
@@ -394,6 +398,11 @@ class AdapterSlots:
         """Memory of the slot tables (on the pipeline's device)."""
         return sum(t.numel() * t.element_size() for t in self.stores.values())
 
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes of one slot (all its tables): what one load copies, and the size of one image."""
+        return sum(t[0].numel() * t.element_size() for t in self.stores.values())
+
     def loaded(self) -> dict[str, int]:
         """fingerprint -> slot of every adapter in the tables, least recently used first."""
         return dict(self._lru)
@@ -501,10 +510,10 @@ class AdapterSlots:
             self._images.move_to_end(key)
             return image
         plan = self._plan(weights)
-        device = weights.device
-        pin = device.type == "cpu" and any(d.type == "cuda" for d, _ in self.stores)
-        image = {(d, dtype): torch.zeros(store.shape[1], dtype=dtype, device=device, pin_memory=pin)
-                 for (d, dtype), store in self.stores.items()}
+        if weights.device.type != "cpu":
+            plan = [(i, p, LoraLayer(layer.down.cpu(), layer.up.cpu(), layer.alpha)) for i, p, layer in plan]
+        pin = any(d.type == "cuda" for d, _ in self.stores)
+        image = {(d, dtype): torch.zeros(store.shape[1], dtype=dtype, pin_memory=pin) for (d, dtype), store in self.stores.items()}
         r = self.config.max_rank
         with torch.no_grad():
             for i, p, layer in plan:
@@ -551,7 +560,9 @@ class AdapterSlots:
         """Set the adapters of the next pipeline call, one entry per sample (image), in the order of
         its prompts: the text encoders get one row per sample, the UNet one per sample, twice when
         ``guidance`` (classifier-free guidance doubles its batch: uncond half, then cond half).
-        An in-place copy into persistent buffers: a compiled UNet keeps its graph."""
+        One prompt per image (no ``num_images_per_prompt``): a call whose row count differs from
+        the rows set fails loudly. An in-place copy into persistent buffers: a compiled UNet keeps
+        its graph."""
         n = len(samples)
         if n > self.config.max_batch:
             raise LoraError(f"adapter slots: {n} samples; SlotConfig.max_batch is {self.config.max_batch}")
@@ -588,6 +599,8 @@ class AdapterSlots:
     @contextmanager
     def batch(self, adapters: Sequence[Sequence[tuple[LoraWeights, float]]], *, guidance: bool = True) -> Iterator[list[PinnedAdapters]]:
         """``acquire`` each sample's adapters, ``set_batch``, run the block, release them."""
+        if len(adapters) > self.config.max_batch:
+            raise LoraError(f"adapter slots: {len(adapters)} samples; SlotConfig.max_batch is {self.config.max_batch}")
         pinned: list[PinnedAdapters] = []
         try:
             for sample in adapters:
