@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rayimg.models.tiny import build_tiny_sd, build_tiny_sdxl
-from rayimg.render.adapters import LoraError, LoraLayer, LoraWeights, load_lora_file
+from rayimg.render.adapters import FusedAdapters, LoraError, LoraLayer, LoraWeights, load_lora_file
 from rayimg.render.multi_lora import AdapterSlots, SlotConfig, SlotsExhausted, targets_of
 
 from tests.test_render_engine import ATTN, TEXT, make_lora
@@ -149,6 +149,19 @@ def test_scale_zero_is_the_base_model(loras):
         assert torch.equal(render(pipe, requests), expected)
     with slots.batch(with_weights(loras, [([("a", 1.0)], "", 0)] * 3)):
         assert not torch.allclose(render(pipe, requests), expected, atol=1e-2)
+        # passthrough: the base computation only, whatever the rows say (no batch needs to be set)
+        slots.set_passthrough(True)
+        assert torch.equal(render(pipe, requests), expected)
+        # ... and with an adapter fused into the weights, what the fused path gives without slots
+        fused, plain = FusedAdapters(pipe), FusedAdapters(base)
+        fused.apply([(loras["b"], 0.8)])
+        plain.apply([(loras["b"], 0.8)])
+        assert torch.equal(render(pipe, requests[:1]), render(base, requests[:1]))
+        fused.restore()
+        plain.restore()
+        slots.set_passthrough(False)
+    with pytest.raises(LoraError, match="no batch is set"):
+        render(pipe, requests)
 
 
 def test_sdxl_mixed_batch_equals_diffusers(tmp_path):
@@ -190,6 +203,15 @@ def test_render_engine_layout_fused_qkv_and_channels_last(loras, reference):
     assert type(attn1.to_qkv).__name__ == "SlottedLinear" and attn1.to_qkv.lora_slot_down.shape[1] == 3 * 8
     assert type(attn2.to_kv).__name__ == "SlottedLinear" and type(attn2.to_q).__name__ == "SlottedLinear"
     assert type(attn1.to_q) is torch.nn.Linear  # unused once fused: no slots
+    # a channels-last conv at batch 1, against the LoRA as two convolutions (peft's form)
+    lone = slots.acquire([(loras["a"], 1.0)])
+    slots.set_batch([lone], guidance=False)
+    x = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(0)).to(memory_format=torch.channels_last)
+    y = conv(x)
+    layer = loras["a"].layers["unet"]["down_blocks.0.resnets.0.conv1"]
+    delta = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, layer.down, padding=1), layer.up) * layer.scale
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1) + delta, rtol=1e-5, atol=1e-5)
+    slots.release(lone)
     requests = MIXED[:4]
     with slots.batch(with_weights(loras, requests)):
         mixed = render(pipe, requests)

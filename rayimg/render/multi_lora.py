@@ -118,13 +118,15 @@ def targets_of(adapters: Iterable[LoraWeights]) -> dict[str, tuple[str, ...]]:
 class _Rows:
     """The per-row adapter choice of one component: ``index`` (slot, long) and ``scale``
     (float32), both ``(max_rows, K)`` on the component's device, of which the first ``count``
-    rows are in use; ``count`` -1: not set (a forward refuses to run)."""
+    rows are in use; ``count`` -1: not set (a forward refuses to run). ``passthrough``: the modules
+    compute their base output only (see :meth:`AdapterSlots.set_passthrough`)."""
 
     def __init__(self, component: str, max_rows: int, k: int, device: torch.device):
         self.component = component
         self.index = torch.zeros(max_rows, k, dtype=torch.long, device=device)
         self.scale = torch.zeros(max_rows, k, dtype=torch.float32, device=device)
         self.count = -1
+        self.passthrough = False
         if device.type == "cuda":
             # constant addresses: CUDA graphs read them in place instead of copying them each replay
             torch._dynamo.mark_static_address(self.index)
@@ -155,6 +157,8 @@ class _SlottedLinear:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
+        if self.lora_slot_rows.passthrough:
+            return out
         n = x.shape[0]
         self.lora_slot_rows.check(self, n)
         a, b = _gathered(self.lora_slot_down, self.lora_slot_up, self.lora_slot_rows, n, x.dtype)
@@ -172,6 +176,8 @@ class _SlottedConv2d:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
+        if self.lora_slot_rows.passthrough:
+            return out
         n, c = x.shape[:2]
         self.lora_slot_rows.check(self, n)
         a, b = _gathered(self.lora_slot_down, self.lora_slot_up, self.lora_slot_rows, n, x.dtype)
@@ -590,6 +596,15 @@ class AdapterSlots:
         rows.index.copy_(full_index, non_blocking=True)
         rows.scale.copy_(full_scale, non_blocking=True)
         rows.count = len(index)
+
+    def set_passthrough(self, on: bool = True) -> None:
+        """With ``on``, every slotted module computes its base output only, at the base model's
+        cost: for a batch whose samples all share one adapter set, served faster by fusing it into
+        the weights (:class:`~rayimg.render.adapters.FusedAdapters`), or for the base model alone.
+        A compiled UNet holds one graph per shape for each setting (a guard on this flag), so
+        switching per batch recompiles nothing after the first call of each."""
+        for rows in self.rows.values():
+            rows.passthrough = bool(on)
 
     def _unset_rows(self) -> None:
         for rows in self.rows.values():
