@@ -1,11 +1,9 @@
-"""Entry point for `ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/<file>.yaml [overrides]`."""
+"""Entry point for `ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/<file>.yaml [overrides]`
+(README, "On a cluster")."""
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir holds the rayimg package
-
-from rayimg.cli import main  # noqa: E402
+from _entry import run  # jobs/ is sys.path[0] when this file runs as a script
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(run("train"))
