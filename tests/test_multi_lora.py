@@ -94,7 +94,7 @@ def with_weights(loras, requests):
 
 def parameters(*models) -> dict[str, torch.Tensor]:
     return {f"{i}.{n}": t.detach().clone() for i, m in enumerate(models)
-            for n, t in [*m.named_parameters(), *m.named_buffers()] if "lora_slot" not in n}
+            for n, t in [*m.named_parameters(), *m.named_buffers()]}
 
 
 # --------------------------------------------------------------------------- the math against diffusers
