@@ -144,3 +144,32 @@ def test_the_unpickling_check_finds_each_form(tmp_path):
         "a = torch.load(p, map_location='cpu')\nb = torch.load(p, weights_only=False)\nc = pickle.loads(x)\n"
         "d = torch.load(p, map_location='cpu', weights_only=True)\n")
     assert [h.split(":")[1] for h in unpickling_loads(tmp_path, ("rayimg",))] == ["1", "2", "3"]
+
+
+class _RunsCode:
+    """A pickle that, when unpickled, creates a file: what a tampered checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_deepspeed_checkpoint_files_load_weights_only(tmp_path):
+    import pickle
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from rayimg.run.train import _weights_only_checkpoint_engine
+
+    engine = _weights_only_checkpoint_engine(SimpleNamespace(checkpoint_engine=TorchCheckpointEngine(), _config=None))
+    torch.save({"module": {"w": torch.ones(2)}, "loss_scaler": LossScaler(4.0)}, tmp_path / "states.pt")
+    loaded = engine.load(str(tmp_path / "states.pt"), map_location=lambda storage, loc: storage)
+    assert torch.equal(loaded["module"]["w"], torch.ones(2)) and loaded["loss_scaler"].cur_scale == 4.0
+    torch.save({"module": _RunsCode(tmp_path / "ran")}, tmp_path / "tampered.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        engine.load(str(tmp_path / "tampered.pt"))
+    assert not (tmp_path / "ran").exists()

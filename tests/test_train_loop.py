@@ -46,6 +46,10 @@ def test_the_loop_trains_checkpoints_resumes_and_exports_without_ray(tmp_path):
     weights = load_file(str(tmp_path / "ckpt-4" / "export" / "pytorch_lora_weights.safetensors"))
     assert any(float(v.abs().max()) > 0 for k, v in weights.items() if "lora_B" in k or ".up." in k)
     assert not (tmp_path / "ckpt-2" / "export").exists()  # only the final checkpoint exports
+    assert sorted(p.name for p in (tmp_path / "ckpt-2").iterdir()) == [
+        "lr_scheduler.json", "optimizer.json", "optimizer.safetensors", "rng_rank0.json", "rng_rank0.safetensors",
+        "state.json", "trainable.safetensors"]  # nothing pickled
+    assert (tmp_path / "run" / "loss.png").exists() and (tmp_path / "run" / "validation_grid.png").exists()
 
     resumed = new_loop()
     resumed.load(tmp_path / "ckpt-2")

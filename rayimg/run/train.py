@@ -294,7 +294,7 @@ def _weights_only_checkpoint_engine(engine):
     """DeepSpeed's torch checkpoint engine with loads restricted to ``weights_only=True``, allowing
     only the DeepSpeed classes its ZeRO checkpoints hold (loss scalers, the ZeRO stage enum, bf16
     fragment addresses) besides tensors and plain containers. DeepSpeed's own engine loads with
-    ``weights_only=False``, which would run any code a checkpoint file carries."""
+    full unpickling, which would run any code a checkpoint file carries."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
