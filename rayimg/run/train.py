@@ -107,7 +107,9 @@ def generate_class_images(job: TrainJob, model_cfg, todo: list) -> int:
     print(f"[train] generating {len(todo)} class image(s) of {job.data.class_prompt!r} into {job.data.class_source} "
           f"with the base model ({n} task(s){', a GPU each' if job.scaling.use_gpu else ''})", flush=True)
     resources = {"num_gpus": 1} if job.scaling.use_gpu else {"num_cpus": job.scaling.cpus_per_worker}
-    task = ray.remote(_render_class_images).options(**resources)
+    # max_calls=1: the worker process exits after its task, so no cached GPU memory of the base
+    # model is left held beside the training workers
+    task = ray.remote(max_calls=1, **resources)(_render_class_images)
     written = sum(ray.get([task.remote(job, model_cfg, todo[i::n]) for i in range(n)]))
     print(f"[train] {written} class image(s) written in {time.perf_counter() - t0:.1f}s", flush=True)
     return written
