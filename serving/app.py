@@ -32,6 +32,7 @@ Three ways to run it:
 # could then no longer resolve string annotations (a body model would turn into a query param).
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -126,7 +127,10 @@ class GeneratorBase:
         self.store.unet_config = self.renderer.pipe.unet.config
         self.images = ImageStore(self.storage, job.image_cache.uri)
         self.device = self.renderer.engine.device
-        self.render_lock = threading.Lock()  # one engine: sub-batches of different sets take turns
+        self.render_lock = threading.Lock()  # one engine: sub-batches of different sets (and steps) take turns
+        self.slots = self.step_loop = None
+        if job.batching.mode == "step":
+            self._start_step_loop()
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside Serve (never in the app)
@@ -135,6 +139,55 @@ class GeneratorBase:
                          "swaps": 0, "swap_seconds": 0.0, "set_loads": 0, "cancelled": 0, "image_cache_rejected": 0}
         self.render_batch.set_max_batch_size(job.http.max_batch_size)
         self.render_batch.set_batch_wait_timeout_s(job.http.batch_wait_timeout_s)
+
+    def _start_step_loop(self) -> None:
+        """Per-sample adapter slots on the pipeline and the step loop over them (see serving.stepping)."""
+        from rayimg.render.multi_lora import AdapterSlots, SlotConfig
+        from rayimg.render.stepper import SlotAdapters, StepBatcher
+        from serving.stepping import StepLoop
+
+        b = self.job.batching
+        self.slots = AdapterSlots(self.renderer.pipe, SlotConfig(num_slots=b.num_slots, max_rank=b.max_rank, max_batch=b.max_batch,
+                                                                 max_adapters=b.max_adapters))
+        batcher = StepBatcher(self.renderer.engine, max_batch=b.max_batch, pad_to=tuple(b.pad_to), adapters=SlotAdapters(self.slots))
+        self.step_loop = StepLoop(batcher, self.render_lock)
+
+    @contextlib.contextmanager
+    def _fused_path(self):
+        """The engine's own (fused-adapter) path: slotted modules compute their base output only."""
+        if self.slots is None:
+            yield
+            return
+        self.slots.set_passthrough(True)
+        try:
+            yield
+        finally:
+            self.slots.set_passthrough(False)
+
+    def _steppable(self, request, aset: "AdapterSet | None") -> bool:
+        """Whether ``request`` can join the step loop: txt2img with adapters the slots can hold."""
+        if self.step_loop is None or request.mode != "txt2img" or len(request.adapters) > self.job.batching.max_adapters:
+            return False
+        if aset is None:
+            return not request.adapters
+        return all(layer.rank <= self.job.batching.max_rank for w in aset.weights.values() for _, _, layer in w.items())
+
+    async def _render_step(self, request, aset: "AdapterSet | None", ticket: Ticket) -> "dict | ApiError":
+        """One image through the step loop: it joins the running batch at the next step."""
+        from rayimg.render.adapters import LoraError
+
+        pairs = [(aset.weights[(name, version)], scale) for name, version, scale in request.adapters] if request.adapters else []
+        start = time.perf_counter()
+        try:
+            slot = await self.step_loop.render(request, cancelled=ticket.done, adapters=pairs)
+        except TimeoutError:  # counted by the step loop
+            return ApiError(504, "timeout", "the request was cancelled (its client left or its deadline passed)")
+        except LoraError as e:
+            return ApiError(422, "adapter_incompatible", str(e), field="adapters")
+        engine_s = time.perf_counter() - start
+        self.counters["images_rendered"] += 1
+        png = await asyncio.to_thread(self._png, request, slot.image)
+        return {"png": png, "batch_size": round(slot.batched / max(slot.step, 1), 2), "swap_s": 0.0, "engine_s": engine_s}
 
     def model_identity(self) -> dict:
         """What adapters are checked against: the model's family, id and content hash."""
@@ -237,7 +290,8 @@ class GeneratorBase:
                 aset.uses += 1
                 info["adapter_tiers"] = aset.tiers if first_use else {k: "resident" for k in aset.tiers}
                 info["adapter_load_s"] = aset.seconds if first_use else 0.0
-            results = await asyncio.gather(*(self.render_batch((requests[i], aset, ticket)) for i in todo))
+            results = await asyncio.gather(*(self._render_step(requests[i], aset, ticket) if self._steppable(requests[i], aset)
+                                             else self.render_batch((requests[i], aset, ticket)) for i in todo))
             for i, r in zip(todo, results):
                 if isinstance(r, ApiError):
                     raise r
@@ -283,7 +337,7 @@ class GeneratorBase:
             tickets = [items[i][2] for i in indices]
             aset = items[indices[0]][1]
             try:
-                with self.render_lock:
+                with self.render_lock, self._fused_path():
                     swap_s = self._use_adapters(requests[0].adapters, aset)
                     start = time.perf_counter()
                     images = self._run_engine(requests, tickets)
@@ -358,7 +412,9 @@ class GeneratorBase:
         """Counters for the ingress's /metrics, numbered so the newest wins."""
         self.counters["seq"] += 1
         self.counters["image_cache_rejected"] = self.images.rejected
-        return {"replica": self.replica, "store": self.store.stats.as_dict(), "tiers": self.store.tier_sizes(), **self.counters}
+        steps = dict(self.step_loop.stats) if self.step_loop is not None else {}
+        counters = {**self.counters, "cancelled": self.counters["cancelled"] + steps.get("cancelled", 0)}
+        return {"replica": self.replica, "store": self.store.stats.as_dict(), "tiers": self.store.tier_sizes(), "step_loop": steps, **counters}
 
 
 def generator_deployment(job: ServeJob):

@@ -52,6 +52,10 @@ class ReplicaStats:
                                           lambda s: s.get("cancelled", 0)),
             "rayimg_image_cache_rejected": ("cached images ignored: not decodable or not their key's image",
                                             lambda s: s.get("image_cache_rejected", 0)),
+            "rayimg_denoise_steps": ("UNet calls of the step loop (one denoising step of the running batch)",
+                                     lambda s: s.get("step_loop", {}).get("steps", 0)),
+            "rayimg_denoise_samples": ("samples in those calls, summed: / rayimg_denoise_steps = mean batch",
+                                       lambda s: s.get("step_loop", {}).get("samples", 0)),
         }
         for name, (doc, get) in counters.items():
             family = CounterMetricFamily(name, doc, labels=["replica"])

@@ -74,7 +74,7 @@ def ray_cluster(s3_server, tmp_path_factory):
 
     os.environ.setdefault("RAYIMG_CACHE", str(tmp_path_factory.mktemp("rayimg-cache")))
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

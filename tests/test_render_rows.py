@@ -127,3 +127,7 @@ def test_bad_adapter_rows_go_to_errors_and_the_rest_renders(ray_cluster, registr
     assert sorted(r["row_id"] for r in manifest) == sorted(r["id"] for r in GOOD)
     for r in manifest:
         assert Path(r["path"]).stat().st_size > 0
+    from PIL import Image
+
+    sheet = Image.open(summary["contact_sheet"])  # a sample of the rendered rows, captioned
+    assert summary["contact_sheet"] == f"{out}/contact_sheet.png" and sheet.width > 64

@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 from rayimg.configbase import check, field
 from rayimg.config.common import ClusterConfig, ModelConfig, StorageConfig, _check_uri
 from rayimg.config.render import EngineConfig, GenerationConfig, LimitsConfig, _check_defaults_within_limits
+
+@dataclass
+class BatchingConfig:
+    """How a generator replica batches txt2img requests."""
+
+    mode: Literal["step", "request"] = field("step", doc="'step': a request joins the running batch at the next denoising step and "
+                                                         "leaves after its own steps, with its own adapters and scales (per-sample LoRA "
+                                                         "from GPU adapter slots; base weights untouched); 'request': requests with the "
+                                                         "same adapter set are batched and the set is fused into the weights. img2img "
+                                                         "always takes the 'request' path")
+    max_batch: int = field(8, doc="images denoised together in step mode")
+    pad_to: list[int] = field(default_factory=lambda: [1, 2, 4, 8],
+                              doc="batch sizes a step is padded up to, so a compiled UNet sees a few static shapes (empty: no padding)")
+    num_slots: int = field(16, doc="adapters held in GPU slots at once in step mode (least recently used unpinned one is replaced)")
+    max_rank: int = field(32, doc="largest LoRA rank a slot takes; an adapter of a larger rank is refused (422)")
+    max_adapters: int = field(2, doc="most adapters one request combines in step mode")
+
+    def validate(self) -> None:
+        for name in ("max_batch", "num_slots", "max_rank", "max_adapters"):
+            check(getattr(self, name) >= 1, name, "must be >= 1")
+        check(all(isinstance(b, int) and b >= 1 for b in self.pad_to), "pad_to", "must be positive integers")
+        check(not self.pad_to or max(self.pad_to) >= self.max_batch, "pad_to", f"the largest size must be >= max_batch ({self.max_batch})")
+
 
 @dataclass
 class AutoscalingConfig:
@@ -97,6 +120,7 @@ class ServeJob:
                                  doc="bounds on requests (defaults sized for one GPU per replica; lower them for CPU replicas)")
     engine: EngineConfig = field(default_factory=EngineConfig, doc="generation engine")
     http: HttpConfig = field(default_factory=HttpConfig, doc="HTTP front end")
+    batching: BatchingConfig = field(default_factory=BatchingConfig, doc="how replicas batch requests (step-level, per-sample adapters)")
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig, doc="replica autoscaling")
     adapter_cache: AdapterCacheConfig = field(default_factory=AdapterCacheConfig, doc="adapter cache tiers")
     image_cache: ImageCacheConfig = field(default_factory=ImageCacheConfig, doc="image cache by output key")

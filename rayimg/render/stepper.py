@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from rayimg.render.multi_lora import SlotsExhausted
 from rayimg.render.output import to_pil
 from rayimg.render.request import GenerationRequest
 from rayimg.render.schedulers import make_scheduler
@@ -61,6 +62,7 @@ class Slot:
     image: Any = None  # PIL image (or the final latents with output="latent")
     error: BaseException | None = None
     step: int = 0  # denoising steps done
+    batched: int = 0  # samples in the UNet calls of its steps, summed (mean batch = batched / step)
     # running state
     scheduler: Any = None
     timesteps: Any = None
@@ -69,6 +71,7 @@ class Slot:
     generator: list | None = None
     step_kwargs: dict = field(default_factory=dict)
     adapters: Any = None  # the adapters hook's handle while running
+    adapter_weights: list | None = None  # (LoraWeights, scale) pairs given at submit
 
     @property
     def done(self) -> bool:
@@ -110,12 +113,15 @@ class StepBatcher:
     def busy(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def submit(self, request: GenerationRequest, *, cancelled=None, on_done=None) -> Slot:
+    def submit(self, request: GenerationRequest, *, cancelled=None, on_done=None, adapter_weights: list | None = None) -> Slot:
+        """Queue ``request``; it joins at the next step that has room. ``adapter_weights``: its
+        adapters' ``(LoraWeights, scale)`` pairs for the adapters hook (default: the hook looks
+        them up)."""
         if request.mode != "txt2img":
             raise ValueError(f"mode: step-level batching renders txt2img; {request.mode!r} goes through Engine.generate")
         if request.adapters and self.adapters is None and request.adapters != self.engine.adapter_identity:
             raise ValueError(f"adapters: {list(request.adapters)} are not applied and this batcher has no per-sample adapters")
-        slot = Slot(request, cancelled=cancelled, on_done=on_done)
+        slot = Slot(request, cancelled=cancelled, on_done=on_done, adapter_weights=adapter_weights)
         self.waiting.append(slot)
         return slot
 
@@ -139,6 +145,21 @@ class StepBatcher:
                 key = self._key(slot)
             if self._key(slot) != key:
                 continue
+            if self.adapters is not None:
+                try:
+                    slot.adapters = self.adapters.acquire(slot.request, slot.adapter_weights)
+                except SlotsExhausted as e:
+                    if self.running or admitted:
+                        continue  # waits (in order) until a running request frees its slots
+                    self.waiting.remove(slot)  # alone, and still no room: it can never fit
+                    self._finish(slot, error=e)
+                    ended.append(slot)
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    self.waiting.remove(slot)
+                    self._finish(slot, error=e)
+                    ended.append(slot)
+                    continue
             self.waiting.remove(slot)
             try:
                 self._start(slot)
@@ -166,8 +187,7 @@ class StepBatcher:
         def encode(cached: bool = True):
             return self.engine.prompts.embeds([req], cached=cached)
 
-        if self.adapters is not None:
-            slot.adapters = self.adapters.acquire(req)
+        if self.adapters is not None:  # acquired by _admit
             embeds = self.adapters.encode(req, slot.adapters, encode)
         else:
             embeds = encode()
@@ -294,6 +314,7 @@ class StepBatcher:
                 noise = out[b:b + 1]
             s.latents = s.scheduler.step(noise, s.timesteps[s.step], s.latents, **s.step_kwargs, return_dict=False)[0]
             s.step += 1
+            s.batched += n
         self.stats["steps"] += 1
         self.stats["unet_rows"] += sample.shape[0]
         self.stats["samples"] += n
@@ -330,17 +351,20 @@ class SlotAdapters:
     """The :class:`StepBatcher` adapters hook over :class:`~rayimg.render.multi_lora.AdapterSlots`.
 
     ``weights_for(adapters)``: the ``(LoraWeights, scale)`` pairs of a request's adapter identity
-    (``(name, version, scale)`` triples), e.g. from the server's adapter store. A request whose
+    (``(name, version, scale)`` triples) when they were not given at submit. A request whose
     adapters touch the text encoders has its prompts encoded with its own adapters selected (and
     not cached: the prompt cache holds base-encoder texts only)."""
 
-    def __init__(self, slots, weights_for: Callable[[tuple], list]):
+    def __init__(self, slots, weights_for: Callable[[tuple], list] | None = None):
         self.slots = slots
         self.weights_for = weights_for
 
-    def acquire(self, request: GenerationRequest) -> tuple:
+    def acquire(self, request: GenerationRequest, pairs: list | None = None) -> tuple:
         """``(pinned slots, whether they touch the text encoders)``."""
-        pairs = self.weights_for(request.adapters) if request.adapters else []
+        if pairs is None:
+            if request.adapters and self.weights_for is None:
+                raise ValueError(f"adapters: no weights given for {list(request.adapters)}")
+            pairs = self.weights_for(request.adapters) if request.adapters else []
         text = any(modules for weights, _ in pairs for component, modules in weights.layers.items() if component != "unet")
         return self.slots.acquire(pairs), text
 

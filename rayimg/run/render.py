@@ -531,6 +531,9 @@ def run(job: RenderJob) -> dict:
     # every actor is done: what a writer killed mid-write left is stale (its image was rendered again)
     storage.remove_partial_writes(job.output.uri)
     summary = finalize(storage, job.output.uri)
+    from rayimg.render.contact_sheet import write_contact_sheet
+
+    summary["contact_sheet"] = write_contact_sheet(storage, job.output.uri)
     snap = snap or {}
     steady = steady_rate(snap) if snap else None
     first = snap.get("first")

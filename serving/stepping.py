@@ -1,0 +1,114 @@
+"""A generator replica's step loop: the :class:`~rayimg.render.stepper.StepBatcher` on a thread of
+its own, fed from the replica's asyncio event loop.
+
+Requests arrive from many concurrent ``generate`` calls; each sample is handed to the loop
+thread, joins the running batch at the next denoising step and resolves its future when its own
+steps are done (or it fails, or its ticket is done: client gone or deadline passed, checked at
+every step). Work that needs the engine alone (img2img, requests the slots cannot hold) runs on
+the same thread between steps, so one thread owns the GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+
+class StepLoop:
+    """Owns the engine's thread. ``batcher``: a StepBatcher. ``lock``: held while the thread uses
+    the engine (a step, or an exclusive call)."""
+
+    def __init__(self, batcher, lock: threading.Lock | None = None, idle_wait_s: float = 0.05):
+        self.batcher = batcher
+        self.lock = lock or threading.Lock()
+        self.idle_wait_s = idle_wait_s
+        self.inbox: queue.Queue = queue.Queue()
+        self.stats = {"steps": 0, "samples": 0, "joined_running": 0, "max_running": 0, "exclusive": 0, "cancelled": 0}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="rayimg-step-loop", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ from the event loop
+    async def render(self, request, *, cancelled: Callable[[], bool] | None = None, adapters: list | None = None):
+        """The request's finished :class:`~rayimg.render.stepper.Slot` (``image``: PIL) once its
+        steps are done; raises what failed it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def done(slot) -> None:  # on the loop thread
+            if isinstance(slot.error, TimeoutError):
+                self.stats["cancelled"] += 1  # counted here: its caller may be gone already
+
+            def resolve():
+                if future.done():
+                    return
+                if slot.error is not None:
+                    future.set_exception(slot.error)
+                else:
+                    future.set_result(slot)
+
+            loop.call_soon_threadsafe(resolve)
+
+        self.inbox.put(("submit", (request, cancelled, adapters, done)))
+        return await future
+
+    async def exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on the loop thread between two steps (it may use the engine freely)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+
+        def run():
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(e))
+            else:
+                loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+
+        self.inbox.put(("exclusive", run))
+        return await future
+
+    def close(self) -> None:
+        self._stop.set()
+        self.inbox.put(("stop", None))
+        self.thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ the thread
+    def _take(self, block: bool) -> None:
+        """Move what the inbox holds into the batcher (submissions) or run it (exclusive work)."""
+        while True:
+            try:
+                kind, item = self.inbox.get(block=block, timeout=self.idle_wait_s if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "submit":
+                request, cancelled, adapters, done = item
+                try:
+                    self.batcher.submit(request, cancelled=cancelled, on_done=done, adapter_weights=adapters)
+                except Exception as e:  # noqa: BLE001 - refused: the caller gets the reason
+                    from rayimg.render.stepper import Slot
+
+                    slot = Slot(request)
+                    slot.error, slot.finished = e, time.perf_counter()
+                    done(slot)
+            elif kind == "exclusive":
+                with self.lock:
+                    self.stats["exclusive"] += 1
+                    item()
+            else:
+                return
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._take(block=not self.batcher.busy)
+            if not self.batcher.busy:
+                continue
+            with self.lock:
+                self.batcher.step()
+            b = self.batcher.stats
+            self.stats.update(steps=b["steps"], samples=b["samples"], joined_running=b["joined_running"],
+                              max_running=max(self.stats["max_running"], len(self.batcher.running)))

@@ -1,0 +1,105 @@
+"""The Serve app's step loop over real HTTP (``batching.mode: step``, the default): concurrent
+requests with different adapters, scales, step counts and schedulers share denoising steps, and
+each image equals the same request rendered alone with its adapters fused (tiny SD, CPU). Requests
+the loop does not take (img2img, more adapters than a sample combines) take the fused path on the
+same replica."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.test_serve import serve_job
+
+
+@pytest.fixture(scope="module")
+def step_app(ray_cluster, publish_tiny_lora, tmp_path_factory):
+    from ray import serve
+
+    from serving.app import start
+
+    tmp = tmp_path_factory.mktemp("serve-step")
+    registry = str(tmp / "registry")
+    for i, name in enumerate(["sa", "sb", "sc"]):
+        publish_tiny_lora(registry, name, seed=40 + i)
+    job = serve_job(registry, tmp, app_name="step", http={"route_prefix": "/step", "max_ongoing_requests": 12},
+                    adapter_cache={"gpu_max_adapters": 4, "cpu_max_adapters": 4},
+                    batching={"mode": "step", "max_batch": 4, "pad_to": [1, 2, 4], "num_slots": 2, "max_adapters": 2})
+    url = start(job)
+    yield url, job
+    serve.delete("step")
+
+
+def image_of(response) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(response["images"][0]["b64_json"]))).convert("RGB"), dtype=np.int16)
+
+
+def metric(url: str, name: str) -> float:
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def test_mixed_adapters_share_steps_and_match_fused_alone(step_app, tmp_path):
+    url, job = step_app
+    bodies = [
+        {"prompt": "a red square", "seed": 1, "steps": 4, "adapters": [{"name": "sa", "scale": 0.8}]},
+        {"prompt": "a blue circle", "seed": 2, "steps": 2, "adapters": [{"name": "sb"}]},
+        {"prompt": "green grass", "seed": 3, "steps": 3},
+        {"prompt": "a red square", "seed": 4, "steps": 4, "adapters": [{"name": "sa", "scale": 1.0}, {"name": "sc", "scale": 0.5}],
+         "scheduler": "euler_a"},
+        {"prompt": "a blue circle", "seed": 5, "steps": 2, "adapters": [{"name": "sc"}], "guidance": 6.0},
+        {"prompt": "green grass", "seed": 6, "steps": 3, "adapters": [{"name": "sb", "scale": 0.3}]},
+    ]
+    steps_before, samples_before = metric(url, "rayimg_denoise_steps_total"), metric(url, "rayimg_denoise_samples_total")
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: requests.post(f"{url}/v1/generate", json=b, timeout=300), bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies), [r.text[:600] for r in responses if r.status_code != 200]
+    steps = metric(url, "rayimg_denoise_steps_total") - steps_before
+    samples = metric(url, "rayimg_denoise_samples_total") - samples_before
+    assert samples == sum(b["steps"] for b in bodies)  # every request's steps ran in the step loop
+    assert steps < samples  # and they shared UNet calls: a mean batch above one
+
+    # each image against the same request alone, adapters fused, through the project's engine
+    from rayimg.config import ModelConfig
+    from rayimg.models import load_model
+    from rayimg.registry import AdapterStore
+    from rayimg.render.engine import Engine, GenerationRequest
+    from rayimg.storage import Storage
+
+    engine = Engine(load_model(ModelConfig(pretrained="rayimg-tiny-sd", device="cpu", cache_dir=str(tmp_path / "models"))).pipeline)
+    store = AdapterStore(Storage(), job.registry, job.adapter_cache)
+    store.unet_config = engine.pipe.unet.config
+    for body, response in zip(bodies, responses):
+        data = response.json()
+        identity = [(a["name"], a["version"], a["scale"]) for a in data["adapters"]]
+        pairs = [(store.get_on(name, version, "cpu")[1], scale) for name, version, scale in identity]
+        engine.set_adapters(pairs, identity)
+        request = GenerationRequest(prompt=body["prompt"], steps=body["steps"], seed=body["seed"], width=64, height=64,
+                                    guidance_scale=body.get("guidance", 3.0), scheduler=body.get("scheduler", "euler"),
+                                    adapters=identity)
+        alone = np.asarray(engine.generate([request])[0], dtype=np.int16)
+        assert np.abs(image_of(data) - alone).max() <= 2, body
+
+
+def test_requests_the_loop_does_not_take_use_the_fused_path(step_app):
+    url, _ = step_app
+    three = {"prompt": "a red square", "seed": 7, "adapters": [{"name": "sa"}, {"name": "sb"}, {"name": "sc"}]}
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    buf = io.BytesIO()
+    init.save(buf, format="PNG")
+    img2img = {"prompt": "a red square", "seed": 8, "steps": 4, "strength": 0.5, "adapters": [{"name": "sa"}],
+               "init_image": base64.b64encode(buf.getvalue()).decode()}
+    with ThreadPoolExecutor(3) as pool:
+        a = pool.submit(requests.post, f"{url}/v1/generate", json=three, timeout=300)
+        b = pool.submit(requests.post, f"{url}/v1/img2img", json=img2img, timeout=300)
+        c = pool.submit(requests.post, f"{url}/v1/generate", json={"prompt": "green grass", "seed": 9}, timeout=300)
+        results = [a.result(), b.result(), c.result()]
+    assert [r.status_code for r in results] == [200, 200, 200], [r.text[:300] for r in results]
+    assert metric(url, "rayimg_adapter_swaps_total") >= 1  # the three-adapter request and img2img were fused
