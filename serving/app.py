@@ -14,7 +14,10 @@ through the engine's ``while_busy`` step hook. A replica that dies with a reques
 with ``Retry-After``.
 
 The ingress routes each request with ``multiplexed_model_id`` = its adapter set
-(``name@version,...``), so requests go to replicas that already hold those adapters. A replica
+(``name@version,...``). :mod:`serving.routing` sends it to a replica that already holds those
+adapters while that replica is at most ``routing.affinity_slack`` requests busier than the least
+loaded one, else to the least loaded one, so a popular adapter spreads over replicas; replicas
+autoscale on ongoing plus queued requests (``autoscaling.*``). A replica
 keeps ``adapter_cache.gpu_max_adapters`` sets resident (Serve's LRU over ``adapter_set``) on top
 of the AdapterStore tiers storage -> disk -> CPU -> device. Compatible requests (same adapter
 set; then grouped by mode, size, steps, guidance and scheduler) are batched with
@@ -149,7 +152,8 @@ class GeneratorBase:
         b = self.job.batching
         self.slots = AdapterSlots(self.renderer.pipe, SlotConfig(num_slots=b.num_slots, max_rank=b.max_rank, max_batch=b.max_batch,
                                                                  max_adapters=b.max_adapters))
-        batcher = StepBatcher(self.renderer.engine, max_batch=b.max_batch, pad_to=tuple(b.pad_to), adapters=SlotAdapters(self.slots))
+        batcher = StepBatcher(self.renderer.engine, max_batch=b.max_batch, pad_to=tuple(b.pad_to), adapters=SlotAdapters(self.slots),
+                              compile_cache=self.renderer.compile_cache)
         self.step_loop = StepLoop(batcher, self.render_lock)
 
     @contextlib.contextmanager
@@ -440,9 +444,15 @@ def generator_options(job: ServeJob) -> dict:
         "ray_actor_options": actor,
         "max_ongoing_requests": job.http.max_ongoing_requests,
         "max_queued_requests": job.http.max_queued_requests,
+        # Serve counts a replica's ongoing requests plus those queued for it at the ingress
         "autoscaling_config": {"min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
                                "initial_replicas": max(a.min_replicas, 1) if a.min_replicas == 0 else a.min_replicas,
-                               "target_ongoing_requests": a.target_ongoing_requests},
+                               "target_ongoing_requests": job.autoscaling_target(),
+                               "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
+                               "look_back_period_s": a.look_back_period_s},
+        # adapter affinity that gives way to load, instead of Serve's pinning multiplexed routing
+        "request_router_config": {"request_router_class": "serving.routing:AdapterAffinityRouter",
+                                  "request_router_kwargs": {"affinity_slack": job.routing.affinity_slack}},
         # Loading a real-size model takes a while; do not count it as a failed health check.
         "health_check_timeout_s": 120.0,
     }

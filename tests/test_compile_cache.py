@@ -54,6 +54,22 @@ image = renderer.render([GenerationRequest(prompt="a red circle", steps=2, width
 print(json.dumps({"events": renderer.compile_cache_status, "png": hashlib.sha256(image.png).hexdigest()}))
 """
 
+STEPPER_RUN = """
+import json, sys, hashlib
+from rayimg.config import EngineConfig, ModelConfig
+from rayimg.render.engine import GenerationRequest
+from rayimg.render.renderer import Renderer
+from rayimg.render.stepper import StepBatcher
+
+renderer = Renderer(ModelConfig(pretrained="rayimg-tiny-sd", device="cpu", cache_dir=sys.argv[1]),
+                    EngineConfig(compile_vae=True, compile_cache=sys.argv[2]))
+batcher = StepBatcher(renderer.engine, max_batch=2, compile_cache=renderer.compile_cache)
+slot = batcher.submit(GenerationRequest(prompt="a red circle", steps=2, width=64, height=64, seed=3))
+while batcher.busy:
+    batcher.step()
+print(json.dumps({"events": renderer.compile_cache_status, "pixels": hashlib.sha256(slot.image.tobytes()).hexdigest()}))
+"""
+
 
 def run_fresh(code: str, *args: str, inductor_dir: Path) -> tuple[dict, str]:
     """Run ``code`` in a new process with an empty inductor cache; (its JSON result, its stderr)."""
@@ -180,3 +196,17 @@ def test_render_job_second_run_starts_warm_and_reports_it(ray_cluster, tmp_path)
     assert warm["rendered"] == 2 and warm["first_image_s"] is not None
     for png in (tmp_path / "out-1" / "images").glob("*.png"):
         assert (tmp_path / "out-2" / "images" / png.name).read_bytes() == png.read_bytes()
+
+
+@pytest.mark.slow
+def test_step_loop_second_process_starts_warm(tmp_path):
+    """The server's step loop (StepBatcher) with a compiled VAE decoder: the first process
+    compiles and saves the decode shape, the second loads it and compiles nothing."""
+    models, prefix = str(tmp_path / "models"), str(tmp_path / "compile-cache")
+    cold, _ = run_fresh(STEPPER_RUN, models, prefix, inductor_dir=tmp_path / "inductor-1")
+    assert [e["action"] for e in cold["events"]] == ["cold", "saved"]
+    assert cold["events"][0]["key"]["shape"] == {"mode": "step-decode", "batch": 1, "width": 64, "height": 64}
+    warm, _ = run_fresh(STEPPER_RUN, models, prefix, inductor_dir=tmp_path / "inductor-2")
+    [loaded] = warm["events"]
+    assert loaded["action"] == "loaded" and loaded["graphs_from_cache"] >= 1 and loaded["graphs_compiled"] == 0
+    assert warm["pixels"] == cold["pixels"]

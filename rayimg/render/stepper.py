@@ -28,6 +28,7 @@ encoding. Without it, requests must name no adapters (or the engine's fused set)
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from collections import deque
@@ -89,10 +90,14 @@ class StepBatcher:
     sizes to pad the UNet call to (e.g. ``(1, 2, 4, 8)``), so a compiled UNet with CUDA graphs
     sees a few static shapes; padding rows repeat the last sample and are discarded.
     ``output``: ``"pil"`` (decoded images) or ``"latent"`` (each sample's final latents, undecoded).
+    ``compile_cache``: a :class:`~rayimg.render.compile_cache.CompileCache`: the compiled graphs of
+    each UNet call shape (padded batch, size, guidance, slot layout) and decode shape are loaded
+    before their first call and saved after it, so a new replica starts warm.
     Single-threaded: one thread calls :meth:`submit` and :meth:`step` (a server wraps it).
     """
 
-    def __init__(self, engine, *, max_batch: int = 8, pad_to: tuple[int, ...] = (), adapters=None, output: str = "pil"):
+    def __init__(self, engine, *, max_batch: int = 8, pad_to: tuple[int, ...] = (), adapters=None, output: str = "pil",
+                 compile_cache=None):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         self.engine = engine
@@ -107,6 +112,8 @@ class StepBatcher:
         self.running: list[Slot] = []
         self.sdxl = engine.family == "sdxl"
         self.stats = {"steps": 0, "unet_rows": 0, "samples": 0, "joined_running": 0}
+        self.compile_cache = compile_cache
+        self._shapes: set[str] = set()
 
     # ------------------------------------------------------------------ queue
     @property
@@ -303,8 +310,10 @@ class StepBatcher:
                      "time_ids": torch.cat([self._rows(slots, p, "time_ids", pad) for p in parts])}
         if self.adapters is not None:
             self.adapters.select([s.adapters for s in padded], cfg)
-        out = self.pipe.unet(sample, t_rows.to(sample.device), encoder_hidden_states=encoder, timestep_cond=None,
-                             cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False)[0]
+        with self._compiling({"mode": "step", "batch": target, "width": slots[0].request.width, "height": slots[0].request.height,
+                              "guidance": cfg}, self.engine.config.compile):
+            out = self.pipe.unet(sample, t_rows.to(sample.device), encoder_hidden_states=encoder, timestep_cond=None,
+                                 cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False)[0]
         rows = target
         for b, s in enumerate(slots):
             if cfg:
@@ -319,8 +328,32 @@ class StepBatcher:
         self.stats["unet_rows"] += sample.shape[0]
         self.stats["samples"] += n
 
+    @contextlib.contextmanager
+    def _compiling(self, shape: dict, compiled: bool):
+        """The compile cache around the first call of each shape of a ``compiled`` module
+        (nothing without a cache)."""
+        if self.compile_cache is None or not compiled:
+            yield
+            return
+        if self.adapters is not None and hasattr(self.adapters, "signature"):
+            shape = {**shape, "adapter_slots": self.adapters.signature()}
+        name = repr(sorted(shape.items()))
+        first = name not in self._shapes
+        if first:
+            self._shapes.add(name)
+            self.compile_cache.before_call(shape)
+        yield
+        if first:
+            self.compile_cache.after_call(shape)
+
     def _decode(self, slots: list[Slot]) -> list:
         """The pipelines' decode of these samples' final latents, as PIL images."""
+        first = slots[0].request
+        with self._compiling({"mode": "step-decode", "batch": len(slots), "width": first.width, "height": first.height},
+                             self.engine.config.compile_vae):
+            return self._decode_now(slots)
+
+    def _decode_now(self, slots: list[Slot]) -> list:
         pipe, vae = self.pipe, self.pipe.vae
         latents = torch.cat([s.latents for s in slots])
         if self.sdxl:
@@ -358,6 +391,12 @@ class SlotAdapters:
     def __init__(self, slots, weights_for: Callable[[tuple], list] | None = None):
         self.slots = slots
         self.weights_for = weights_for
+
+    def signature(self) -> dict:
+        """What of the slot layout changes the compiled graphs (part of compile-cache keys)."""
+        c = self.slots.config
+        return {"num_slots": c.num_slots, "max_rank": c.max_rank, "max_batch": c.max_batch, "max_adapters": c.max_adapters,
+                "unet_targets": list(c.unet_targets), "text_targets": list(c.text_targets)}
 
     def acquire(self, request: GenerationRequest, pairs: list | None = None) -> tuple:
         """``(pinned slots, whether they touch the text encoders)``."""
