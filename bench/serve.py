@@ -18,6 +18,7 @@ engine settings, no adapters — what the same engine renders in bulk on this de
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import tempfile
@@ -133,6 +134,58 @@ def engine_bulk_rate(job, real: bool, *, calls: int, device: str) -> dict:
     return out
 
 
+def mixed_adapter_step(job, real: bool, *, batch: int, rank: int, device: str, calls: int = 10) -> dict:
+    """One UNet step of ``batch`` samples (CFG: twice the rows) with the app's engine settings:
+    the base UNet, then the same batch with ``batch`` different adapters in AdapterSlots (the
+    step loop's per-sample LoRA). Issue 22's bar: the mixed batch within 1.10x of the base step."""
+    import torch
+
+    import render as render_bench
+    from rayimg.render.adapters import lora_from_state_dict
+    from rayimg.render.engine import Engine
+    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
+
+    pipe = render_bench.build_pipeline(not real, device)
+    engine = Engine(pipe, job.engine)
+    unet = pipe.unet
+    size = job.defaults.width // pipe.vae_scale_factor
+    g = torch.Generator("cpu").manual_seed(0)
+    dtype = unet.dtype
+    sample = torch.randn(2 * batch, unet.config.in_channels, size, size, generator=g).to(device, dtype)
+    t = torch.full((2 * batch,), 500.0, device=device)
+    hidden = torch.randn(2 * batch, 77, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    added = None
+    if engine.family == "sdxl":
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(2 * batch, pooled, generator=g).to(device, dtype),
+                 "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * (2 * batch), device=device, dtype=dtype)}
+
+    def step():
+        with torch.no_grad():
+            unet(sample, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)
+
+    base = common.measure(step, warmup=2, calls=calls, device=device)
+    shapes = lora_shapes(unet)
+    slots = AdapterSlots(pipe, SlotConfig(num_slots=batch, max_rank=rank, max_batch=batch, max_adapters=1, unet_targets=TARGETS, text_targets=()))
+    t0 = time.perf_counter()
+    pinned = [slots.acquire([(lora_from_state_dict(random_lora(shapes, rank, 100 + i), name=f"a{i}", fingerprint=f"{i:064d}",
+                                                   unet_config=unet.config).to(device), 1.0)]) for i in range(batch)]
+    common.sync(device)
+    load_ms = 1000 * (time.perf_counter() - t0) / batch
+    slots.set_batch(pinned, guidance=True)
+    mixed = common.measure(step, warmup=2, calls=calls, device=device)
+    out = {"batch": batch, "rank": rank, "base_step_s": base["s_per_call_median"], "mixed_step_s": mixed["s_per_call_median"],
+           "ratio": round(mixed["s_per_call_median"] / base["s_per_call_median"], 3), "slot_load_ms_incl_first_image": round(load_ms, 2),
+           "slot_bytes": slots.nbytes}
+    del engine, pipe, slots, unet
+    if common.is_cuda(device):
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+    return out
+
+
 def load_test(url: str, plan: list[dict], concurrency: int, max_seconds: float) -> tuple[list[dict], float]:
     import requests
 
@@ -173,6 +226,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-batch-size", type=int, default=4, help="http.max_batch_size (also the reference's batch)")
     ap.add_argument("--options", default="", help="engine speed options of the app and the reference: compile,cudagraphs,fuse_qkv,channels_last,compile_vae,fp8")
     ap.add_argument("--ref-calls", type=int, default=None, help="batches in the reference stream (GPU default 6)")
+    ap.add_argument("--batching", choices=("step", "request"), default="step",
+                    help="the app's batching.mode: step-level with per-sample adapters (default), or request batches with fused adapters")
+    ap.add_argument("--mixed-step", action="store_true", help="also time one UNet step of --max-batch-size samples with as many "
+                                                                "different adapters against the base step (before the app starts)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write this headline's JSON here")
     args = ap.parse_args(argv)
@@ -209,10 +266,17 @@ def main(argv=None) -> dict:
         "http": {"host": "127.0.0.1", "port": port, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.02,
                  "max_ongoing_requests": 8, "max_queued_requests": 4 * concurrency + 8, "request_timeout_s": 600.0},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        "batching": {"mode": args.batching, "max_batch": args.max_batch_size,
+                     "pad_to": sorted({b for b in (1, 2, 4, 8, 16) if b < args.max_batch_size} | {args.max_batch_size}),
+                     "num_slots": 16, "max_rank": rank},
         "adapter_cache": {"disk_dir": str(tmp / "adapter-cache"), "cpu_max_adapters": 16, "gpu_max_adapters": 4, "refresh_s": 30.0},
         "num_cpus_per_replica": 1.0 if real else 0.5, "num_gpus_per_replica": 1.0 if real else 0.0, "num_cpus_ingress": 0.25,
     })
 
+    mixed = None
+    if args.mixed_step:
+        mixed = mixed_adapter_step(job, real, batch=args.max_batch_size, rank=rank, device=device)
+        common.log("serve", f"mixed-adapter step: {json.dumps(mixed)}")
     ref = engine_bulk_rate(job, real, calls=ref_calls, device=device)
     common.log("serve", f"reference: engine bulk {ref['images_per_s']:.3f} images/s at batch {args.max_batch_size}")
 
@@ -272,10 +336,13 @@ def main(argv=None) -> dict:
         "adapter_file_loads": int(delta.get("rayimg_adapter_loads_total", 0)), "adapter_swaps": int(swaps),
         "mean_swap_ms": round(1000 * delta.get("rayimg_adapter_swap_seconds_total", 0) / max(swaps, 1), 2),
         "mean_batch_size": round(sum(r["batch"] for r in ok) / max(len(ok), 1), 2), "reference_measure": ref, "gpu_samples": gpu.summary(),
+        "batching": args.batching, "mixed_adapter_step": mixed,
     }
+    if args.batching == "step":  # samples per UNet call of the step loop
+        details["mean_batch_size"] = round(delta.get("rayimg_denoise_samples_total", 0) / max(delta.get("rayimg_denoise_steps_total", 0), 1), 2)
     result = common.headline(
         "serve", figure=throughput, unit="images/s",
-        what=f"Serve app over HTTP, {concurrency} clients, {len(names)} adapters (Zipf {args.zipf}), {size}², {steps} steps, options {','.join(sorted(options)) or 'none'}",
+        what=f"Serve app over HTTP ({args.batching} batching), {concurrency} clients, {len(names)} adapters (Zipf {args.zipf}), {size}², {steps} steps, options {','.join(sorted(options)) or 'none'}",
         reference=ref["images_per_s"], reference_what=f"the render engine's bulk stream, same engine settings, batch {args.max_batch_size}, no adapters",
         device=env, command=common.command_line(), seconds=time.perf_counter() - t0, details=details)
     print(f"latency p50 {details['latency_s']['p50']} s, p95 {details['latency_s']['p95']} s; {details['adapter_swaps']} swaps, "
