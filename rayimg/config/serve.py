@@ -35,16 +35,42 @@ class BatchingConfig:
 
 @dataclass
 class AutoscalingConfig:
-    """Ray Serve autoscaling."""
+    """Ray Serve autoscaling of the generator replicas on queue depth: Serve adds replicas while
+    the requests per replica (ongoing at the replicas plus queued at the ingress waiting for
+    one, averaged over ``look_back_period_s``) stay above ``target_ongoing_requests`` for
+    ``upscale_delay_s``, and removes them while they stay below for ``downscale_delay_s``."""
 
     min_replicas: int = field(1, doc="fewest replicas (0 allows scale to zero)")
     max_replicas: int = field(1, doc="most replicas")
-    target_ongoing_requests: float = field(2.0, doc="ongoing requests per replica that autoscaling aims for")
+    target_ongoing_requests: Optional[float] = field(
+        None, doc="requests per replica (ongoing plus queued) autoscaling aims for; default: a full batch, i.e. batching.max_batch "
+                  "in step mode or http.max_batch_size in request mode, at most http.max_ongoing_requests")
+    upscale_delay_s: float = field(10.0, doc="how long the load must stay above the target before replicas are added (a GPU replica "
+                                             "takes a while to start, so a short burst should not start one)")
+    downscale_delay_s: float = field(300.0, doc="how long the load must stay below the target before replicas are removed")
+    look_back_period_s: float = field(30.0, doc="window over which the requests per replica are averaged; longer than Serve's "
+                                                "metrics push interval (RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S, 10 s by default)")
 
     def validate(self) -> None:
         check(self.min_replicas >= 0, "min_replicas", "must be >= 0")
         check(self.max_replicas >= max(1, self.min_replicas), "max_replicas", "must be >= min_replicas and >= 1")
-        check(self.target_ongoing_requests > 0, "target_ongoing_requests", "must be > 0")
+        check(self.target_ongoing_requests is None or self.target_ongoing_requests > 0, "target_ongoing_requests", "must be > 0")
+        for name in ("upscale_delay_s", "downscale_delay_s"):
+            check(getattr(self, name) >= 0, name, "must be >= 0")
+        check(self.look_back_period_s > 0, "look_back_period_s", "must be > 0")
+
+
+@dataclass
+class RoutingConfig:
+    """How the ingress picks a generator replica (serving/routing.py)."""
+
+    affinity_slack: int = field(2, doc="a replica holding a request's adapters gets it while its ongoing requests exceed the least "
+                                       "loaded replica's by at most this many; past that the least loaded replica takes it (and "
+                                       "loads the adapters), so a popular adapter spreads over replicas instead of queueing on "
+                                       "one. 0: strict load balance, affinity only breaks ties")
+
+    def validate(self) -> None:
+        check(self.affinity_slack >= 0, "affinity_slack", "must be >= 0")
 
 
 @dataclass
@@ -121,7 +147,8 @@ class ServeJob:
     engine: EngineConfig = field(default_factory=EngineConfig, doc="generation engine")
     http: HttpConfig = field(default_factory=HttpConfig, doc="HTTP front end")
     batching: BatchingConfig = field(default_factory=BatchingConfig, doc="how replicas batch requests (step-level, per-sample adapters)")
-    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig, doc="replica autoscaling")
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig, doc="replica autoscaling on queue depth")
+    routing: RoutingConfig = field(default_factory=RoutingConfig, doc="which replica a request goes to (adapter affinity, load)")
     adapter_cache: AdapterCacheConfig = field(default_factory=AdapterCacheConfig, doc="adapter cache tiers")
     image_cache: ImageCacheConfig = field(default_factory=ImageCacheConfig, doc="image cache by output key")
     num_gpus_per_replica: float = field(0.0, doc="GPUs per generator replica (1.0 on a GPU cluster)")
@@ -136,3 +163,14 @@ class ServeJob:
         check(self.num_cpus_ingress > 0, "num_cpus_ingress", "must be > 0")
         check(bool(re.match(r"^[A-Za-z0-9_-]+$", self.app_name)), "app_name", f"must be letters, digits, '_' or '-', got {self.app_name!r}")
         _check_defaults_within_limits(self.defaults, self.limits)
+        target = self.autoscaling.target_ongoing_requests
+        check(target is None or target <= self.http.max_ongoing_requests, "autoscaling.target_ongoing_requests",
+              f"must be <= http.max_ongoing_requests ({self.http.max_ongoing_requests}): a replica never holds more, so the target "
+              "would be reached only by queueing at the ingress")
+
+    def autoscaling_target(self) -> float:
+        """autoscaling.target_ongoing_requests, or its default: a full batch per replica."""
+        if self.autoscaling.target_ongoing_requests is not None:
+            return self.autoscaling.target_ongoing_requests
+        batch = self.batching.max_batch if self.batching.mode == "step" else self.http.max_batch_size
+        return float(min(batch, self.http.max_ongoing_requests))
