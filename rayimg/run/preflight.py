@@ -169,6 +169,8 @@ def check_outputs(job: str, cfg) -> None:
     if not submitted_working_dir():
         return
     for name in OUTPUT_FIELDS.get(job, ()):
+        if name == "image_cache.uri" and not cfg.image_cache.enabled:
+            continue
         value = cfg
         for part in name.split("."):
             value = getattr(value, part, None)
