@@ -22,7 +22,8 @@ rendering. So affinity should win only while it costs little waiting. For each r
 A replica that takes a popular set because the holder was busy loads it and becomes a holder
 too, so a popular adapter ends up on as many replicas as its load needs. "Load" is the
 replica's ongoing requests as the router knows them: its cache, updated as requests are sent
-and finish, and probed from the replica when missing (as Serve's own routers do).
+and finish, and probed from the replica when missing (as Serve's own routers do). Node locality
+is not weighed: a render takes seconds, a hop between nodes milliseconds.
 
 Configured by ``routing.*`` and installed through the generator deployment's
 ``request_router_config`` (Serve's request router API).
@@ -30,6 +31,7 @@ Configured by ``routing.*`` and installed through the generator deployment's
 
 from __future__ import annotations
 
+import asyncio
 import random
 from typing import Optional
 
@@ -59,6 +61,9 @@ class AdapterAffinityRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
         if not candidate_replicas:
             return []
+        # requests just assigned to a replica count themselves in the cache when their send runs
+        # on this event loop: let those run first, so a burst is not routed on stale counts
+        await asyncio.sleep(0)
         load = await self._ongoing_requests(candidate_replicas)
         open_replicas = [r for r in candidate_replicas if load.get(r.replica_id) is not None and load[r.replica_id] < r.max_ongoing_requests]
         if not open_replicas:  # all full or unreachable: Serve probes them again after the backoff
