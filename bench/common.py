@@ -181,6 +181,13 @@ def headline(name: str, *, figure: float | None, unit: str, what: str, reference
             "environment": device, "details": details or {}}
 
 
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment of a job or headline subprocess: unbuffered, offline, no usage stats, and
+    the repo on PYTHONPATH (plus ``extra``)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p), **extra}
+
+
 def report(result: dict, json_path: str | os.PathLike | None) -> None:
     """Print the ``HEADLINE`` line (name, figure, reference, ratio) and write the JSON, if asked."""
     print("HEADLINE " + json.dumps({k: result[k] for k in ("name", "figure", "reference", "ratio")}), flush=True)

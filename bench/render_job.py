@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -63,8 +62,7 @@ def run_job(config: dict, path: Path, log_path: Path, timeout: float) -> dict:
 
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     cmd = [sys.executable, "jobs/render.py", "--config", str(path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(common.ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env = common.job_env()
     t = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=common.ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)

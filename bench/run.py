@@ -14,7 +14,6 @@ others still run.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -43,8 +42,7 @@ def main(argv=None) -> Path:
     device = common.device_info("cpu" if args.smoke else "cuda")
     here = Path(__file__).resolve().parent
     parts = Path(tempfile.mkdtemp(prefix="rayimg-bench-parts-"))
-    env = {**os.environ, "OUT": str(out), "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(common.ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env = common.job_env(OUT=str(out))
     headlines = {}
     for name in names:
         part = parts / f"{name}.json"

@@ -51,8 +51,7 @@ def job_overrides(*, model_dir: Path, cache: Path, work: Path, batch: int, steps
 def run_job(overrides: list[str], log_path: Path, timeout: float) -> dict:
     """The job as a user runs it; its step lines parsed from the log."""
     cmd = [sys.executable, "jobs/train.py", "--config", "jobs/configs/sdxl_lora.yaml", *overrides]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join(p for p in (str(common.ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env = common.job_env()
     t = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=common.ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)

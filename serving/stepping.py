@@ -4,29 +4,32 @@ its own, fed from the replica's asyncio event loop.
 Requests arrive from many concurrent ``generate`` calls; each sample is handed to the loop
 thread, joins the running batch at the next denoising step and resolves its future when its own
 steps are done (or it fails, or its ticket is done: client gone or deadline passed, checked at
-every step). Work that needs the engine alone (img2img, requests the slots cannot hold) runs on
-the same thread between steps, so one thread owns the GPU.
+every step). Work that needs the engine alone (img2img, requests the slots cannot hold) takes
+the same lock as a step, so it runs between two steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
+
+logger = logging.getLogger("ray.serve")
 
 
 class StepLoop:
-    """Owns the engine's thread. ``batcher``: a StepBatcher. ``lock``: held while the thread uses
-    the engine (a step, or an exclusive call)."""
+    """Owns the engine's thread. ``batcher``: a StepBatcher. ``lock``: held during each step (the
+    replica's other engine work takes it too)."""
 
     def __init__(self, batcher, lock: threading.Lock | None = None, idle_wait_s: float = 0.05):
         self.batcher = batcher
         self.lock = lock or threading.Lock()
         self.idle_wait_s = idle_wait_s
         self.inbox: queue.Queue = queue.Queue()
-        self.stats = {"steps": 0, "samples": 0, "joined_running": 0, "max_running": 0, "exclusive": 0, "cancelled": 0}
+        self.stats = {"steps": 0, "samples": 0, "joined_running": 0, "max_running": 0, "cancelled": 0}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="rayimg-step-loop", daemon=True)
         self.thread.start()
@@ -55,22 +58,6 @@ class StepLoop:
         self.inbox.put(("submit", (request, cancelled, adapters, done)))
         return await future
 
-    async def exclusive(self, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` on the loop thread between two steps (it may use the engine freely)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
-
-        def run():
-            try:
-                result = fn()
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
-                loop.call_soon_threadsafe(lambda: future.done() or future.set_exception(e))
-            else:
-                loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
-
-        self.inbox.put(("exclusive", run))
-        return await future
-
     def close(self) -> None:
         self._stop.set()
         self.inbox.put(("stop", None))
@@ -78,7 +65,7 @@ class StepLoop:
 
     # ------------------------------------------------------------------ the thread
     def _take(self, block: bool) -> None:
-        """Move what the inbox holds into the batcher (submissions) or run it (exclusive work)."""
+        """Move what the inbox holds into the batcher."""
         while True:
             try:
                 kind, item = self.inbox.get(block=block, timeout=self.idle_wait_s if block else None)
@@ -95,10 +82,6 @@ class StepLoop:
                     slot = Slot(request)
                     slot.error, slot.finished = e, time.perf_counter()
                     done(slot)
-            elif kind == "exclusive":
-                with self.lock:
-                    self.stats["exclusive"] += 1
-                    item()
             else:
                 return
 
@@ -107,8 +90,14 @@ class StepLoop:
             self._take(block=not self.batcher.busy)
             if not self.batcher.busy:
                 continue
-            with self.lock:
-                self.batcher.step()
+            try:
+                with self.lock:
+                    self.batcher.step()
+            except Exception as e:  # noqa: BLE001 - the loop must outlive any one step: fail what ran
+                logger.exception("rayimg step loop: a step failed")
+                for slot in self.batcher.running + list(self.batcher.waiting):
+                    self.batcher._finish(slot, error=e)
+                self.batcher.running, self.batcher.waiting = [], type(self.batcher.waiting)()
             b = self.batcher.stats
             self.stats.update(steps=b["steps"], samples=b["samples"], joined_running=b["joined_running"],
                               max_running=max(self.stats["max_running"], len(self.batcher.running)))

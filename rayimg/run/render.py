@@ -330,9 +330,9 @@ class Progress:
 
 def steady_rate(snap: dict) -> float | None:
     """Images/s from the first written batch to the last one (start-up and compile excluded);
-    None before two batches."""
-    if snap["first"] is None or snap["last"] is None or snap["last"] <= snap["first"]:
-        return None
+    None before two batches a second or more apart."""
+    if snap["first"] is None or snap["last"] is None or snap["last"] - snap["first"] < 1.0:
+        return None  # under a second between batches says nothing steady
     return (snap["rendered"] - snap["rendered_at_first"]) / (snap["last"] - snap["first"])
 
 
