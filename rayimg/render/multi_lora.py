@@ -65,11 +65,11 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rayimg.config.train import LORA_TARGETS
 from rayimg.render.adapters import COMPONENTS, LoraError, LoraLayer, LoraWeights
+from rayimg.render.slotted import Rows, is_slotted, slotted_class
 
 __all__ = ["AdapterSlots", "PinnedAdapters", "SlotConfig", "SlotsExhausted", "TEXT_TARGETS", "targets_of"]
 
@@ -117,96 +117,6 @@ def targets_of(adapters: Iterable[LoraWeights]) -> dict[str, tuple[str, ...]]:
         for component, path, _ in weights.items():
             out.setdefault(component, set()).add(path)
     return {component: tuple(sorted(paths)) for component, paths in out.items()}
-
-
-# --------------------------------------------------------------------------- the per-row math
-class _Rows:
-    """The per-row adapter choice of one component: ``index`` (slot, long) and ``scale``
-    (float32), both ``(max_rows, K)`` on the component's device, of which the first ``count``
-    rows are in use; ``count`` -1: not set (a forward refuses to run). ``passthrough``: the modules
-    compute their base output only (see :meth:`AdapterSlots.set_passthrough`)."""
-
-    def __init__(self, component: str, max_rows: int, k: int, device: torch.device):
-        self.component = component
-        self.index = torch.zeros(max_rows, k, dtype=torch.long, device=device)
-        self.scale = torch.zeros(max_rows, k, dtype=torch.float32, device=device)
-        self.count = -1
-        self.passthrough = False
-        if device.type == "cuda":
-            # constant addresses: CUDA graphs read them in place instead of copying them each replay
-            torch._dynamo.mark_static_address(self.index)
-            torch._dynamo.mark_static_address(self.scale)
-
-    def check(self, module: nn.Module, rows: int) -> None:
-        if rows != self.count:
-            what = "no batch is set" if self.count < 0 else f"the batch set has {self.count} rows"
-            raise LoraError(f"adapter slots: {self.component} module {type(module).__name__} got {rows} rows but {what}; "
-                            f"call AdapterSlots.set_batch with this call's samples (guidance=True when the UNet batch is doubled)")
-
-
-def _gathered(down: torch.Tensor, up: torch.Tensor, rows: _Rows, n: int, dtype: torch.dtype):
-    """Each row's slots, scaled: A ``(n, K*R, in[, kh, kw])`` with ``scale[n, k]`` folded in
-    (in float32, rounded once) and B^T ``(n, K*R, out)``."""
-    index, scale = rows.index[:n].reshape(-1), rows.scale[:n]
-    a = down.index_select(0, index).view(n, -1, *down.shape[1:])  # (n, K, R, in[, kh, kw])
-    a = (a.float() * scale.view(n, -1, *([1] * (a.ndim - 2)))).to(dtype)
-    return a.flatten(1, 2), up.index_select(0, index).view(n, -1, up.shape[-1])
-
-
-class _SlottedLinear:
-    """Mixin put in front of a linear's class (``nn.Linear``, float8 linears)."""
-
-    lora_slot_down: torch.Tensor
-    lora_slot_up: torch.Tensor
-    lora_slot_rows: _Rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.lora_slot_rows.passthrough:
-            return out
-        n = x.shape[0]
-        self.lora_slot_rows.check(self, n)
-        a, b = _gathered(self.lora_slot_down, self.lora_slot_up, self.lora_slot_rows, n, x.dtype)
-        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))  # (n, T, K*R)
-        return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), h, b).view(out.shape)
-
-
-class _SlottedConv2d:
-    """Mixin put in front of an ``nn.Conv2d``'s class: A as a kxk conv (one group per row, so each
-    row convolves with its own slots), B as a 1x1 conv (a batched matmul)."""
-
-    lora_slot_down: torch.Tensor
-    lora_slot_up: torch.Tensor
-    lora_slot_rows: _Rows
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.lora_slot_rows.passthrough:
-            return out
-        n, c = x.shape[:2]
-        self.lora_slot_rows.check(self, n)
-        a, b = _gathered(self.lora_slot_down, self.lora_slot_up, self.lora_slot_rows, n, x.dtype)
-        width = a.shape[1]
-        h = F.conv2d(x.reshape(1, n * c, *x.shape[2:]), a.reshape(n * width, *a.shape[2:]), None,
-                     self.stride, self.padding, self.dilation, groups=n)  # (1, n*K*R, H', W')
-        h = h.view(n, width, -1)
-        o = out.shape[1]
-        if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
-            rows_last = out.permute(0, 2, 3, 1).reshape(n, -1, o)  # a view: (n, H'W', out)
-            return torch.baddbmm(rows_last, h.transpose(1, 2), b).view(n, *out.shape[2:], o).permute(0, 3, 1, 2)
-        return torch.baddbmm(out.reshape(n, o, -1), b.transpose(1, 2), h).view(out.shape)
-
-
-_SLOTTED_CLASSES: dict[type, type] = {}
-
-
-def _slotted_class(cls: type) -> type:
-    sub = _SLOTTED_CLASSES.get(cls)
-    if sub is None:
-        mixin = _SlottedConv2d if issubclass(cls, nn.Conv2d) else _SlottedLinear
-        sub = type(f"Slotted{cls.__name__}", (mixin, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
-        _SLOTTED_CLASSES[cls] = sub
-    return sub
 
 
 # --------------------------------------------------------------------------- install
@@ -290,7 +200,7 @@ class AdapterSlots:
         self._wrapped: list[_Wrapped] = []
         self._paths: dict[tuple[str, str], tuple[int, int]] = {}  # (component, adapter path) -> (wrapped, part)
         self._fused_layout: list[tuple[nn.Module, bool]] = []  # attention modules and whether fused at install
-        self.rows: dict[str, _Rows] = {}
+        self.rows: dict[str, Rows] = {}
         self.stores: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         for component, module in self.components.items():
             targets = config.unet_targets if component == "unet" else config.text_targets
@@ -340,7 +250,7 @@ class AdapterSlots:
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 groups.append((name, module, [(name, slice(0, self._out_features(module)))]))
         for name, module, parts in groups:
-            if type(module) in _SLOTTED_CLASSES.values():
+            if is_slotted(module):
                 raise LoraError(f"adapter slots: {component}.{name} already has slots (install once per pipeline)")
             width = len(parts) * cfg.max_rank
             if isinstance(module, nn.Conv2d):
@@ -368,7 +278,7 @@ class AdapterSlots:
         for component, module in self.components.items():
             if any(w.component == component for w in self._wrapped):
                 rows = 2 * self.config.max_batch if component == "unet" else self.config.max_batch
-                self.rows[component] = _Rows(component, rows, self.config.max_adapters, next(module.parameters()).device)
+                self.rows[component] = Rows(component, rows, self.config.max_adapters, next(module.parameters()).device)
         for wrapped in self._wrapped:
             module = wrapped.module
             down, up = wrapped.split(self.stores[wrapped.store])
@@ -378,7 +288,7 @@ class AdapterSlots:
                 torch._dynamo.mark_static_address(up)
             module.lora_slot_down, module.lora_slot_up = down, up
             module.lora_slot_rows = self.rows[wrapped.component]
-            module.__class__ = _slotted_class(type(module))
+            module.__class__ = slotted_class(type(module))
 
     @staticmethod
     def _out_features(module: nn.Module) -> int:
@@ -594,7 +504,7 @@ class AdapterSlots:
         self._batch = list(samples)
 
     @staticmethod
-    def _copy_rows(rows: _Rows, index: torch.Tensor, scale: torch.Tensor) -> None:
+    def _copy_rows(rows: Rows, index: torch.Tensor, scale: torch.Tensor) -> None:
         full_index = torch.zeros(rows.index.shape, dtype=torch.long, pin_memory=rows.index.is_cuda)
         full_scale = torch.zeros(rows.scale.shape, dtype=torch.float32, pin_memory=rows.scale.is_cuda)
         full_index[: len(index)] = index

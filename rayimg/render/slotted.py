@@ -1,0 +1,108 @@
+"""The per-row math of adapter slots (see :mod:`rayimg.render.multi_lora`): each slotted module
+adds ``sum_k scale[n, k] * B[index[n, k]] @ (A[index[n, k]] @ x[n])`` to its base output, from
+slot tables gathered per row of its input. Plain PyTorch with no Python branch on data, so a
+compiled module keeps one graph across slot loads and batches."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rayimg.render.adapters import LoraError
+
+__all__ = ["Rows", "is_slotted", "slotted_class"]
+
+
+class Rows:
+    """The per-row adapter choice of one component: ``index`` (slot, long) and ``scale``
+    (float32), both ``(max_rows, K)`` on the component's device, of which the first ``count``
+    rows are in use; ``count`` -1: not set (a forward refuses to run). ``passthrough``: the modules
+    compute their base output only (see :meth:`AdapterSlots.set_passthrough`)."""
+
+    def __init__(self, component: str, max_rows: int, k: int, device: torch.device):
+        self.component = component
+        self.index = torch.zeros(max_rows, k, dtype=torch.long, device=device)
+        self.scale = torch.zeros(max_rows, k, dtype=torch.float32, device=device)
+        self.count = -1
+        self.passthrough = False
+        if device.type == "cuda":
+            # constant addresses: CUDA graphs read them in place instead of copying them each replay
+            torch._dynamo.mark_static_address(self.index)
+            torch._dynamo.mark_static_address(self.scale)
+
+    def check(self, module: nn.Module, rows: int) -> None:
+        if rows != self.count:
+            what = "no batch is set" if self.count < 0 else f"the batch set has {self.count} rows"
+            raise LoraError(f"adapter slots: {self.component} module {type(module).__name__} got {rows} rows but {what}; "
+                            f"call AdapterSlots.set_batch with this call's samples (guidance=True when the UNet batch is doubled)")
+
+
+def _gathered(down: torch.Tensor, up: torch.Tensor, rows: Rows, n: int, dtype: torch.dtype):
+    """Each row's slots, scaled: A ``(n, K*R, in[, kh, kw])`` with ``scale[n, k]`` folded in
+    (in float32, rounded once) and B^T ``(n, K*R, out)``."""
+    index, scale = rows.index[:n].reshape(-1), rows.scale[:n]
+    a = down.index_select(0, index).view(n, -1, *down.shape[1:])  # (n, K, R, in[, kh, kw])
+    a = (a.float() * scale.view(n, -1, *([1] * (a.ndim - 2)))).to(dtype)
+    return a.flatten(1, 2), up.index_select(0, index).view(n, -1, up.shape[-1])
+
+
+class _SlottedLinear:
+    """Mixin put in front of a linear's class (``nn.Linear``, float8 linears)."""
+
+    lora_slot_down: torch.Tensor
+    lora_slot_up: torch.Tensor
+    lora_slot_rows: Rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.lora_slot_rows.passthrough:
+            return out
+        n = x.shape[0]
+        self.lora_slot_rows.check(self, n)
+        a, b = _gathered(self.lora_slot_down, self.lora_slot_up, self.lora_slot_rows, n, x.dtype)
+        h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))  # (n, T, K*R)
+        return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), h, b).view(out.shape)
+
+
+class _SlottedConv2d:
+    """Mixin put in front of an ``nn.Conv2d``'s class: A as a kxk conv (one group per row, so each
+    row convolves with its own slots), B as a 1x1 conv (a batched matmul)."""
+
+    lora_slot_down: torch.Tensor
+    lora_slot_up: torch.Tensor
+    lora_slot_rows: Rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.lora_slot_rows.passthrough:
+            return out
+        n, c = x.shape[:2]
+        self.lora_slot_rows.check(self, n)
+        a, b = _gathered(self.lora_slot_down, self.lora_slot_up, self.lora_slot_rows, n, x.dtype)
+        width = a.shape[1]
+        h = F.conv2d(x.reshape(1, n * c, *x.shape[2:]), a.reshape(n * width, *a.shape[2:]), None,
+                     self.stride, self.padding, self.dilation, groups=n)  # (1, n*K*R, H', W')
+        h = h.view(n, width, -1)
+        o = out.shape[1]
+        if out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous():
+            rows_last = out.permute(0, 2, 3, 1).reshape(n, -1, o)  # a view: (n, H'W', out)
+            return torch.baddbmm(rows_last, h.transpose(1, 2), b).view(n, *out.shape[2:], o).permute(0, 3, 1, 2)
+        return torch.baddbmm(out.reshape(n, o, -1), b.transpose(1, 2), h).view(out.shape)
+
+
+_SLOTTED_CLASSES: dict[type, type] = {}
+
+
+def slotted_class(cls: type) -> type:
+    sub = _SLOTTED_CLASSES.get(cls)
+    if sub is None:
+        mixin = _SlottedConv2d if issubclass(cls, nn.Conv2d) else _SlottedLinear
+        sub = type(f"Slotted{cls.__name__}", (mixin, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+        _SLOTTED_CLASSES[cls] = sub
+    return sub
+
+
+def is_slotted(module: nn.Module) -> bool:
+    """Whether ``module`` already carries adapter slots."""
+    return type(module) in _SLOTTED_CLASSES.values()
