@@ -279,6 +279,8 @@ def _item_dataset(cfg: PrepareJob, listed: list[SourceItem] | None):
 
 
 def run(cfg: PrepareJob) -> dict:
+    import ray
+
     from rayimg.run.cluster import connect
     from rayimg.models.loader import check_family, model_id_and_hash, resolve_model_dir
 
@@ -320,14 +322,15 @@ def run(cfg: PrepareJob) -> dict:
     preprocess = Preprocess(cfg.storage, cfg.transforms, cfg.data.min_size, f"{model_id}@{model_hash[:16]}", done)
     ds = ds.map_batches(preprocess, batch_size=READ_BATCH, batch_format="numpy")
     ds = ds.map_batches(
-        EncodeShards, batch_size=cfg.cache.shard_size, batch_format="numpy", concurrency=cfg.cache.concurrency,
-        num_gpus=gpu if gpu > 0 else None,
+        EncodeShards, batch_size=cfg.cache.shard_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.cache.concurrency), num_gpus=gpu if gpu > 0 else None,
         fn_constructor_kwargs=dict(model_cfg=model_cfg, storage_cfg=cfg.storage, cache_root=root,
                                    cache_text_embeddings=cfg.cache.cache_text_embeddings, micro_batch=cfg.cache.batch_size),
     )
     rows: list[dict] = []
     counts = {"encoded": 0, "cached": 0, "skipped": 0}
     last = time.perf_counter()
+    printed = None  # the counts of the last progress line
     first_at, first_n = None, 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         batch_rows = [{k: _scalar(batch[k][i]) for k in ROW_COLUMNS} for i in range(len(batch["row"]))]
@@ -338,9 +341,10 @@ def run(cfg: PrepareJob) -> dict:
             first_at, first_n = time.perf_counter(), counts["encoded"]
         now = time.perf_counter()
         if now - last >= 5.0:
-            last = now
+            last, printed = now, dict(counts)
             _progress(counts["encoded"], counts["skipped"], counts["cached"], total, now - t0)
-    _progress(counts["encoded"], counts["skipped"], counts["cached"], total, time.perf_counter() - t0)
+    if counts != printed:
+        _progress(counts["encoded"], counts["skipped"], counts["cached"], total, time.perf_counter() - t0)
     end = time.perf_counter()
     report = cache_mod.finalize(storage, root, rows, seconds=end - t0)
     written = counts["encoded"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -129,7 +131,7 @@ def _render_class_images(job: TrainJob, model_cfg, images: list) -> int:
 def run(job: TrainJob) -> dict:
     import ray
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from rayimg.run.cluster import connect
@@ -168,11 +170,16 @@ def run(job: TrainJob) -> dict:
             name=name, storage_path=storage_path, storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=job.checkpoint.num_to_keep),
             failure_config=FailureConfig(max_failures=job.checkpoint.max_failures),
+            # Ray Train's own INFO lines (worker group started, model moved and wrapped, each
+            # report and checkpoint) stay in its log files; its warnings still reach the console
+            logging_config=LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": _worker_env()},
         ),
         datasets={"items": ray.data.from_items(records)},
         resume_from_checkpoint=ray.train.Checkpoint(*arrow_filesystem(job.storage, job.checkpoint.resume_from)[::-1])
         if job.checkpoint.resume_from else None,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        # explicit options: Train's default ones copy the deprecated exclude_resources and warn
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ray.data.ExecutionOptions()),
     )
     result = trainer.fit()
     if result.error:
@@ -185,6 +192,14 @@ def run(job: TrainJob) -> dict:
         summary["class_images"] = {"generated": generated, "used": sum(r.get("kind") == "class" for r in records)}
     print(f"[train] done in {summary['seconds']}s: {summary.get('uri', summary.get('model_dir'))}", flush=True)
     return summary
+
+
+def _worker_env() -> dict[str, str]:
+    """Environment of the training workers: Ray Train's print patch off, unless the user set it.
+    The patch sends a worker's print both to stdout and to the root logger's console handler
+    whenever sys.stdout is wrapped, as Ray wraps it in every worker: each line twice. Unpatched,
+    a print reaches the driver once, through Ray's log forwarding."""
+    return {} if "RAY_TRAIN_ENABLE_PRINT_PATCH" in os.environ else {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def _publish(job: TrainJob, storage: Storage, ckpt_dir: Path, model_id: str, model_hash: str, family: str) -> dict:
@@ -217,12 +232,17 @@ def train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from rayimg.run.cluster import quiet_driver
     from rayimg.train.loop import Loop, TorchBackend
 
     job: TrainJob = config["job"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # this worker executes its dataset shard: Ray Data's progress output and notices off here too
+    quiet_driver()
+    # Ray Train logs each report at INFO through a logger named by its file, outside the
+    # ray.train logger that LoggingConfig sets; the root logger passes it to the console
+    logging.getLogger().setLevel(logging.WARNING)
     records = list(ray.train.get_dataset_shard("items").iter_rows())
     if job.deepspeed.enabled:
         backend = lambda trainee, job: DeepSpeedBackend(trainee, job, world)  # noqa: E731

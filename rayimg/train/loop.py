@@ -172,6 +172,7 @@ class Loop:
         self.backend = (backend or TorchBackend)(self.trainee, job)
         self.lr_scheduler = build_lr_scheduler(self.backend.optimizer, job, self.total_steps)
         self.step, self.losses = 0, []
+        self.started, self.start_step = time.perf_counter(), 0  # for the ETA; run() sets them when it starts
         self.images = 0  # images seen by this rank since the last progress report
         # DreamBooth prior preservation: (prior loss sum, class rows, instance loss sum, instance
         # rows) over every rank since the last report, for the mean prior and instance losses
@@ -244,9 +245,11 @@ class Loop:
     # ------------------------------------------------------------------ the loop
     def run(self, report: Callable[[dict, Path | None], None] = lambda metrics, checkpoint: None) -> None:
         """Train to ``total_steps``. ``report(metrics, checkpoint_dir)`` gets every checkpoint
-        (a temporary dir, gone after the call) and, every ``LOG_EVERY`` steps, progress (dir None)."""
+        (a temporary dir, gone after the call) and, every ``LOG_EVERY`` steps, progress (dir None).
+        Rank 0 prints one progress line at each report."""
         val, every = self.job.validation, self.job.checkpoint.every_n_steps
-        t_last = time.perf_counter()
+        self.started, self.start_step = time.perf_counter(), self.step
+        t_last = self.started
         self.backend.model.train()
         while self.step < self.total_steps:
             self.train_step()
@@ -255,10 +258,10 @@ class Loop:
                 self.validate()
             if self.step % every == 0 or last:
                 now = time.perf_counter()
-                self._log_rate(self.images * self.world / (now - t_last))
+                progress = self.progress(self.images * self.world / (now - t_last))
                 t_last, self.images = now, 0
                 with tempfile.TemporaryDirectory() as tmp:
-                    report({**self.save(Path(tmp), final=last), **self._take_loss_parts()}, Path(tmp))
+                    report({**progress, **self.save(Path(tmp), final=last)}, Path(tmp))
                 if self.board is not None:
                     self.board.flush()
             elif self.step % LOG_EVERY == 0:
@@ -268,18 +271,23 @@ class Loop:
         if self.rank == 0:
             self.write_pictures()
 
-    def _log_rate(self, images_per_s: float) -> None:
-        if self.board is not None:
-            self.board.scalars(self.step, {"train/images_per_s": images_per_s})
-
     def progress(self, images_per_s: float) -> dict:
+        """The metrics of a report (loss, prior and instance losses since the last report, lr,
+        images/s); rank 0 also prints them as one line with the steps done and the ETA."""
         m = {"step": self.step, "loss": self.losses[-1], **self._take_loss_parts(), "lr": self.lr_scheduler.get_last_lr()[0],
              "images_per_s": round(images_per_s, 3)}
         if self.device.type == "cuda":
             m["gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        self._log_rate(images_per_s)
-        prior = f", prior loss {m['prior_loss']:.4f}" if "prior_loss" in m else ""
-        print(f"[train] step {self.step}: loss {m['loss']:.4f}{prior}, lr {m['lr']:.2e}, {m['images_per_s']} images/s", flush=True)
+        if self.board is not None:
+            self.board.scalars(self.step, {"train/images_per_s": images_per_s})
+        if self.rank == 0:
+            # the ETA from the steps timed in this process (not a resumed run's earlier ones)
+            done = self.step - self.start_step
+            eta = (time.perf_counter() - self.started) / done * (self.total_steps - self.step) if done else 0.0
+            prior = f", prior loss {m['prior_loss']:.4f}" if "prior_loss" in m else ""
+            gpu = f", {m['gpu_mem_gb']} GB GPU memory" if "gpu_mem_gb" in m else ""
+            print(f"[train] step {self.step}: loss {m['loss']:.4f}{prior}, lr {m['lr']:.2e}, {m['images_per_s']} images/s{gpu}; "
+                  f"{self.step}/{self.total_steps} steps ({100 * self.step // self.total_steps}%), ETA {eta:.0f}s", flush=True)
         return m
 
     # ------------------------------------------------------------------ checkpoint state in and out

@@ -542,6 +542,7 @@ def compile_unet(unet: nn.Module, mode: str) -> int:
     parameter names, state dicts and exports are unchanged. Returns how many modules were compiled."""
     if mode == "none":
         return 0
+    _quiet_dynamo()
     if mode == "full":
         unet.compile()
         return 1
@@ -561,3 +562,14 @@ def compile_unet(unet: nn.Module, mode: str) -> int:
     if not compiled:
         raise ValueError(f"compile: 'regional' found none of {', '.join(REGIONAL_BLOCKS)} in {type(unet).__name__}")
     return compiled
+
+
+def _quiet_dynamo() -> None:
+    """Dynamo's own warnings (recompiles of a block at another shape, graph breaks inside
+    diffusers or peft code) off: the compiled UNet runs either way and none of them is the user's
+    to act on. Errors still show; ``TORCH_LOGS`` set by the user wins."""
+    import logging
+    import os
+
+    if "TORCH_LOGS" not in os.environ:
+        torch._logging.set_logs(dynamo=logging.ERROR)
