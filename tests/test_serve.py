@@ -406,7 +406,8 @@ def test_scale_to_zero_and_missing_api_key_env(monkeypatch, tmp_path):
     from ray.serve.config import AutoscalingConfig
 
     from rayimg.config import ConfigError
-    from serving.app import build_app, generator_options
+    from serving.app import build_app
+    from serving.generator import generator_options
 
     job = serve_job(str(tmp_path), tmp_path, autoscaling={"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 1.5})
     options = generator_options(job)

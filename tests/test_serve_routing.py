@@ -108,7 +108,7 @@ def test_autoscaling_and_routing_settings_reach_the_deployment(tmp_path):
     from ray.serve.config import AutoscalingConfig
 
     from rayimg.config import ConfigError
-    from serving.app import generator_deployment, generator_options
+    from serving.generator import generator_deployment, generator_options
     from serving.routing import AdapterAffinityRouter
 
     job = serve_job(str(tmp_path), tmp_path, http={"max_ongoing_requests": 6},
