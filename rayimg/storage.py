@@ -452,6 +452,24 @@ def file_mode() -> int:
     return 0o666 & ~current_umask()
 
 
+def dir_mode() -> int:
+    """The mode a newly created directory gets from ``mkdir``: ``0o777`` less the umask (a
+    ``tempfile.mkdtemp`` directory starts as 0700)."""
+    return 0o777 & ~current_umask()
+
+
+def normalize_modes(root: str | os.PathLike) -> None:
+    """Give a local folder written by another library (``save_pretrained``, ``save_file``: some
+    write through 0600 temp files, ``mkdtemp`` folders are 0700) the umask's modes, as if every
+    file and folder in it had been made by ``open`` and ``mkdir``."""
+    files, dirs = file_mode(), dir_mode()
+    root = Path(root)
+    os.chmod(root, dirs)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, dirs if path.is_dir() else files)
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)

@@ -289,3 +289,23 @@ def test_umask_is_read_per_write_from_any_thread(tmp_path):
     finally:
         os.umask(old)
     assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {oct(0o664)}
+
+
+def test_model_cache_follows_the_umask(tmp_path):
+    """The model cache a job fills (the built tiny model's folder, the content-hash memo) gets
+    the umask's modes like the files Storage writes, not the 0700/0600 of temp folders and files."""
+    from rayimg.config import ModelConfig
+    from rayimg.models.loader import model_id_and_hash
+    from rayimg.models.tiny import ensure_tiny
+
+    old = os.umask(0o002)
+    try:
+        cache = tmp_path / "models"
+        model_dir = ensure_tiny("rayimg-tiny-sd", cache)
+        model_id_and_hash(ModelConfig(pretrained="rayimg-tiny-sd", cache_dir=str(cache)), model_dir)
+    finally:
+        os.umask(old)
+    assert model_dir.stat().st_mode & 0o777 == 0o775
+    memos = list((cache / "hashes").glob("*.json"))
+    assert memos and all(m.stat().st_mode & 0o777 == 0o664 for m in memos)
+    assert {oct(p.stat().st_mode & 0o777) for p in model_dir.rglob("*")} == {"0o664", "0o775"}  # save_pretrained wrote some 0600

@@ -144,6 +144,9 @@ def _s3_model_dir(uri: str, cfg: "ModelConfig", storage: "Storage | StorageConfi
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{entry}.", suffix=".tmp"))
     try:
+        from rayimg.storage import dir_mode
+
+        os.chmod(tmp, dir_mode())  # the cached model is readable like any directory the user makes
         try:
             storage.download_prefix(prefix, tmp)
         except (OSError, ValueError) as e:
@@ -423,6 +426,9 @@ def _write_json_atomic(path: Path, data: dict) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)
+        from rayimg.storage import file_mode
+
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except OSError:
         # The memo only saves time; a read-only cache just means hashing again.

@@ -189,6 +189,9 @@ def save_tiny(family: str, out_dir: str | os.PathLike, seed: int = 0) -> Path:
         raise ValueError(f"unknown tiny model family {family!r}; one of {', '.join(BUILDERS)}")
     out = Path(out_dir)
     BUILDERS[family](seed).save_pretrained(out, safe_serialization=True)
+    from rayimg.storage import normalize_modes
+
+    normalize_modes(out)  # save_pretrained writes some files 0600
     return out
 
 
@@ -217,7 +220,7 @@ def ensure_tiny(name: str, cache_root: str | os.PathLike) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
-        save_tiny(TINY_MODELS[name], tmp)
+        save_tiny(TINY_MODELS[name], tmp)  # with the umask's modes
         try:
             os.rename(tmp, target)
         except OSError as e:

@@ -322,3 +322,6 @@ def export_trained(out: Path, job, trainee, loaded, weights: dict[str, torch.Ten
             trainee.copy_ema_to_unet()
             unet_sd = {k: v.detach().cpu() for k, v in trainee.unet.state_dict().items()}
         save_full(out, loaded, unet_sd, prediction_type=job.train.prediction_type)
+    from rayimg.storage import normalize_modes
+
+    normalize_modes(out)  # the libraries' writers and a copy of a 0700 cache folder: the umask's modes
