@@ -47,19 +47,6 @@ def rayimg(args: list[str], ray_tmp: Path, timeout: float = 600) -> list[str]:
     return lines
 
 
-def without_placement_group_cleaner(lines: list[str]) -> list[str]:
-    """The lines less those of Ray Train's placement-group cleaner when it cannot reach the State
-    API: on a local cluster without the dashboard it warns every second ('Failed to query Ray
-    Train Controller actor state'); beside other Ray clusters on the machine it dies with a
-    traceback ('Found multiple active Ray instances'). Both need the local cluster started with
-    its dashboard and RAY_API_SERVER_ADDRESS in the workers' environment (rayimg.run.cluster)."""
-    cleaner = [line for line in lines if line.startswith("(PlacementGroupCleaner ")]
-    known = ("Failed to query Ray Train Controller actor state", "Found multiple active Ray instances")
-    if any(k in line for line in cleaner for k in known):
-        return [line for line in lines if not line.startswith("(PlacementGroupCleaner ")]
-    return lines
-
-
 def check_quiet(lines: list[str], max_lines: int) -> list[str]:
     """Common checks: at most ``max_lines`` lines, no chatter, no line twice. Returns the lines
     without their Ray worker prefix."""
@@ -79,7 +66,6 @@ def test_tiny_train_job_prints_each_progress_line_once(tmp_path, ray_tmp):
     lines = rayimg(["train", "--config", "jobs/configs/tiny_lora.yaml", f"train.max_steps={steps}", "scaling.num_workers=2",
                     "checkpoint.every_n_steps=3", f"checkpoint.storage_path={tmp_path / 'runs'}",
                     f"publish.registry={tmp_path / 'registry'}"], ray_tmp)
-    lines = without_placement_group_cleaner(lines)
     # Our own lines: the job, a progress line at steps 3 and 6 (the checkpoints), the pictures and
     # the summary (5). Ray's start-up notice (token auth) and its one error-level line per process
     # about actor restarts (the Train controller's preemption watcher) are the rest today; 16

@@ -67,5 +67,21 @@ def connect(cfg: ClusterConfig) -> str:
     if address:
         ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         return "remote"
-    ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, configure_logging=False, runtime_env=runtime_env)
+    # The dashboard serves the State API, which Ray Train's placement-group cleaner polls every
+    # second (without it, it warns every second); workers find this cluster's API server by
+    # RAY_API_SERVER_ADDRESS even beside other Ray clusters on the machine. It also shows the
+    # jobs' progress metrics (rayimg_render_*).
+    port = _free_port()
+    env = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, configure_logging=False, runtime_env={"env_vars": env})
+    print(f"[ray] local cluster, dashboard http://127.0.0.1:{port}", flush=True)
     return "local"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
