@@ -17,7 +17,7 @@ last). The reference, after both: the engine stream in this process, warm from t
 over the same number of batches.
 
     python bench/render_job.py            # GPU: 96 rows cold, 32 warm (~9 min on an H100)
-    python bench/render_job.py --smoke    # CPU: tiny SDXL at 64², 3 steps (~1 min)
+    python bench/render_job.py --smoke    # CPU: tiny SDXL at 64², 5 steps, 30 rows (~1 min)
 """
 
 from __future__ import annotations
@@ -94,10 +94,10 @@ def main(argv=None) -> dict:
     smoke = args.smoke
     device = "cpu" if smoke else "cuda"
     batch = args.batch or (2 if smoke else 16)
-    rows = args.rows or (6 if smoke else 96)
+    rows = args.rows or (30 if smoke else 96)  # smoke: enough batches to span the steady window (>= 1 s)
     warm_rows = args.warm_rows or (4 if smoke else 32)
     ref_calls = args.ref_calls or (3 if smoke else 4)
-    steps, size, guidance = (3, 64, 5.0) if smoke else (30, 1024, 5.0)
+    steps, size, guidance = (5, 64, 5.0) if smoke else (30, 1024, 5.0)
     options = {o for o in (args.options if args.options is not None else ("fuse_qkv" if smoke else render_bench.GPU_OPTIONS)).split(",") if o}
     t0 = time.perf_counter()
     env = common.device_info(device)
