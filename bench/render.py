@@ -39,13 +39,15 @@ def build_pipeline(tiny: bool, device: str):
     return pipe
 
 
-def engine_config(options: set[str], batch: int):
-    """The render job's ``engine`` section for these speed options."""
+def engine_config(options: set[str], batch: int, **fields):
+    """The render job's ``engine`` section for these speed options (``fields`` set the others;
+    ``batch_invariant`` is false unless given)."""
     from rayimg.config import EngineConfig
 
-    return EngineConfig(batch_size=batch, compile="compile" in options, compile_vae="compile_vae" in options, fuse_qkv="fuse_qkv" in options,
-                        channels_last="channels_last" in options, fp8="fp8" in options, batch_invariant=False,
-                        compile_mode="reduce-overhead" if "cudagraphs" in options else "default")
+    return EngineConfig(**{"batch_size": batch, "compile": "compile" in options, "compile_vae": "compile_vae" in options,
+                           "fuse_qkv": "fuse_qkv" in options, "channels_last": "channels_last" in options, "fp8": "fp8" in options,
+                           "batch_invariant": False, "compile_mode": "reduce-overhead" if "cudagraphs" in options else "default",
+                           **fields})
 
 
 def diffusers_loop(pipe, *, batch: int, calls: int, steps: int, size: int, guidance: float, device: str) -> dict:

@@ -34,6 +34,8 @@ from pathlib import Path
 import common
 import render as render_bench
 
+from rayimg.config import to_dict
+
 DONE_LINE = re.compile(r"\[render\] done: (\d+) image\(s\) \((\d+) rendered, (\d+) already there\) in ([\d.]+)s"
                        r"(?:; first image after ([\d.]+)s)?(?:, then ([\d.]+) images/s)?")
 
@@ -45,10 +47,7 @@ def job_config(*, model_dir: Path, work: Path, out: str, rows_file: Path, batch:
         "registry": str(work / "registry"),
         "catalog": {"source": str(rows_file)},
         "defaults": {"steps": steps, "width": size, "height": size, "guidance_scale": guidance, "scheduler": "euler", "negative_prompt": ""},
-        "engine": {"batch_size": batch, "batch_invariant": False, "compile_cache": str(work / "compile-cache"),
-                   "compile": "compile" in options, "compile_vae": "compile_vae" in options, "fuse_qkv": "fuse_qkv" in options,
-                   "channels_last": "channels_last" in options, "fp8": "fp8" in options,
-                   "compile_mode": "reduce-overhead" if "cudagraphs" in options else "default"},
+        "engine": to_dict(render_bench.engine_config(options, batch, compile_cache=str(work / "compile-cache"))),
         "output": {"uri": out},
         "concurrency": 1,
         "num_gpus_per_actor": 0.0 if smoke else 1.0,
@@ -119,14 +118,14 @@ def main(argv=None) -> dict:
     if not args.skip_reference:
         import torch
 
-        from rayimg.config import EngineConfig, ModelConfig
+        from rayimg.config import ModelConfig
         from rayimg.render.renderer import Renderer
         from rayimg.storage import Storage
 
         if common.is_cuda(device):
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        engine = EngineConfig(**{**render_bench.engine_config(options, batch).__dict__, "compile_cache": str(work / "compile-cache")})
+        engine = render_bench.engine_config(options, batch, compile_cache=str(work / "compile-cache"))
         renderer = Renderer(ModelConfig(pretrained=str(model_dir), family="sdxl", dtype="float32" if smoke else "bfloat16", device=device),
                             engine, Storage())
         ref = render_bench.engine_stream(renderer, batch=batch, calls=ref_calls, steps=steps, size=size, guidance=guidance, device=device)

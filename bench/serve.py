@@ -255,9 +255,10 @@ def main(argv=None) -> dict:
     registry = str(tmp / "registry")
     names = [f"load-{i:03d}" for i in range(adapters)]
     port = 8000 + random.Random(os.getpid()).randrange(1000)
-    engine = {"batch_invariant": not real, "compile": "compile" in options, "fuse_qkv": "fuse_qkv" in options,
-              "channels_last": "channels_last" in options, "compile_vae": "compile_vae" in options, "fp8": "fp8" in options,
-              "compile_mode": "reduce-overhead" if "cudagraphs" in options else "default"}
+    import render as render_bench
+    from rayimg.config import to_dict
+
+    engine = to_dict(render_bench.engine_config(options, 1, batch_invariant=not real))
     job = from_dict(ServeJob, {
         "registry": registry, "model": {"device": device}, "app_name": "bench",
         "defaults": {"steps": steps, "width": size, "height": size, "guidance_scale": 5.0},
