@@ -145,8 +145,8 @@ class GeneratorBase:
         start = time.perf_counter()
         try:
             slot = await self.step_loop.render(request, cancelled=ticket.done, adapters=pairs)
-        except TimeoutError:  # counted by the step loop
-            return ApiError(504, "timeout", "the request was cancelled (its client left or its deadline passed)")
+        except TimeoutError:
+            return self._cancelled(count=False)  # the step loop counted it
         except LoraError as e:
             return ApiError(422, "adapter_incompatible", str(e), field="adapters")
         engine_s = time.perf_counter() - start
@@ -348,8 +348,9 @@ class GeneratorBase:
                 images[i] = image
         return images
 
-    def _cancelled(self) -> ApiError:
-        self.counters["cancelled"] += 1
+    def _cancelled(self, count: bool = True) -> ApiError:
+        if count:
+            self.counters["cancelled"] += 1
         return ApiError(504, "timeout", "the request was cancelled (its client left or its deadline passed)")
 
     def _png(self, request, image) -> bytes:

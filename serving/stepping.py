@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Callable
 
+from rayimg.render.stepper import Slot
+
 logger = logging.getLogger("ray.serve")
 
 
@@ -29,10 +31,14 @@ class StepLoop:
         self.lock = lock or threading.Lock()
         self.idle_wait_s = idle_wait_s
         self.inbox: queue.Queue = queue.Queue()
-        self.stats = {"steps": 0, "samples": 0, "joined_running": 0, "max_running": 0, "cancelled": 0}
-        self._stop = threading.Event()
+        self.cancelled = 0  # requests ended by their ticket (client gone or deadline passed)
         self.thread = threading.Thread(target=self._run, name="rayimg-step-loop", daemon=True)
         self.thread.start()
+
+    @property
+    def stats(self) -> dict:
+        """The batcher's counts (steps, samples, ...) and the cancelled requests."""
+        return {**self.batcher.stats, "cancelled": self.cancelled}
 
     # ------------------------------------------------------------------ from the event loop
     async def render(self, request, *, cancelled: Callable[[], bool] | None = None, adapters: list | None = None):
@@ -43,7 +49,7 @@ class StepLoop:
 
         def done(slot) -> None:  # on the loop thread
             if isinstance(slot.error, TimeoutError):
-                self.stats["cancelled"] += 1  # counted here: its caller may be gone already
+                self.cancelled += 1  # counted here: its caller may be gone already
 
             def resolve():
                 if future.done():
@@ -55,38 +61,25 @@ class StepLoop:
 
             loop.call_soon_threadsafe(resolve)
 
-        self.inbox.put(("submit", (request, cancelled, adapters, done)))
+        self.inbox.put((request, cancelled, adapters, done))
         return await future
-
-    def close(self) -> None:
-        self._stop.set()
-        self.inbox.put(("stop", None))
-        self.thread.join(timeout=30)
 
     # ------------------------------------------------------------------ the thread
     def _take(self, block: bool) -> None:
         """Move what the inbox holds into the batcher."""
         while True:
             try:
-                kind, item = self.inbox.get(block=block, timeout=self.idle_wait_s if block else None)
+                request, cancelled, adapters, done = self.inbox.get(block=block, timeout=self.idle_wait_s if block else None)
             except queue.Empty:
                 return
             block = False
-            if kind == "submit":
-                request, cancelled, adapters, done = item
-                try:
-                    self.batcher.submit(request, cancelled=cancelled, on_done=done, adapter_weights=adapters)
-                except Exception as e:  # noqa: BLE001 - refused: the caller gets the reason
-                    from rayimg.render.stepper import Slot
-
-                    slot = Slot(request)
-                    slot.error, slot.finished = e, time.perf_counter()
-                    done(slot)
-            else:
-                return
+            try:
+                self.batcher.submit(request, cancelled=cancelled, on_done=done, adapter_weights=adapters)
+            except Exception as e:  # noqa: BLE001 - refused: the caller gets the reason
+                done(Slot(request, error=e, finished=time.perf_counter()))
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while True:
             self._take(block=not self.batcher.busy)
             if not self.batcher.busy:
                 continue
@@ -95,9 +88,4 @@ class StepLoop:
                     self.batcher.step()
             except Exception as e:  # noqa: BLE001 - the loop must outlive any one step: fail what ran
                 logger.exception("rayimg step loop: a step failed")
-                for slot in self.batcher.running + list(self.batcher.waiting):
-                    self.batcher._finish(slot, error=e)
-                self.batcher.running, self.batcher.waiting = [], type(self.batcher.waiting)()
-            b = self.batcher.stats
-            self.stats.update(steps=b["steps"], samples=b["samples"], joined_running=b["joined_running"],
-                              max_running=max(self.stats["max_running"], len(self.batcher.running)))
+                self.batcher.fail(e)

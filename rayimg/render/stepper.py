@@ -57,8 +57,6 @@ class Slot:
     request: GenerationRequest
     cancelled: Callable[[], bool] | None = None  # checked at every step boundary
     on_done: Callable[["Slot"], Any] | None = None
-    submitted: float = field(default_factory=time.perf_counter)
-    started: float | None = None
     finished: float | None = None
     image: Any = None  # PIL image (or the final latents with output="latent")
     error: BaseException | None = None
@@ -139,41 +137,36 @@ class StepBatcher:
         """Waiting requests that fit the running group, oldest first, up to ``max_batch``; and
         those that ended here (cancelled while queued, or failing to start)."""
         admitted, ended = [], []
+
+        def end(slot: Slot, error: BaseException) -> None:  # one bad request never stops the batch
+            self.waiting.remove(slot)
+            self._finish(slot, error=error)  # releases what it acquired
+            ended.append(slot)
+
         key = self._key(self.running[0]) if self.running else None
         for slot in list(self.waiting):
             if len(self.running) + len(admitted) >= self.max_batch:
                 break
             if self._cancelled(slot):
-                self.waiting.remove(slot)
-                self._finish(slot, error=TimeoutError("cancelled before it started"))
-                ended.append(slot)
+                end(slot, TimeoutError("cancelled before it started"))
                 continue
+            own = self._key(slot)
             if key is None:
-                key = self._key(slot)
-            if self._key(slot) != key:
+                key = own
+            if own != key:
                 continue
-            if self.adapters is not None:
-                try:
-                    slot.adapters = self.adapters.acquire(slot.request, slot.adapter_weights)
-                except SlotsExhausted as e:
-                    if self.running or admitted:
-                        continue  # waits (in order) until a running request frees its slots
-                    self.waiting.remove(slot)  # alone, and still no room: it can never fit
-                    self._finish(slot, error=e)
-                    ended.append(slot)
-                    continue
-                except Exception as e:  # noqa: BLE001
-                    self.waiting.remove(slot)
-                    self._finish(slot, error=e)
-                    ended.append(slot)
-                    continue
-            self.waiting.remove(slot)
             try:
+                if self.adapters is not None:
+                    slot.adapters = self.adapters.acquire(slot.request, slot.adapter_weights)
                 self._start(slot)
-            except Exception as e:  # noqa: BLE001 - one bad request never stops the batch
-                self._finish(slot, error=e)  # releases what it acquired
-                ended.append(slot)
+            except SlotsExhausted as e:
+                if not (self.running or admitted):
+                    end(slot, e)  # alone, and still no room: it can never fit
+                continue  # else it waits (in order) until a running request frees its slots
+            except Exception as e:  # noqa: BLE001
+                end(slot, e)
                 continue
+            self.waiting.remove(slot)
             admitted.append(slot)
         if admitted and self.running:
             self.stats["joined_running"] += len(admitted)
@@ -221,7 +214,6 @@ class StepBatcher:
         slot.step_kwargs = {"generator": slot.generator} if "generator" in params else {}
         if "eta" in params:
             slot.step_kwargs["eta"] = 0.0
-        slot.started = time.perf_counter()
 
     def _cancelled(self, slot: Slot) -> bool:
         try:
@@ -258,11 +250,7 @@ class StepBatcher:
         try:
             self._denoise(self.running)
         except Exception as e:  # noqa: BLE001 - the whole step failed: every sample in it fails
-            for slot in self.running:
-                self._finish(slot, error=e)
-            finished += self.running
-            self.running = []
-            return finished
+            return finished + self.fail(e, waiting=False)
         done = [s for s in self.running if s.step >= s.total_steps]
         if done:
             self.running = [s for s in self.running if s.step < s.total_steps]
@@ -277,6 +265,16 @@ class StepBatcher:
                     self._finish(slot, image=image)
             finished += done
         return finished
+
+    def fail(self, error: BaseException, *, waiting: bool = True) -> list[Slot]:
+        """End every running request (and, with ``waiting``, every queued one) with ``error``."""
+        slots = self.running + (list(self.waiting) if waiting else [])
+        self.running = []
+        if waiting:
+            self.waiting.clear()
+        for slot in slots:
+            self._finish(slot, error=error)
+        return slots
 
     def _rows(self, slots: list[Slot], part: str, name: str, pad: int) -> torch.Tensor:
         tensors = [s.embeds[part][name] for s in slots]
