@@ -38,12 +38,17 @@ class Rows:
                             f"call AdapterSlots.set_batch with this call's samples (guidance=True when the UNet batch is doubled)")
 
 
-def _gathered(down: torch.Tensor, up: torch.Tensor, rows: Rows, n: int, dtype: torch.dtype):
-    """Each row's slots, scaled: A ``(n, K*R, in[, kh, kw])`` with ``scale[n, k]`` folded in
-    (in float32, rounded once) and B^T ``(n, K*R, out)``."""
+def _gathered(module: nn.Module, x: torch.Tensor):
+    """The slots of each of ``x``'s rows, scaled: A ``(n, K*R, in[, kh, kw])`` with ``scale[n, k]``
+    folded in (in float32, rounded once) and B^T ``(n, K*R, out)``; None in passthrough."""
+    rows, down, up = module.lora_slot_rows, module.lora_slot_down, module.lora_slot_up
+    if rows.passthrough:
+        return None
+    n = x.shape[0]
+    rows.check(module, n)
     index, scale = rows.index[:n].reshape(-1), rows.scale[:n]
     a = down.index_select(0, index).view(n, -1, *down.shape[1:])  # (n, K, R, in[, kh, kw])
-    a = (a.float() * scale.view(n, -1, *([1] * (a.ndim - 2)))).to(dtype)
+    a = (a.float() * scale.view(n, -1, *([1] * (a.ndim - 2)))).to(x.dtype)
     return a.flatten(1, 2), up.index_select(0, index).view(n, -1, up.shape[-1])
 
 
@@ -56,11 +61,11 @@ class _SlottedLinear:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        if self.lora_slot_rows.passthrough:
+        slots = _gathered(self, x)
+        if slots is None:
             return out
+        a, b = slots
         n = x.shape[0]
-        self.lora_slot_rows.check(self, n)
-        a, b = _gathered(self.lora_slot_down, self.lora_slot_up, self.lora_slot_rows, n, x.dtype)
         h = torch.bmm(x.reshape(n, -1, x.shape[-1]), a.transpose(1, 2))  # (n, T, K*R)
         return torch.baddbmm(out.reshape(n, -1, out.shape[-1]), h, b).view(out.shape)
 
@@ -75,11 +80,11 @@ class _SlottedConv2d:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
-        if self.lora_slot_rows.passthrough:
+        slots = _gathered(self, x)
+        if slots is None:
             return out
+        a, b = slots
         n, c = x.shape[:2]
-        self.lora_slot_rows.check(self, n)
-        a, b = _gathered(self.lora_slot_down, self.lora_slot_up, self.lora_slot_rows, n, x.dtype)
         width = a.shape[1]
         h = F.conv2d(x.reshape(1, n * c, *x.shape[2:]), a.reshape(n * width, *a.shape[2:]), None,
                      self.stride, self.padding, self.dilation, groups=n)  # (1, n*K*R, H', W')

@@ -116,23 +116,26 @@ class Preprocess:
         self.done = done
         self.buckets = make_buckets(transforms.buckets, transforms.resolution) if transforms.buckets.enabled else None
 
+    def _read(self, uri: str, missing: str) -> "bytes | tuple[str, str]":
+        """The bytes at ``uri``, or (reason, detail): ``missing`` when there is no such file."""
+        try:
+            return self.storage.read_bytes(uri)
+        except FileNotFoundError:
+            return missing, f"{uri} does not exist"
+        except OSError as e:
+            return "unreadable", f"{uri}: {type(e).__name__}: {e}"
+
     def _prepare(self, uri: str, caption: str | None, caption_uri: str | None):
         """A PreparedItem, or (reason, detail) for a row that cannot be used."""
         from rayimg.data.transforms import BadItem, process_item
 
-        try:
-            image_bytes = self.storage.read_bytes(uri)
-        except FileNotFoundError:
-            return "missing_file", f"{uri} does not exist"
-        except OSError as e:
-            return "unreadable", f"{uri}: {type(e).__name__}: {e}"
+        image_bytes = self._read(uri, "missing_file")
+        if isinstance(image_bytes, tuple):
+            return image_bytes
         if caption is None and caption_uri is not None:
-            try:
-                caption = self.storage.read_bytes(caption_uri)
-            except FileNotFoundError:
-                return "missing_caption", f"{caption_uri} does not exist"
-            except OSError as e:
-                return "unreadable", f"{caption_uri}: {type(e).__name__}: {e}"
+            caption = self._read(caption_uri, "missing_caption")
+            if isinstance(caption, tuple):
+                return caption
         try:
             return process_item(image_bytes, caption, cfg=self.transforms, min_size=self.min_size,
                                 model_id=self.model_key, buckets=self.buckets)
