@@ -13,6 +13,7 @@ gone or its deadline has passed.
 import asyncio
 import base64
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -24,6 +25,8 @@ from rayimg.storage import Storage
 from serving.errors import ApiError
 from serving.image_cache import ImageStore
 from serving.schema import adapter_set_id, parse_adapter_set_id
+
+logger = logging.getLogger("ray.serve")
 
 
 class AdapterSet:
@@ -105,16 +108,26 @@ class GeneratorBase:
         self.render_batch.set_batch_wait_timeout_s(job.http.batch_wait_timeout_s)
 
     def _start_step_loop(self) -> None:
-        """Per-sample adapter slots on the pipeline and the step loop over them (see serving.stepping)."""
+        """Per-sample adapter slots on the pipeline and the step loop over them (see serving.stepping).
+        With a compiled UNet or VAE decoder and ``batching.warm_up``, the loop's graphs at the
+        default size and guidance are made first, so no request waits on a compile."""
         from rayimg.render.multi_lora import AdapterSlots, SlotConfig
-        from rayimg.render.stepper import SlotAdapters, StepBatcher
+        from rayimg.render.stepper import SlotAdapters, StepBatcher, padded_size
         from serving.stepping import StepLoop
 
         b = self.job.batching
-        self.slots = AdapterSlots(self.renderer.pipe, SlotConfig(num_slots=b.num_slots, max_rank=b.max_rank, max_batch=b.max_batch,
-                                                                 max_adapters=b.max_adapters))
+        # the slots take a UNet call's samples padding included: max_batch padded up to a pad_to size
+        self.slots = AdapterSlots(self.renderer.pipe, SlotConfig(num_slots=b.num_slots, max_rank=b.max_rank,
+                                                                 max_batch=padded_size(b.max_batch, b.pad_to), max_adapters=b.max_adapters))
         batcher = StepBatcher(self.renderer.engine, max_batch=b.max_batch, pad_to=tuple(b.pad_to), adapters=SlotAdapters(self.slots),
                               compile_cache=self.renderer.compile_cache)
+        compiled = self.renderer.engine.config.compile or self.renderer.engine.config.compile_vae
+        if b.warm_up and compiled:
+            d = self.job.defaults
+            warmed = batcher.warm_up(d.width, d.height, guidance=d.guidance_scale > 1)
+            logger.info("rayimg step loop: warmed up UNet batches %s%s at %dx%d (guidance %s) in %.1f s",
+                        warmed["unet_batches"], " and the decode" if warmed["decode"] else "", d.width, d.height,
+                        "on" if warmed["guidance"] else "off", warmed["seconds"])
         self.step_loop = StepLoop(batcher, self.render_lock)
 
     @contextlib.contextmanager

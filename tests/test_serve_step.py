@@ -103,3 +103,42 @@ def test_requests_the_loop_does_not_take_use_the_fused_path(step_app):
         results = [a.result(), b.result(), c.result()]
     assert [r.status_code for r in results] == [200, 200, 200], [r.text[:300] for r in results]
     assert metric(url, "rayimg_adapter_swaps_total") >= 1  # the three-adapter request and img2img were fused
+
+
+def test_replica_warms_up_its_step_loop_when_it_compiles(tmp_path, caplog):
+    """A replica with a compiled UNet and VAE decoder makes (here: looks up in the compile cache)
+    its step loop's graphs at start, before any request: one UNet call per padded batch size at
+    the default size and guidance, one batch-1 decode; its step counts stay at zero and no slot
+    stays pinned. Without compile, or with batching.warm_up off, nothing runs. (Dynamo is off in
+    this process so nothing is actually compiled: inductor on a CPU takes minutes.)"""
+    import logging
+
+    import torch
+
+    from serving.generator import GeneratorBase
+
+    def replica(engine: dict, warm_up: bool = True) -> GeneratorBase:
+        return GeneratorBase(serve_job(str(tmp_path / "registry"), tmp_path, engine=engine,
+                                       batching={"max_batch": 3, "pad_to": [1, 2, 4, 8], "warm_up": warm_up}))
+
+    compiled = {"compile": True, "compile_vae": True, "compile_cache": str(tmp_path / "compile-cache")}
+    logger = logging.getLogger("ray.serve")  # Ray's logger does not propagate to the root's handlers
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="ray.serve")
+    try:
+        with torch._dynamo.config.patch(disable=True):
+            warm = replica(compiled)
+            cold = replica(compiled, warm_up=False)
+        plain = replica({})
+    finally:
+        logger.removeHandler(caplog.handler)
+    looked_up = [e["key"]["shape"] for e in warm.renderer.compile_cache_status if e["action"] == "cold"]
+    assert [(s["mode"], s["batch"], s.get("guidance")) for s in looked_up] == [
+        ("step", 1, True), ("step", 2, True), ("step", 4, True), ("step-decode", 1, None)]  # 3 samples pad to 4; 8 unused
+    assert all((s["width"], s["height"]) == (64, 64) for s in looked_up)  # serve_job's defaults
+    assert warm.step_loop.stats == {"steps": 0, "unet_rows": 0, "samples": 0, "joined_running": 0, "cancelled": 0}
+    assert not any(warm.slots._pins) and not warm.step_loop.batcher.busy
+    [line] = [r.getMessage() for r in caplog.records if "warmed up" in r.getMessage()]
+    assert line.startswith("rayimg step loop: warmed up UNet batches [1, 2, 4] and the decode at 64x64 (guidance on) in ")
+    assert cold.renderer.compile_cache_status == []
+    assert plain.renderer.compile_cache is None and plain.renderer.engine.prompts.stats["encoded"] == 0  # no step ran

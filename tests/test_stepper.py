@@ -140,3 +140,87 @@ def test_mixed_adapters_join_running_batch_and_match_fused_alone(tmp_path):
     for s in slots_:
         fused.set_adapters(pairs(s.request.adapters), s.request.adapters)
         torch.testing.assert_close(s.image, alone(fused, s.request), rtol=0, atol=1e-4)
+
+
+def rows_seen(module: torch.nn.Module) -> tuple[list[int], object]:
+    """The batch rows of each forward of ``module`` (a list filled in place) and the hook's handle."""
+    rows: list[int] = []
+    return rows, module.register_forward_hook(lambda _m, args, _out: rows.append(int(args[0].shape[0])))
+
+
+def test_samples_finishing_together_decode_one_by_one_and_fail_alone(engines):
+    """Three samples leave in the same step: each is decoded alone (batch 1, the one compiled
+    decode graph), each equals the request rendered alone, and a decode that fails fails only
+    its own sample."""
+    import numpy as np
+
+    engine = engines["rayimg-tiny-sd"]
+    requests = [req(seed=s, steps=2, scheduler=name) for s, name in ((21, "euler"), (22, "ddim"), (23, "euler_a"))]
+    batcher = StepBatcher(engine, max_batch=4)
+    decoded, handle = rows_seen(engine.pipe.vae.decoder)
+    try:
+        slots, events = run(batcher, {0: requests})
+    finally:
+        handle.remove()
+    assert {step for step, _ in events} == {1} and decoded == [1, 1, 1]
+    for slot in slots:
+        ref = np.asarray(engine.generate([slot.request])[0], dtype=np.int16)
+        assert np.abs(np.asarray(slot.image, dtype=np.int16) - ref).max() <= 1
+
+    calls = {"n": 0}
+
+    def second_fails(_module, _args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("decoder out of memory")
+
+    handle = engine.pipe.vae.decoder.register_forward_pre_hook(second_fails)
+    try:
+        again, _ = run(StepBatcher(engine, max_batch=4), {0: requests})
+    finally:
+        handle.remove()
+    assert [s.error is None for s in again] == [True, False, True] and "out of memory" in str(again[1].error)
+    for before, after in zip((slots[0], slots[2]), (again[0], again[2])):
+        assert np.array_equal(np.asarray(before.image), np.asarray(after.image))
+
+
+def test_warm_up_runs_every_padded_size_once_and_leaves_no_trace():
+    """warm_up over per-sample adapter slots: one UNet call per pad_to size up to the one
+    max_batch pads to (two rows per sample with guidance) and one batch-1 decode; afterwards the
+    batcher is idle with its stats and output as before, every slot is released, and a request
+    renders exactly as on a batcher that never warmed up."""
+    import numpy as np
+
+    from rayimg.models.tiny import build_tiny_sd
+    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
+    from rayimg.render.stepper import SlotAdapters
+
+    engine = Engine(build_tiny_sd(0))
+    slots = AdapterSlots(engine.pipe, SlotConfig(num_slots=2, max_rank=4, max_batch=4, max_adapters=2))
+
+    def batcher(**kw):
+        return StepBatcher(engine, adapters=SlotAdapters(slots), **{"max_batch": 3, "pad_to": (1, 2, 4, 8), **kw})
+
+    warmed = batcher()
+    stats = dict(warmed.stats)
+    unet_rows, unet_hook = rows_seen(engine.pipe.unet)
+    decoded, decode_hook = rows_seen(engine.pipe.vae.decoder)
+    try:
+        report = warmed.warm_up(SIZE, SIZE)
+        assert unet_rows == [2, 4, 8] and decoded == [1]  # pads 1, 2 and 4 (3 samples pad to 4; 8 is never used)
+        assert report["unet_batches"] == [1, 2, 4] and report["guidance"] and report["decode"] and report["seconds"] > 0
+        unet_rows.clear()
+        plain = batcher(pad_to=(), output="latent")
+        assert plain.warm_up(SIZE, SIZE, guidance=False)["unet_batches"] == [1, 3]
+        assert unet_rows == [1, 3]  # without padding: 1 and max_batch; one row per sample without guidance
+    finally:
+        unet_hook.remove()
+        decode_hook.remove()
+    assert not warmed.busy and warmed.stats == stats and warmed.output == "pil" and plain.output == "latent"
+    assert not any(slots._pins)
+
+    request = req("a blue circle", seed=31, steps=3, scheduler="dpmpp_2m_karras")
+    after, _ = run(warmed, {0: [request]})
+    fresh, _ = run(batcher(), {0: [request]})
+    assert after[0].error is None and np.array_equal(np.asarray(after[0].image), np.asarray(fresh[0].image))
+    assert warmed.stats == {**stats, "steps": 3, "samples": 3, "unet_rows": 6}

@@ -25,6 +25,9 @@ class BatchingConfig:
     num_slots: int = field(16, doc="adapters held in GPU slots at once in step mode (least recently used unpinned one is replaced)")
     max_rank: int = field(32, doc="largest LoRA rank a slot takes; an adapter of a larger rank is refused (422)")
     max_adapters: int = field(2, doc="most adapters one request combines in step mode")
+    warm_up: bool = field(True, doc="at replica start, compile (or load from the compile cache) the step loop's graphs for every "
+                                    "pad_to size at the default width/height and guidance, so no request waits on a compile; "
+                                    "only with engine.compile or engine.compile_vae")
 
     def validate(self) -> None:
         for name in ("max_batch", "num_slots", "max_rank", "max_adapters"):

@@ -42,7 +42,13 @@ from rayimg.render.output import to_pil
 from rayimg.render.request import GenerationRequest
 from rayimg.render.schedulers import make_scheduler
 
-__all__ = ["StepBatcher", "Slot", "SlotAdapters", "compat_key"]
+__all__ = ["StepBatcher", "Slot", "SlotAdapters", "compat_key", "padded_size"]
+
+
+def padded_size(n: int, pad_to) -> int:
+    """The batch a step of ``n`` samples is padded to: the smallest ``pad_to`` size that holds
+    them (``n`` itself when none does or ``pad_to`` is empty)."""
+    return next((b for b in sorted(pad_to) if b >= n), n)
 
 
 def compat_key(request: GenerationRequest, uses_cfg: bool) -> tuple:
@@ -90,7 +96,8 @@ class StepBatcher:
     ``output``: ``"pil"`` (decoded images) or ``"latent"`` (each sample's final latents, undecoded).
     ``compile_cache``: a :class:`~rayimg.render.compile_cache.CompileCache`: the compiled graphs of
     each UNet call shape (padded batch, size, guidance, slot layout) and decode shape are loaded
-    before their first call and saved after it, so a new replica starts warm.
+    before their first call and saved after it, so a new replica starts warm; :meth:`warm_up`
+    makes those graphs before the first request.
     Single-threaded: one thread calls :meth:`submit` and :meth:`step` (a server wraps it).
     """
 
@@ -254,10 +261,7 @@ class StepBatcher:
         done = [s for s in self.running if s.step >= s.total_steps]
         if done:
             self.running = [s for s in self.running if s.step < s.total_steps]
-            try:
-                images = self._decode(done) if self.output == "pil" else [s.latents[0] for s in done]
-            except Exception as e:  # noqa: BLE001
-                images = [e] * len(done)
+            images = self._decode(done) if self.output == "pil" else [s.latents[0] for s in done]
             for slot, image in zip(done, images):
                 if isinstance(image, BaseException):
                     self._finish(slot, error=image)
@@ -276,13 +280,55 @@ class StepBatcher:
             self._finish(slot, error=error)
         return slots
 
+    # ------------------------------------------------------------------ warm-up
+    @torch.no_grad()
+    def warm_up(self, width: int, height: int, *, guidance: bool = True) -> dict:
+        """Run the UNet call of every batch size a step can be padded to (the ``pad_to`` sizes up
+        to the one ``max_batch`` pads to; without ``pad_to``, 1 and ``max_batch``) and one sample's
+        decode, at ``width`` x ``height``, guidance on or off (as the engine decides for a
+        request with it), no adapters: the graphs live steps of that size use, made now (compiled,
+        or loaded from the compile cache and saved to it, as a first real step would) instead of
+        under a live request. Dummy one-step requests go through :meth:`step`; the batcher must be
+        idle and is left idle with its stats as they were. Returns what was warmed and the seconds
+        it took."""
+        if self.busy:
+            raise RuntimeError("warm_up: the batcher has requests; warm it up before the first submit")
+        largest = padded_size(self.max_batch, self.pad_to)
+        sizes = [b for b in self.pad_to if b <= largest] or sorted({1, self.max_batch})
+        request = GenerationRequest(prompt="", steps=1, seed=0, width=width, height=height, guidance_scale=2.0 if guidance else 1.0)
+        stats, output = dict(self.stats), self.output
+        start = time.perf_counter()
+        try:
+            self.output = "latent"  # one decode below, not one per dummy sample
+            for size in sizes:
+                slots = [self.submit(request) for _ in range(min(size, self.max_batch))]  # padded up to size
+                while self.busy:
+                    self.step()
+                error = next((s.error for s in slots if s.error is not None), None)
+                if error is not None:
+                    raise RuntimeError(f"warm_up: the step at batch {size} ({width}x{height}) failed: {error}") from error
+            if output == "pil":
+                [image] = self._decode([Slot(request, latents=slots[0].image[None])])
+                if isinstance(image, BaseException):
+                    raise RuntimeError(f"warm_up: the decode at {width}x{height} failed: {image}") from image
+            if self.engine.device.type == "cuda":
+                torch.cuda.synchronize(self.engine.device)
+        finally:
+            if self.busy:  # a step raised: end what is left of the dummies
+                self.fail(RuntimeError("warm_up: stopped"))
+            self.output = output
+            self.stats.clear()
+            self.stats.update(stats)
+        return {"width": width, "height": height, "guidance": self.engine.prompts.uses_cfg(request), "unet_batches": sizes,
+                "decode": output == "pil", "seconds": time.perf_counter() - start}
+
     def _rows(self, slots: list[Slot], part: str, name: str, pad: int) -> torch.Tensor:
         tensors = [s.embeds[part][name] for s in slots]
         return torch.cat(tensors + tensors[-1:] * pad)
 
     def _denoise(self, slots: list[Slot]) -> None:
         n = len(slots)
-        target = next((b for b in self.pad_to if b >= n), n)
+        target = padded_size(n, self.pad_to)
         pad = target - n
         cfg = slots[0].embeds["uncond"] is not None
         scaled, timesteps = [], []
@@ -345,15 +391,22 @@ class StepBatcher:
             self.compile_cache.after_call(shape)
 
     def _decode(self, slots: list[Slot]) -> list:
-        """The pipelines' decode of these samples' final latents, as PIL images."""
-        first = slots[0].request
-        with self._compiling({"mode": "step-decode", "batch": len(slots), "width": first.width, "height": first.height},
-                             self.engine.config.compile_vae):
-            return self._decode_now(slots)
+        """The pipelines' decode of each sample's final latents, one sample per call (one compiled
+        decode graph, however many samples finish together): PIL images, or in its place the
+        exception that failed a sample's decode (the others still decode)."""
+        images = []
+        for slot in slots:
+            req = slot.request
+            try:
+                with self._compiling({"mode": "step-decode", "batch": 1, "width": req.width, "height": req.height},
+                                     self.engine.config.compile_vae):
+                    images.append(self._decode_one(slot.latents))
+            except Exception as e:  # noqa: BLE001 - one bad decode fails its own sample only
+                images.append(e)
+        return images
 
-    def _decode_now(self, slots: list[Slot]) -> list:
+    def _decode_one(self, latents: torch.Tensor):
         pipe, vae = self.pipe, self.pipe.vae
-        latents = torch.cat([s.latents for s in slots])
         if self.sdxl:
             needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
             if needs_upcasting:
@@ -374,8 +427,8 @@ class StepBatcher:
             image = pipe.image_processor.postprocess(image, output_type="pt")
         else:
             image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=None)[0]
-            image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * len(slots))
-        return to_pil(image)
+            image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True])
+        return to_pil(image)[0]
 
 
 class SlotAdapters:
