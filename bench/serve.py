@@ -1,23 +1,42 @@
 """Serve headline: the Serve app (`serving.app.start`) over HTTP on 127.0.0.1 under many-adapter
 traffic, against the render engine's bulk rate with the same engine settings, measured in the
-same process before the app starts.
+same process before the app starts. One call measures everything issue 22's bars need.
 
-Load: ``--adapters`` random LoRAs (rank 16 on to_q/to_k/to_v/to_out.0 at real size) published to
-a fresh local registry; ``--requests`` requests from ``--concurrency`` client threads, each naming
-one adapter drawn from a Zipf law (rank k has probability proportional to 1/k^s; 10 % name
-none) and its own seed (the image cache is off: every request renders). Reports throughput,
-p50/p95/p99 latency, the adapter cache hit rate and swaps (from the app's /metrics). The
-reference: `Renderer.render_stream` over batches of ``http.max_batch_size`` with the app's
-engine settings, no adapters — what the same engine renders in bulk on this device.
+Phases, in order, each logged with the seconds since the start and each followed by the partial
+result written to ``--json`` (else ``<out>/serve_partial.json``), so a device call killed at its
+time limit still leaves what was measured; a phase that would end after ``--deadline-s`` is
+skipped (``details["skipped"]``):
 
-    python bench/serve.py               # GPU: real-size SDXL (random init), 1024², 30 steps, eager engine (~5 min on an H100)
-    python bench/serve.py --options compile,cudagraphs,fuse_qkv,fp8   # the app and the reference with the render speed-ups
-    python bench/serve.py --smoke       # CPU: tiny SD at 64², 2 steps (~40 s)
+1. ``mixed_step`` (``--mixed-step``; always with ``--smoke``): one UNet step of
+   ``batching.max_batch`` samples, the base UNet against the same batch with as many different
+   adapters in AdapterSlots built exactly as the app's step loop builds them (its compiled graph
+   is the app's, and torch's on-disk compile caches then serve the app); the cold and the warm
+   slot load (an adapter whose slot-row image is in host memory: one copy into a GPU slot).
+2. ``reference``: `Renderer.render_stream` over batches of ``--ref-batch`` (default the app's max
+   batch; issue 22 compares with the engine's best bulk batch, 16 on an H100) with the app's
+   engine settings, no adapters: what the same engine renders in bulk on this device
+   (``--skip-reference``: none, and no ratio).
+3. ``app``: ``--adapters`` random LoRAs (rank 16 on to_q/to_k/to_v/to_out.0 at real size)
+   published to a fresh local registry, the app started, one warm-up request.
+4. ``single``: ``--single`` sequential requests from one client (no adapter and the most popular
+   adapter in turn): p50/min/max latency.
+5. ``level <clients>`` for each of ``--concurrency`` (e.g. ``8,32``), against the same app:
+   ``--requests`` requests from that many client threads, each naming one adapter drawn from a
+   Zipf law (rank k has probability proportional to 1/k^s; 10 % name none) and its own seed (the
+   image cache is off: every request renders). Throughput, p50/p95/p99 latency, errors, mean
+   batch size and swaps (from the app's /metrics) per level in ``details["levels"]``; the
+   headline figure and the top-level latency keys are the first level's.
+
+    python bench/serve.py               # GPU: real-size SDXL (random init), 1024², 30 steps, eager engine
+    python bench/serve.py --options compile,cudagraphs,fuse_qkv,channels_last,compile_vae,fp8 --max-batch-size 8 \\
+        --mixed-step --concurrency 8,32 --single 5 --ref-batch 16   # issue 22's bars in one device call
+    python bench/serve.py --smoke       # CPU: tiny SD at 64², 2 steps, levels 2,3 (~30 s)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -30,6 +49,9 @@ from pathlib import Path
 import common
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+MIN_SENDING_S = 50  # a load level sends for at least this long, or is skipped
+HEADLINE_LEVEL_KEYS = ("requests_sent", "ok", "errors", "concurrency", "seconds", "latency_s", "adapter_cache_hit_rate", "adapter_file_loads",
+                       "adapter_swaps", "mean_swap_ms", "mean_batch_size", "gpu_samples")
 
 
 # --------------------------------------------------------------------------- adapters
@@ -103,48 +125,71 @@ def real_size_renderer(job, store):
     return Renderer.from_pipeline(pipe, "sdxl-random-init", "random", "sdxl", job.engine, adapter_store=store)
 
 
-def engine_bulk_rate(job, real: bool, *, calls: int, device: str) -> dict:
-    """The reference: the app's engine settings at ``http.max_batch_size``, no adapters, in
-    this process; a warm-up call, then a stream of ``calls`` batches."""
-    import dataclasses
-
-    import render as render_bench
-
-    batch = job.http.max_batch_size
-    cfg = dataclasses.replace(job.engine, batch_size=batch, batch_invariant=False)
-    if real:
-        from rayimg.render.renderer import Renderer
-
-        pipe = render_bench.build_pipeline(False, device)
-        renderer = Renderer.from_pipeline(pipe, "sdxl-random-init", "random", "sdxl", cfg)
-    else:
-        from rayimg.render.renderer import Renderer
-
-        renderer = Renderer(job.model, cfg)
-    d = job.defaults
-    out = render_bench.engine_stream(renderer, batch=batch, calls=calls, steps=d.steps, size=d.width, guidance=d.guidance_scale, device=device)
-    del renderer
+def free_device(device: str) -> None:
+    """Give back what this process's models held on the GPU before the next phase: compiled
+    graphs and their CUDA-graph pools (torch's on-disk compile caches stay)."""
     if common.is_cuda(device):
         import gc
 
         import torch
 
         gc.collect()
+        torch._dynamo.reset()
         torch.cuda.empty_cache()
+
+
+def engine_bulk_rate(job, real: bool, *, batch: int, calls: int, device: str) -> dict:
+    """The reference: the app's engine settings at ``batch``, no adapters, in this process; a
+    warm-up call, then a stream of ``calls`` batches."""
+    import dataclasses
+
+    import render as render_bench
+    from rayimg.render.renderer import Renderer
+
+    cfg = dataclasses.replace(job.engine, batch_size=batch, batch_invariant=False)
+    if real:
+        pipe = render_bench.build_pipeline(False, device)
+        renderer = Renderer.from_pipeline(pipe, "sdxl-random-init", "random", "sdxl", cfg)
+    else:
+        renderer = Renderer(job.model, cfg)
+    d = job.defaults
+    out = render_bench.engine_stream(renderer, batch=batch, calls=calls, steps=d.steps, size=d.width, guidance=d.guidance_scale, device=device)
+    out["batch"] = batch
+    del renderer
+    free_device(device)
     return out
 
 
-def mixed_adapter_step(job, real: bool, *, batch: int, rank: int, device: str, calls: int = 10) -> dict:
-    """One UNet step of ``batch`` samples (CFG: twice the rows) with the app's engine settings:
-    the base UNet, then the same batch with ``batch`` different adapters in AdapterSlots (the
-    step loop's per-sample LoRA). Issue 22's bar: the mixed batch within 1.10x of the base step."""
+def step_loop_slot_config(job):
+    """The SlotConfig the app's step loop gives its AdapterSlots (serving.generator
+    ``_start_step_loop``): the job's ``batching`` sizes, the default targets."""
+    from rayimg.render.multi_lora import SlotConfig
+
+    b = job.batching
+    return SlotConfig(num_slots=b.num_slots, max_rank=b.max_rank, max_batch=b.max_batch, max_adapters=b.max_adapters)
+
+
+def mixed_adapter_step(job, real: bool, *, rank: int, device: str, warm_rounds: int = 2) -> dict:
+    """One UNet step of ``batching.max_batch`` samples (CFG: twice the rows) with the app's engine
+    settings: the base UNet, then the same batch with as many different adapters in AdapterSlots
+    built with the app's :func:`step_loop_slot_config`, called as the step loop calls the UNet, so
+    the compiled graph is the app's full-batch step graph. Then the slot loads: cold (the
+    adapter's slot-row image built, then copied) and warm (evicted adapters loaded again from
+    their cached images: one copy into a GPU slot each, as a swap in the app), each between two
+    device syncs. Issue 22's bars: the mixed step within 1.10x of the base step; a warm load
+    within 10 ms."""
+    import dataclasses
+    import statistics
+
     import torch
 
     import render as render_bench
     from rayimg.render.adapters import lora_from_state_dict
     from rayimg.render.engine import Engine
-    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
+    from rayimg.render.multi_lora import AdapterSlots
 
+    batch = job.batching.max_batch
+    warmup, calls = (2, 10) if real else (1, 3)
     pipe = render_bench.build_pipeline(not real, device)
     engine = Engine(pipe, job.engine)
     unet = pipe.unet
@@ -160,33 +205,70 @@ def mixed_adapter_step(job, real: bool, *, batch: int, rank: int, device: str, c
         added = {"text_embeds": torch.randn(2 * batch, pooled, generator=g).to(device, dtype),
                  "time_ids": torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]] * (2 * batch), device=device, dtype=dtype)}
 
-    def step():
+    def step():  # the step loop's call (rayimg.render.stepper.StepBatcher._denoise)
         with torch.no_grad():
-            unet(sample, t, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)
+            unet(sample, t, encoder_hidden_states=hidden, timestep_cond=None, cross_attention_kwargs=None, added_cond_kwargs=added,
+                 return_dict=False)
 
-    base = common.measure(step, warmup=2, calls=calls, device=device)
+    base = common.measure(step, warmup=warmup, calls=calls, device=device)
     shapes = lora_shapes(unet)
-    slots = AdapterSlots(pipe, SlotConfig(num_slots=batch, max_rank=rank, max_batch=batch, max_adapters=1, unet_targets=TARGETS, text_targets=()))
-    t0 = time.perf_counter()
-    pinned = [slots.acquire([(lora_from_state_dict(random_lora(shapes, rank, 100 + i), name=f"a{i}", fingerprint=f"{i:064d}",
-                                                   unet_config=unet.config).to(device), 1.0)]) for i in range(batch)]
-    common.sync(device)
-    load_ms = 1000 * (time.perf_counter() - t0) / batch
-    slots.set_batch(pinned, guidance=True)
-    mixed = common.measure(step, warmup=2, calls=calls, device=device)
-    out = {"batch": batch, "rank": rank, "base_step_s": base["s_per_call_median"], "mixed_step_s": mixed["s_per_call_median"],
-           "ratio": round(mixed["s_per_call_median"] / base["s_per_call_median"], 3), "slot_load_ms_incl_first_image": round(load_ms, 2),
-           "slot_bytes": slots.nbytes}
-    del engine, pipe, slots, unet
-    if common.is_cuda(device):
-        import gc
+    slots = AdapterSlots(pipe, step_loop_slot_config(job))
+    weights = [lora_from_state_dict(random_lora(shapes, rank, 100 + i), name=f"a{i}", fingerprint=f"{i:064d}", unet_config=unet.config).to(device)
+               for i in range(batch)]
 
-        gc.collect()
-        torch.cuda.empty_cache()
-    return out
+    def timed_acquire(w):
+        common.sync(device)
+        start = time.perf_counter()
+        pinned = slots.acquire([(w, 1.0)])
+        common.sync(device)
+        return pinned, 1000 * (time.perf_counter() - start)
+
+    cold = [timed_acquire(w) for w in weights]
+    pinned = [p for p, _ in cold]
+    slots.set_batch(pinned, guidance=True)
+    mixed = common.measure(step, warmup=warmup, calls=calls, device=device)
+    warm_ms = []
+    for _ in range(warm_rounds):
+        for p in pinned:
+            slots.release(p)
+        for w in weights:
+            slots.evict(w)
+        again = [timed_acquire(w) for w in weights]
+        pinned = [p for p, _ in again]
+        warm_ms += [ms for _, ms in again]
+    for p in pinned:
+        slots.release(p)
+    cold_ms = [ms for _, ms in cold]
+    return {"batch": batch, "rank": rank, "slot_config": dataclasses.asdict(slots.config), "slot_modules": slots.num_modules,
+            "base_step_s": base["s_per_call_median"], "mixed_step_s": mixed["s_per_call_median"],
+            "ratio": round(mixed["s_per_call_median"] / base["s_per_call_median"], 3),
+            "base_warmup_s": base["warmup_s"], "mixed_warmup_s": mixed["warmup_s"],
+            "slot_load_ms_incl_first_image": round(statistics.mean(cold_ms), 2), "slot_load_ms_cold_max": round(max(cold_ms), 2),
+            "slot_load_ms_warm": round(statistics.median(warm_ms), 3), "slot_load_ms_warm_max": round(max(warm_ms), 3), "warm_loads": len(warm_ms),
+            "slot_row_mib": round(slots.row_nbytes / 2**20, 1), "slot_bytes": slots.nbytes}
+
+
+# --------------------------------------------------------------------------- the load
+def post(session, url: str, body: dict, timeout: float) -> dict:
+    """One generate request: its status (or the client-side exception's name) and latency."""
+    import requests
+
+    start = time.perf_counter()
+    try:
+        r = session.post(f"{url}/v1/generate", json=body, timeout=timeout)
+    except requests.RequestException as e:
+        return {"status": type(e).__name__, "latency": time.perf_counter() - start, "adapters": bool(body["adapters"]), "tiers": {}, "batch": 0}
+    latency = time.perf_counter() - start
+    try:
+        timings = r.json().get("timings") or {}
+    except ValueError:
+        timings = {}
+    return {"status": r.status_code, "latency": latency, "adapters": bool(body["adapters"]),
+            "tiers": timings.get("adapter_tiers", {}), "batch": (timings.get("batch_sizes") or [0])[0]}
 
 
 def load_test(url: str, plan: list[dict], concurrency: int, max_seconds: float) -> tuple[list[dict], float]:
+    """``plan`` from ``concurrency`` client threads; no request starts after ``max_seconds``."""
     import requests
 
     results, lock, session = [], threading.Lock(), threading.local()
@@ -197,16 +279,9 @@ def load_test(url: str, plan: list[dict], concurrency: int, max_seconds: float) 
             return
         s = getattr(session, "s", None) or requests.Session()
         session.s = s
-        start = time.perf_counter()
-        r = s.post(f"{url}/v1/generate", json=body, timeout=600)
-        latency = time.perf_counter() - start
-        try:
-            timings = r.json().get("timings") or {}
-        except ValueError:
-            timings = {}
+        result = post(s, url, body, timeout=600)
         with lock:
-            results.append({"status": r.status_code, "latency": latency, "adapters": bool(body["adapters"]),
-                            "tiers": timings.get("adapter_tiers", {}), "batch": (timings.get("batch_sizes") or [0])[0]})
+            results.append(result)
 
     t = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -214,50 +289,183 @@ def load_test(url: str, plan: list[dict], concurrency: int, max_seconds: float) 
     return results, time.perf_counter() - t
 
 
+def single_requests(url: str, n: int, adapter: str) -> dict:
+    """``n`` requests one after another from one client, no adapter and ``adapter`` in turn."""
+    import requests
+
+    with requests.Session() as s:
+        results = [post(s, url, {"prompt": f"a blue square, single {i}", "seed": 20_000 + i,
+                                 "adapters": [{"name": adapter, "scale": 0.8}] if i % 2 else []}, timeout=600) for i in range(n)]
+    lat = [r["latency"] for r in results if r["status"] == 200]
+    return {"n": n, "ok": len(lat), "errors": errors_of(results), "p50": round(common.percentile(lat, 50), 3) if lat else None,
+            "min": round(min(lat), 3) if lat else None, "max": round(max(lat), 3) if lat else None,
+            "latencies": [{"adapter": r["adapters"], "s": round(r["latency"], 3), "status": r["status"]} for r in results]}
+
+
+def errors_of(results: list[dict]) -> dict[str, int]:
+    return {str(s): sum(r["status"] == s for r in results) for s in {r["status"] for r in results} - {200}}
+
+
+def level_summary(results: list[dict], elapsed: float, delta: dict[str, float], *, clients: int, planned: int, max_seconds: float,
+                  batching: str, gpu: dict) -> dict:
+    """One load level: throughput, latency percentiles, errors, adapter cache and batch sizes."""
+    ok = [r for r in results if r["status"] == 200]
+    lat = [r["latency"] for r in ok]
+    with_adapters = [r for r in ok if r["adapters"]]
+    hits = [r for r in with_adapters if all(t in ("resident", "device", "cpu") for t in r["tiers"].values())]
+    swaps = delta.get("rayimg_adapter_swaps_total", 0)
+    if batching == "step":  # samples per UNet call of the step loop
+        mean_batch = delta.get("rayimg_denoise_samples_total", 0) / max(delta.get("rayimg_denoise_steps_total", 0), 1)
+    else:
+        mean_batch = sum(r["batch"] for r in ok) / max(len(ok), 1)
+    return {"concurrency": clients, "requests_planned": planned, "requests_sent": len(results), "ok": len(ok), "errors": errors_of(results),
+            "max_seconds": round(max_seconds, 1), "seconds": round(elapsed, 2), "images_per_s": round(len(ok) / elapsed, 4) if ok else None,
+            "latency_s": {q: round(common.percentile(lat, p), 3) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
+            "adapter_cache_hit_rate": round(len(hits) / max(len(with_adapters), 1), 3),
+            "adapter_file_loads": int(delta.get("rayimg_adapter_loads_total", 0)), "adapter_swaps": int(swaps),
+            "mean_swap_ms": round(1000 * delta.get("rayimg_adapter_swap_seconds_total", 0) / max(swaps, 1), 2),
+            "mean_batch_size": round(mean_batch, 2), "gpu_samples": gpu}
+
+
+# --------------------------------------------------------------------------- phases
+class Phases:
+    """The run's phases against a deadline: each logged at its start and end with the seconds
+    since the start, the partial result written after each (and at a failure, before it
+    propagates), and a phase whose rough estimate would end after the deadline skipped."""
+
+    def __init__(self, t0: float, deadline_s: float, write, details: dict):
+        self.t0, self.deadline_s, self.write, self.details = t0, deadline_s, write, details
+        details.update(deadline_s=deadline_s, phases={}, skipped=[], skip_reasons={})
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def left(self) -> float:
+        return self.deadline_s - self.elapsed()
+
+    def skip(self, name: str, why: str) -> None:
+        common.log("serve", f"skip {name}: {why}")
+        self.details["skipped"].append(name)
+        self.details["skip_reasons"][name] = why
+        self.write()
+
+    def fits(self, name: str, estimate_s: float) -> bool:
+        """Whether ``name`` (about ``estimate_s``) ends before the deadline; else it is skipped."""
+        if self.elapsed() + estimate_s <= self.deadline_s:
+            return True
+        self.skip(name, f"{self.left():.0f} s left before --deadline-s {self.deadline_s:.0f}, needs about {estimate_s:.0f} s")
+        return False
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = self.elapsed()
+        common.log("serve", f"phase {name}: start at {start:.1f} s")
+        try:
+            yield
+        except BaseException as e:
+            self.details["failed"] = {"phase": name, "error": f"{type(e).__name__}: {e}", "at_s": round(self.elapsed(), 1)}
+            common.log("serve", f"phase {name}: FAILED at {self.elapsed():.1f} s: {type(e).__name__}: {e}")
+            self.write()
+            raise
+        end = self.elapsed()
+        self.details["phases"][name] = {"start_s": round(start, 1), "end_s": round(end, 1), "seconds": round(end - start, 1)}
+        common.log("serve", f"phase {name}: end at {end:.1f} s ({end - start:.1f} s)")
+        self.write()
+
+
+class Estimates:
+    """Rough lower bounds of each phase's seconds (real size on an H100; smoke: tiny), for the
+    deadline: a phase is skipped only when even this would pass it."""
+
+    def __init__(self, real: bool, compiled: bool):
+        self.real, self.compiled = real, compiled
+        self.s_per_image = (0.8 if compiled else 1.2) if real else 0.1
+
+    def mixed_step(self) -> float:
+        return (120 if self.compiled else 20) if self.real else 5
+
+    def reference(self, batch: int, calls: int) -> float:
+        return ((90 if self.compiled else 10) if self.real else 2) + batch * calls * self.s_per_image
+
+    def app(self) -> float:
+        return (60 if self.compiled else 40) if self.real else 10
+
+    def single(self, n: int) -> float:
+        return n * ((1.5 if self.compiled else 5) if self.real else 0.5)
+
+    def drain(self, clients: int) -> float:
+        """After the last request is sent: the requests in flight, then Serve's shutdown."""
+        return clients * self.s_per_image + (10 if self.real else 5)
+
+
+def int_list(ap, flag: str, text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"{flag}: expected a comma list of integers, got {text!r}")
+    if not values or any(v < 1 for v in values):
+        ap.error(f"{flag}: expected positive integers, got {text!r}")
+    return values
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny SD at 64², 2 steps: checks the code path, numbers meaningless")
     ap.add_argument("--adapters", type=int, default=None, help="published adapters (GPU default 20)")
-    ap.add_argument("--requests", type=int, default=None, help="requests sent (GPU default 48)")
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", default=None, help="client threads of each load level, run one after another against the same app, "
+                                                        "e.g. 8,32 (GPU default 8, smoke 2,3); the headline is the first level's")
+    ap.add_argument("--requests", default=None, help="requests per level: a comma list matching --concurrency, or one number for the "
+                                                     "first level (default: GPU 48, smoke 6) with 3x clients for each later one")
+    ap.add_argument("--single", type=int, default=None, help="sequential single requests before the load, one client (GPU default 5, smoke 2; 0: none)")
     ap.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent s")
     ap.add_argument("--no-adapter-share", type=float, default=0.1)
-    ap.add_argument("--max-seconds", type=float, default=300.0, help="stop sending after this long")
-    ap.add_argument("--max-batch-size", type=int, default=4, help="http.max_batch_size (also the reference's batch)")
+    ap.add_argument("--max-seconds", type=float, default=300.0, help="stop sending after this long, per level (also capped by --deadline-s)")
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="seconds from the start by which every phase should be done; a phase that would not be is skipped, a level's "
+                         "sending is cut short (GPU default 560: one 10-minute device call, less bench/run.py's margin; smoke 280)")
+    ap.add_argument("--max-batch-size", type=int, default=4, help="http.max_batch_size and batching.max_batch (the step loop's batch)")
     ap.add_argument("--options", default="", help="engine speed options of the app and the reference: compile,cudagraphs,fuse_qkv,channels_last,compile_vae,fp8")
+    ap.add_argument("--ref-batch", type=int, default=None, help="the reference stream's batch (default --max-batch-size; issue 22 compares "
+                                                                "with the engine's best bulk batch, 16 on an H100)")
     ap.add_argument("--ref-calls", type=int, default=None, help="batches in the reference stream (GPU default 6)")
+    ap.add_argument("--skip-reference", action="store_true", help="no reference stream (the ratio is then null)")
     ap.add_argument("--batching", choices=("step", "request"), default="step",
                     help="the app's batching.mode: step-level with per-sample adapters (default), or request batches with fused adapters")
-    ap.add_argument("--mixed-step", action="store_true", help="also time one UNet step of --max-batch-size samples with as many "
-                                                                "different adapters against the base step (before the app starts)")
+    ap.add_argument("--mixed-step", action="store_true", help="also time one UNet step of --max-batch-size samples with as many different "
+                                                                "adapters against the base step, and the slot loads (before the app starts; "
+                                                                "always with --smoke)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None, help="write this headline's JSON here")
+    ap.add_argument("--json", default=None, help="write this headline's JSON here (the partial one after each phase too)")
     args = ap.parse_args(argv)
+    t0 = time.perf_counter()
     real = not args.smoke
     device = "cuda" if real else "cpu"
     steps, size, rank = (30, 1024, 16) if real else (2, 64, 4)
     adapters = args.adapters or (20 if real else 4)
-    n_requests = args.requests or (48 if real else 12)
-    concurrency = args.concurrency if real else min(args.concurrency, 2)
+    levels = int_list(ap, "--concurrency", args.concurrency or ("8" if real else "2,3"))
+    if len(set(levels)) != len(levels):
+        ap.error(f"--concurrency: each level once, got {args.concurrency!r}")
+    counts = int_list(ap, "--requests", args.requests or ("48" if real else "6"))
+    if len(counts) == 1:
+        counts += [3 * c for c in levels[1:]]
+    if len(counts) != len(levels):
+        ap.error(f"--requests: {len(counts)} numbers for {len(levels)} levels of --concurrency; give one, or one per level")
+    n_single = (5 if real else 2) if args.single is None else args.single
+    ref_batch = args.ref_batch or args.max_batch_size
     ref_calls = args.ref_calls or (6 if real else 3)
+    deadline_s = (560.0 if real else 280.0) if args.deadline_s is None else args.deadline_s
     options = {o for o in args.options.split(",") if o}
-    t0 = time.perf_counter()
     env = common.device_info(device)
+    estimate = Estimates(real, "compile" in options)
 
-    import ray
-    import requests
-    import torch
+    from rayimg.config import ServeJob, from_dict, to_dict
 
-    from rayimg.config import ServeJob, from_dict
-    from serving.app import start
+    import render as render_bench
 
     tmp = Path(tempfile.mkdtemp(prefix="rayimg-bench-serve-"))
     registry = str(tmp / "registry")
     names = [f"load-{i:03d}" for i in range(adapters)]
     port = 8000 + random.Random(os.getpid()).randrange(1000)
-    import render as render_bench
-    from rayimg.config import to_dict
-
     engine = to_dict(render_bench.engine_config(options, 1, batch_invariant=not real))
     job = from_dict(ServeJob, {
         "registry": registry, "model": {"device": device}, "app_name": "bench",
@@ -265,7 +473,7 @@ def main(argv=None) -> dict:
         "limits": {"max_width": size, "max_height": size, "max_steps": steps, "max_num_images": 1},
         "engine": engine,
         "http": {"host": "127.0.0.1", "port": port, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.02,
-                 "max_ongoing_requests": 8, "max_queued_requests": 4 * concurrency + 8, "request_timeout_s": 600.0},
+                 "max_ongoing_requests": 8, "max_queued_requests": 4 * max(levels) + 8, "request_timeout_s": 600.0},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         "batching": {"mode": args.batching, "max_batch": args.max_batch_size,
                      "pad_to": sorted({b for b in (1, 2, 4, 8, 16) if b < args.max_batch_size} | {args.max_batch_size}),
@@ -274,12 +482,111 @@ def main(argv=None) -> dict:
         "num_cpus_per_replica": 1.0 if real else 0.5, "num_gpus_per_replica": 1.0 if real else 0.0, "num_cpus_ingress": 0.25,
     })
 
-    mixed = None
-    if args.mixed_step:
-        mixed = mixed_adapter_step(job, real, batch=args.max_batch_size, rank=rank, device=device)
-        common.log("serve", f"mixed-adapter step: {json.dumps(mixed)}")
-    ref = engine_bulk_rate(job, real, calls=ref_calls, device=device)
-    common.log("serve", f"reference: engine bulk {ref['images_per_s']:.3f} images/s at batch {args.max_batch_size}")
+    details = {"adapters": len(names), "zipf_s": args.zipf, "rank": rank, "size": size, "steps": steps, "options": sorted(options),
+               "batching": args.batching, "max_batch_size": args.max_batch_size, "concurrency_levels": levels, "requests_per_level": counts,
+               "mixed_adapter_step": None, "reference_measure": None, "reference_batch": None if args.skip_reference else ref_batch,
+               "single_request_s": None, "levels": {}}
+    partial_path = Path(args.json) if args.json else (common.out_dir() if real else tmp) / "serve_partial.json"
+
+    def result(partial: bool) -> dict:
+        first = details["levels"].get(str(levels[0]))
+        ref = details["reference_measure"]
+        details["partial"] = partial
+        return common.headline(
+            "serve", figure=first and first["images_per_s"], unit="images/s",
+            what=f"Serve app over HTTP ({args.batching} batching), {levels[0]} clients"
+                 f"{' (levels ' + ','.join(map(str, levels)) + ')' if len(levels) > 1 else ''}, {len(names)} adapters (Zipf {args.zipf}), "
+                 f"{size}², {steps} steps, options {','.join(sorted(options)) or 'none'}",
+            reference=ref and ref["images_per_s"],
+            reference_what=(f"the render engine's bulk stream, same engine settings, batch {ref_batch}, no adapters" if ref else
+                            "none (" + ("skipped: " + details["skip_reasons"]["reference"] if "reference" in details["skip_reasons"] else "not measured yet") + ")"),
+            device=env, command=common.command_line(), seconds=phases.elapsed(), details=details)
+
+    phases = Phases(t0, deadline_s, lambda: common.write_json(partial_path, result(partial=True)), details)
+    common.log("serve", f"levels {levels} with {counts} requests, {n_single} single, deadline {deadline_s:.0f} s; partial results: {partial_path}")
+
+    if args.mixed_step or args.smoke:
+        if phases.fits("mixed_step", estimate.mixed_step()):
+            with phases("mixed_step"):
+                details["mixed_adapter_step"] = mixed_adapter_step(job, real, rank=rank, device=device)
+                free_device(device)  # its models are gone with its frame
+            common.log("serve", f"mixed-adapter step: {json.dumps(details['mixed_adapter_step'])}")
+    if args.skip_reference:
+        phases.skip("reference", "--skip-reference")
+    elif phases.fits("reference", estimate.reference(ref_batch, ref_calls)):
+        with phases("reference"):
+            details["reference_measure"] = engine_bulk_rate(job, real, batch=ref_batch, calls=ref_calls, device=device)
+        common.log("serve", f"reference: engine bulk {details['reference_measure']['images_per_s']:.3f} images/s at batch {ref_batch}")
+
+    later = (["single"] if n_single else []) + [f"level {c}" for c in levels]
+    import ray
+
+    try:
+        url = None
+        if phases.fits("app", estimate.app()):
+            with phases("app"):
+                url = start_app(job, real, names, rank, details)
+        else:
+            for name in later:
+                phases.skip(name, "the app did not start")
+        if url and n_single:
+            if phases.fits("single", estimate.single(n_single)):
+                with phases("single"):
+                    details["single_request_s"] = single_requests(url, n_single, names[0])
+                s = details["single_request_s"]
+                common.log("serve", f"single requests: p50 {s['p50']} s, min {s['min']} s, max {s['max']} s")
+        rng = random.Random(args.seed)
+        weights = zipf_weights(len(names), args.zipf)
+        for li, (clients, n_requests) in enumerate(zip(levels, counts)):
+            plan = [{"prompt": f"a red circle, level {clients}, request {i}", "seed": 10_000 + 1000 * li + i,
+                     "adapters": [] if rng.random() < args.no_adapter_share else [{"name": rng.choices(names, weights)[0], "scale": 0.8}]}
+                    for i in range(n_requests)]
+            if not url:
+                continue
+            name, drain = f"level {clients}", estimate.drain(clients)
+            if not phases.fits(name, drain + MIN_SENDING_S):
+                continue
+            max_seconds = min(args.max_seconds, phases.left() - drain)
+            with phases(name):
+                before = counters(url)
+                with common.GpuSampler() as gpu:
+                    results, elapsed = load_test(url, plan, clients, max_seconds)
+                after = counters(url)
+                delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+                level = details["levels"][str(clients)] = level_summary(results, elapsed, delta, clients=clients, planned=n_requests,
+                                                                        max_seconds=max_seconds, batching=args.batching, gpu=gpu.summary())
+                if li == 0:  # the headline's level, also at the top level (the keys from before the levels)
+                    details.update({k: level[k] for k in HEADLINE_LEVEL_KEYS})
+            common.log("serve", f"{clients} clients: {level['ok']}/{level['requests_sent']} ok ({n_requests} planned) in {level['seconds']} s, "
+                                f"{level['images_per_s']} images/s, p50 {level['latency_s']['p50']} s, p95 {level['latency_s']['p95']} s, "
+                                f"errors {level['errors']}, mean batch {level['mean_batch_size']}")
+    finally:
+        if ray.is_initialized():
+            from ray import serve
+
+            serve.shutdown()
+            ray.shutdown()
+
+    out = result(partial=False)
+    for clients, level in details["levels"].items():
+        print(f"{clients} clients: {level['images_per_s']} images/s, latency p50 {level['latency_s']['p50']} s, p95 {level['latency_s']['p95']} s, "
+              f"errors {level['errors']}; {level['adapter_swaps']} swaps, mean batch {level['mean_batch_size']}", flush=True)
+    if details["skipped"]:
+        print(f"skipped: {', '.join(details['skipped'])}", flush=True)
+    common.report(out, args.json)
+    if not args.json:
+        common.write_json(partial_path, out)
+    return out
+
+
+def start_app(job, real: bool, names: list[str], rank: int, details: dict) -> str:
+    """Publish the adapters, start a local Ray and the app, send one warm-up request (first-call
+    costs); the app's URL."""
+    import ray
+    import requests
+    import torch
+
+    from serving.app import start
 
     t = time.perf_counter()
     if real:
@@ -295,61 +602,20 @@ def main(argv=None) -> dict:
 
         loaded = load_model(job.model)
         unet, model_id, model_hash, factory = loaded.pipeline.unet, loaded.model_id, loaded.model_hash, None
-    publish_random_adapters(registry, names, lora_shapes(unet), rank, model_id, model_hash)
+    publish_random_adapters(job.registry, names, lora_shapes(unet), rank, model_id, model_hash)
     common.log("serve", f"published {len(names)} rank-{rank} adapters in {time.perf_counter() - t:.1f}s")
 
     ray.init(num_cpus=os.cpu_count() if real else 2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     t = time.perf_counter()
     url = start(job, renderer_factory=factory)
-    startup = time.perf_counter() - t
+    details["app_startup_s"] = round(time.perf_counter() - t, 1)
     assert url.startswith("http://127.0.0.1:"), url  # loopback only
-    common.log("serve", f"app up at {url} in {startup:.1f}s")
-    try:
-        rng = random.Random(args.seed)
-        weights = zipf_weights(len(names), args.zipf)
-        plan = [{"prompt": f"a red circle, request {i}", "seed": 10_000 + i,
-                 "adapters": [] if rng.random() < args.no_adapter_share else [{"name": rng.choices(names, weights)[0], "scale": 0.8}]}
-                for i in range(n_requests)]
-        requests.post(f"{url}/v1/generate", json={"prompt": "warm-up", "seed": 1}, timeout=900).raise_for_status()  # first-call costs
-        before = counters(url)
-        with common.GpuSampler() as gpu:
-            results, elapsed = load_test(url, plan, concurrency, args.max_seconds)
-        after = counters(url)
-    finally:
-        from ray import serve
-
-        serve.shutdown()
-        ray.shutdown()
-
-    ok = [r for r in results if r["status"] == 200]
-    lat = [r["latency"] for r in ok]
-    with_adapters = [r for r in ok if r["adapters"]]
-    hits = [r for r in with_adapters if all(t in ("resident", "device", "cpu") for t in r["tiers"].values())]
-    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
-    swaps = delta.get("rayimg_adapter_swaps_total", 0)
-    throughput = len(ok) / elapsed if ok else None
-    details = {
-        "adapters": len(names), "zipf_s": args.zipf, "rank": rank, "size": size, "steps": steps, "options": sorted(options),
-        "requests_sent": len(results), "ok": len(ok), "errors": {str(s): sum(r["status"] == s for r in results) for s in {r["status"] for r in results} - {200}},
-        "concurrency": concurrency, "max_batch_size": args.max_batch_size, "seconds": round(elapsed, 2), "app_startup_s": round(startup, 1),
-        "latency_s": {q: round(common.percentile(lat, p), 3) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
-        "adapter_cache_hit_rate": round(len(hits) / max(len(with_adapters), 1), 3),
-        "adapter_file_loads": int(delta.get("rayimg_adapter_loads_total", 0)), "adapter_swaps": int(swaps),
-        "mean_swap_ms": round(1000 * delta.get("rayimg_adapter_swap_seconds_total", 0) / max(swaps, 1), 2),
-        "mean_batch_size": round(sum(r["batch"] for r in ok) / max(len(ok), 1), 2), "reference_measure": ref, "gpu_samples": gpu.summary(),
-        "batching": args.batching, "mixed_adapter_step": mixed,
-    }
-    if args.batching == "step":  # samples per UNet call of the step loop
-        details["mean_batch_size"] = round(delta.get("rayimg_denoise_samples_total", 0) / max(delta.get("rayimg_denoise_steps_total", 0), 1), 2)
-    result = common.headline(
-        "serve", figure=throughput, unit="images/s",
-        what=f"Serve app over HTTP ({args.batching} batching), {concurrency} clients, {len(names)} adapters (Zipf {args.zipf}), {size}², {steps} steps, options {','.join(sorted(options)) or 'none'}",
-        reference=ref["images_per_s"], reference_what=f"the render engine's bulk stream, same engine settings, batch {args.max_batch_size}, no adapters",
-        device=env, command=common.command_line(), seconds=time.perf_counter() - t0, details=details)
-    print(f"latency p50 {details['latency_s']['p50']} s, p95 {details['latency_s']['p95']} s; {details['adapter_swaps']} swaps, "
-          f"mean batch {details['mean_batch_size']}", flush=True)
-    common.report(result, args.json)
-    return result
+    common.log("serve", f"app up at {url} in {details['app_startup_s']:.1f}s")
+    t = time.perf_counter()
+    requests.post(f"{url}/v1/generate", json={"prompt": "warm-up", "seed": 1}, timeout=900).raise_for_status()
+    details["app_warmup_s"] = round(time.perf_counter() - t, 1)
+    common.log("serve", f"warm-up request: {details['app_warmup_s']:.1f}s")
+    return url
 
 
 if __name__ == "__main__":

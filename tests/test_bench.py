@@ -46,6 +46,13 @@ def test_bench_smoke_render_serve_prepare(tmp_path):
     assert job["cold"]["first_image_s"] > 0 and job["cold"]["wall_s"] >= job["cold"]["job_s"]
     serve = result["headlines"]["serve"]["details"]
     assert serve["ok"] == serve["requests_sent"] > 0 and not serve["errors"]
+    assert not serve["partial"] and not serve["skipped"] and set(serve["levels"]) == {"2", "3"}
+    for clients, level in serve["levels"].items():
+        assert level["concurrency"] == int(clients) and level["ok"] == level["requests_sent"] > 0 and not level["errors"]
+    assert serve["levels"]["2"]["images_per_s"] == pytest.approx(result["headlines"]["serve"]["figure"]["value"], rel=1e-3)
+    assert serve["single_request_s"]["ok"] == 2 and serve["single_request_s"]["p50"] > 0
+    assert serve["mixed_adapter_step"]["slot_load_ms_warm"] > 0 and serve["mixed_adapter_step"]["ratio"] > 0
+    assert set(serve["phases"]) == {"mixed_step", "reference", "app", "single", "level 2", "level 3"}
 
 
 def test_bench_smoke_train(tmp_path):
@@ -58,3 +65,18 @@ def test_bench_smoke_train(tmp_path):
     if not has_ref:
         assert h["reference"]["value"] is None and h["ratio"] is None and "missing" in h["details"]["reference_run"]
     assert len(h["details"]["job"]["windows_images_per_s"]) >= 2
+
+
+def test_bench_serve_deadline_skips(tmp_path):
+    """A deadline too short for any phase: each is skipped and recorded, and the JSON is written
+    (no figure, no reference) without starting a model or Ray."""
+    path = tmp_path / "serve.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "bench/serve.py", "--smoke", "--deadline-s", "1", "--json", str(path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    h = json.loads(path.read_text())
+    assert h["figure"]["value"] is None and h["reference"]["value"] is None and h["ratio"] is None
+    details = h["details"]
+    assert details["skipped"] == ["mixed_step", "reference", "app", "single", "level 2", "level 3"]
+    assert not details["levels"] and not details["phases"] and not details["partial"]
