@@ -160,20 +160,11 @@ def engine_bulk_rate(job, real: bool, *, batch: int, calls: int, device: str) ->
     return out
 
 
-def step_loop_slot_config(job):
-    """The SlotConfig the app's step loop gives its AdapterSlots (serving.generator
-    ``_start_step_loop``): the job's ``batching`` sizes, the default targets."""
-    from rayimg.render.multi_lora import SlotConfig
-
-    b = job.batching
-    return SlotConfig(num_slots=b.num_slots, max_rank=b.max_rank, max_batch=b.max_batch, max_adapters=b.max_adapters)
-
-
 def mixed_adapter_step(job, real: bool, *, rank: int, device: str, warm_rounds: int = 2) -> dict:
     """One UNet step of ``batching.max_batch`` samples (CFG: twice the rows) with the app's engine
     settings: the base UNet, then the same batch with as many different adapters in AdapterSlots
-    built with the app's :func:`step_loop_slot_config`, called as the step loop calls the UNet, so
-    the compiled graph is the app's full-batch step graph. Then the slot loads: cold (the
+    laid out as the app's (``serving.generator.slot_config``), called as the step loop calls the
+    UNet, so the compiled graph is the app's full-batch step graph. Then the slot loads: cold (the
     adapter's slot-row image built, then copied) and warm (evicted adapters loaded again from
     their cached images: one copy into a GPU slot each, as a swap in the app), each between two
     device syncs. Issue 22's bars: the mixed step within 1.10x of the base step; a warm load
@@ -187,6 +178,7 @@ def mixed_adapter_step(job, real: bool, *, rank: int, device: str, warm_rounds: 
     from rayimg.render.adapters import lora_from_state_dict
     from rayimg.render.engine import Engine
     from rayimg.render.multi_lora import AdapterSlots
+    from serving.generator import slot_config
 
     batch = job.batching.max_batch
     warmup, calls = (2, 10) if real else (1, 3)
@@ -212,7 +204,7 @@ def mixed_adapter_step(job, real: bool, *, rank: int, device: str, warm_rounds: 
 
     base = common.measure(step, warmup=warmup, calls=calls, device=device)
     shapes = lora_shapes(unet)
-    slots = AdapterSlots(pipe, step_loop_slot_config(job))
+    slots = AdapterSlots(pipe, slot_config(job.batching))
     weights = [lora_from_state_dict(random_lora(shapes, rank, 100 + i), name=f"a{i}", fingerprint=f"{i:064d}", unet_config=unet.config).to(device)
                for i in range(batch)]
 
@@ -420,6 +412,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent s")
     ap.add_argument("--no-adapter-share", type=float, default=0.1)
     ap.add_argument("--max-seconds", type=float, default=300.0, help="stop sending after this long, per level (also capped by --deadline-s)")
+    ap.add_argument("--no-app", action="store_true", help="measure only what comes before the app (--mixed-step, the reference)")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="seconds from the start by which every phase should be done; a phase that would not be is skipped, a level's "
                          "sending is cut short (GPU default 560: one 10-minute device call, less bench/run.py's margin; smoke 280)")
@@ -523,7 +516,10 @@ def main(argv=None) -> dict:
 
     try:
         url = None
-        if phases.fits("app", estimate.app()):
+        if args.no_app:
+            for name in ["app"] + later:
+                phases.skip(name, "--no-app")
+        elif phases.fits("app", estimate.app()):
             with phases("app"):
                 url = start_app(job, real, names, rank, details)
         else:

@@ -75,6 +75,17 @@ def denoising_steps(request) -> int:
     return request.steps
 
 
+def slot_config(batching) :
+    """The step loop's AdapterSlots layout for a ``batching`` section: its sizes, the default
+    targets; the slots take a UNet call's samples padding included (``max_batch`` padded up to a
+    ``pad_to`` size)."""
+    from rayimg.render.multi_lora import SlotConfig
+    from rayimg.render.stepper import padded_size
+
+    b = batching
+    return SlotConfig(num_slots=b.num_slots, max_rank=b.max_rank, max_batch=padded_size(b.max_batch, b.pad_to), max_adapters=b.max_adapters)
+
+
 class GeneratorBase:
     """Holds the model; renders batches of compatible requests. Subclassed by
     :func:`generator_deployment` to add the multiplexed ``adapter_set`` loader (its bound comes
@@ -111,24 +122,25 @@ class GeneratorBase:
         """Per-sample adapter slots on the pipeline and the step loop over them (see serving.stepping).
         With a compiled UNet or VAE decoder and ``batching.warm_up``, the loop's graphs at the
         default size and guidance are made first, so no request waits on a compile."""
-        from rayimg.render.multi_lora import AdapterSlots, SlotConfig
-        from rayimg.render.stepper import SlotAdapters, StepBatcher, padded_size
+        from rayimg.render.multi_lora import AdapterSlots
+        from rayimg.render.stepper import SlotAdapters, StepBatcher
         from serving.stepping import StepLoop
 
         b = self.job.batching
-        # the slots take a UNet call's samples padding included: max_batch padded up to a pad_to size
-        self.slots = AdapterSlots(self.renderer.pipe, SlotConfig(num_slots=b.num_slots, max_rank=b.max_rank,
-                                                                 max_batch=padded_size(b.max_batch, b.pad_to), max_adapters=b.max_adapters))
+        self.slots = AdapterSlots(self.renderer.pipe, slot_config(b))
         batcher = StepBatcher(self.renderer.engine, max_batch=b.max_batch, pad_to=tuple(b.pad_to), adapters=SlotAdapters(self.slots),
                               compile_cache=self.renderer.compile_cache)
         compiled = self.renderer.engine.config.compile or self.renderer.engine.config.compile_vae
-        if b.warm_up and compiled:
-            d = self.job.defaults
+        d = self.job.defaults
+
+        def warm_up() -> None:
             warmed = batcher.warm_up(d.width, d.height, guidance=d.guidance_scale > 1)
             logger.info("rayimg step loop: warmed up UNet batches %s%s at %dx%d (guidance %s) in %.1f s",
                         warmed["unet_batches"], " and the decode" if warmed["decode"] else "", d.width, d.height,
                         "on" if warmed["guidance"] else "off", warmed["seconds"])
-        self.step_loop = StepLoop(batcher, self.render_lock)
+
+        # warmed on the loop's own thread, where the steps record their CUDA graphs
+        self.step_loop = StepLoop(batcher, self.render_lock, first=warm_up if b.warm_up and compiled else None)
 
     @contextlib.contextmanager
     def _fused_path(self):

@@ -24,16 +24,36 @@ logger = logging.getLogger("ray.serve")
 
 class StepLoop:
     """Owns the engine's thread. ``batcher``: a StepBatcher. ``lock``: held during each step (the
-    replica's other engine work takes it too)."""
+    replica's other engine work takes it too). ``first``: called on the loop's thread before it
+    takes requests (a warm-up: torch's CUDA graphs are recorded per thread, so graphs made on
+    another thread would be recorded again by the first steps); the constructor waits for it,
+    keeps its result in ``first_result`` and raises what it raised."""
 
-    def __init__(self, batcher, lock: threading.Lock | None = None, idle_wait_s: float = 0.05):
+    def __init__(self, batcher, lock: threading.Lock | None = None, idle_wait_s: float = 0.05, first: Callable[[], object] | None = None):
         self.batcher = batcher
         self.lock = lock or threading.Lock()
         self.idle_wait_s = idle_wait_s
         self.inbox: queue.Queue = queue.Queue()
         self.cancelled = 0  # requests ended by their ticket (client gone or deadline passed)
-        self.thread = threading.Thread(target=self._run, name="rayimg-step-loop", daemon=True)
+        self.first_result, first_error, started = None, [], threading.Event()
+
+        def run() -> None:
+            try:
+                if first is not None:
+                    with self.lock:
+                        self.first_result = first()
+            except BaseException as e:  # noqa: BLE001 - handed to the constructor
+                first_error.append(e)
+                return
+            finally:
+                started.set()
+            self._run()
+
+        self.thread = threading.Thread(target=run, name="rayimg-step-loop", daemon=True)
         self.thread.start()
+        started.wait()
+        if first_error:
+            raise first_error[0]
 
     @property
     def stats(self) -> dict:

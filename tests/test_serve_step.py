@@ -138,7 +138,9 @@ def test_replica_warms_up_its_step_loop_when_it_compiles(tmp_path, caplog):
     assert all((s["width"], s["height"]) == (64, 64) for s in looked_up)  # serve_job's defaults
     assert warm.step_loop.stats == {"steps": 0, "unet_rows": 0, "samples": 0, "joined_running": 0, "cancelled": 0}
     assert not any(warm.slots._pins) and not warm.step_loop.batcher.busy
-    [line] = [r.getMessage() for r in caplog.records if "warmed up" in r.getMessage()]
+    [record] = [r for r in caplog.records if "warmed up" in r.getMessage()]
+    assert record.threadName == "rayimg-step-loop"  # where the steps record their CUDA graphs
+    line = record.getMessage()
     assert line.startswith("rayimg step loop: warmed up UNet batches [1, 2, 4] and the decode at 64x64 (guidance on) in ")
     assert cold.renderer.compile_cache_status == []
     assert plain.renderer.compile_cache is None and plain.renderer.engine.prompts.stats["encoded"] == 0  # no step ran

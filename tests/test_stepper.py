@@ -224,3 +224,21 @@ def test_warm_up_runs_every_padded_size_once_and_leaves_no_trace():
     fresh, _ = run(batcher(), {0: [request]})
     assert after[0].error is None and np.array_equal(np.asarray(after[0].image), np.asarray(fresh[0].image))
     assert warmed.stats == {**stats, "steps": 3, "samples": 3, "unet_rows": 6}
+
+
+def test_step_loop_runs_its_first_call_on_its_own_thread_and_raises_its_error(engines):
+    """StepLoop's ``first`` (the replica's warm-up) runs on the loop's thread, where the steps
+    record their CUDA graphs, before any request; its failure is the constructor's."""
+    import threading
+
+    from serving.stepping import StepLoop
+
+    batcher = StepBatcher(engines["rayimg-tiny-sd"], max_batch=2)
+    loop = StepLoop(batcher, first=lambda: threading.current_thread())
+    assert loop.first_result is loop.thread and loop.thread.is_alive()
+
+    def broken():
+        raise RuntimeError("warm-up failed: no room")
+
+    with pytest.raises(RuntimeError, match="warm-up failed: no room"):
+        StepLoop(StepBatcher(engines["rayimg-tiny-sd"], max_batch=2), first=broken)
