@@ -11,6 +11,7 @@ the same lock as a step, so it runs between two steps.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import queue
 import threading
@@ -49,7 +50,8 @@ class StepLoop:
                 started.set()
             self._run()
 
-        self.thread = threading.Thread(target=run, name="rayimg-step-loop", daemon=True)
+        # the creator's context: torch's compiler settings (configure_compiler) are per-thread ContextVars
+        self.thread = threading.Thread(target=contextvars.copy_context().run, args=(run,), name="rayimg-step-loop", daemon=True)
         self.thread.start()
         started.wait()
         if first_error:

@@ -228,14 +228,18 @@ def test_warm_up_runs_every_padded_size_once_and_leaves_no_trace():
 
 def test_step_loop_runs_its_first_call_on_its_own_thread_and_raises_its_error(engines):
     """StepLoop's ``first`` (the replica's warm-up) runs on the loop's thread, where the steps
-    record their CUDA graphs, before any request; its failure is the constructor's."""
+    record their CUDA graphs, before any request, and sees the compiler settings of the thread
+    that made the loop (torch keeps them per thread); its failure is the constructor's."""
     import threading
+
+    import torch._dynamo
 
     from serving.stepping import StepLoop
 
     batcher = StepBatcher(engines["rayimg-tiny-sd"], max_batch=2)
-    loop = StepLoop(batcher, first=lambda: threading.current_thread())
-    assert loop.first_result is loop.thread and loop.thread.is_alive()
+    with torch._dynamo.config.patch(cache_size_limit=123):
+        loop = StepLoop(batcher, first=lambda: (threading.current_thread(), torch._dynamo.config.cache_size_limit))
+    assert loop.first_result == (loop.thread, 123) and loop.thread.is_alive()
 
     def broken():
         raise RuntimeError("warm-up failed: no room")
