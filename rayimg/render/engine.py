@@ -272,6 +272,8 @@ class Engine:
         if first.mode == "controlnet" and first.controlnet != self.controlnet_id:
             raise ValueError(f"controlnet: the request names {first.controlnet!r} but the engine holds {self.controlnet_id!r}")
         pipe = self.pipeline(first.mode)
+        if self.config.compile or self.config.compile_vae:
+            speedups.configure_compiler()  # torch keeps these per thread: a server calls from several
         if self.batch_invariant:
             return [image for i, r in enumerate(requests)
                     for image in self._call(pipe, [r], output_type, while_busy if i == len(requests) - 1 else None)]
