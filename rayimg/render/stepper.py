@@ -288,14 +288,15 @@ class StepBatcher:
         decode, at ``width`` x ``height``, guidance on or off (as the engine decides for a
         request with it), no adapters: the graphs live steps of that size use, made now (compiled,
         or loaded from the compile cache and saved to it, as a first real step would) instead of
-        under a live request. Dummy one-step requests go through :meth:`step`; the batcher must be
+        under a live request. Each size runs twice: with CUDA graphs (``reduce-overhead``) torch
+        records a shape's graph at its second call. Dummy two-step requests go through :meth:`step`; the batcher must be
         idle and is left idle with its stats as they were. Returns what was warmed and the seconds
         it took."""
         if self.busy:
             raise RuntimeError("warm_up: the batcher has requests; warm it up before the first submit")
         largest = padded_size(self.max_batch, self.pad_to)
         sizes = [b for b in self.pad_to if b <= largest] or sorted({1, self.max_batch})
-        request = GenerationRequest(prompt="", steps=1, seed=0, width=width, height=height, guidance_scale=2.0 if guidance else 1.0)
+        request = GenerationRequest(prompt="", steps=2, seed=0, width=width, height=height, guidance_scale=2.0 if guidance else 1.0)
         stats, output = dict(self.stats), self.output
         start = time.perf_counter()
         try:
