@@ -75,14 +75,13 @@ def denoising_steps(request) -> int:
     return request.steps
 
 
-def slot_config(batching) :
-    """The step loop's AdapterSlots layout for a ``batching`` section: its sizes, the default
+def slot_config(b):
+    """The step loop's AdapterSlots layout for a ``batching`` section ``b``: its sizes, the default
     targets; the slots take a UNet call's samples padding included (``max_batch`` padded up to a
     ``pad_to`` size)."""
     from rayimg.render.multi_lora import SlotConfig
     from rayimg.render.stepper import padded_size
 
-    b = batching
     return SlotConfig(num_slots=b.num_slots, max_rank=b.max_rank, max_batch=padded_size(b.max_batch, b.pad_to), max_adapters=b.max_adapters)
 
 

@@ -289,9 +289,9 @@ class StepBatcher:
         request with it), no adapters: the graphs live steps of that size use, made now (compiled,
         or loaded from the compile cache and saved to it, as a first real step would) instead of
         under a live request. Each size runs twice: with CUDA graphs (``reduce-overhead``) torch
-        records a shape's graph at its second call. Dummy two-step requests go through :meth:`step`; the batcher must be
-        idle and is left idle with its stats as they were. Returns what was warmed and the seconds
-        it took."""
+        records a shape's graph at its second call. Dummy two-step requests go through
+        :meth:`step`; the batcher must be idle and is left idle with its stats as they were.
+        Returns what was warmed and the seconds it took."""
         if self.busy:
             raise RuntimeError("warm_up: the batcher has requests; warm it up before the first submit")
         largest = padded_size(self.max_batch, self.pad_to)
