@@ -63,6 +63,17 @@ def _pip_install(target: str, wheels: list[Path]) -> int:
     return subprocess.call(cmd)
 
 
+UNFIT = 3  # deps' exit status when ref/wheels was built for another Python or platform
+
+
+def _fits_here(wheel: Path) -> bool:
+    """Whether pip can install this wheel file on the running interpreter."""
+    from packaging.tags import sys_tags
+    from packaging.utils import parse_wheel_filename
+
+    return not parse_wheel_filename(wheel.name)[3].isdisjoint(set(sys_tags()))
+
+
 def cmd_deps(args) -> int:
     wheels = sorted(Path(args.wheels).glob("*.whl"))
     missing = []
@@ -71,6 +82,10 @@ def cmd_deps(args) -> int:
         module = WHEEL_MODULES.get(dist, dist.replace("-", "_"))
         if importlib.util.find_spec(module) is None:
             missing.append(wheel)
+    unfit = [w.name for w in missing if not _fits_here(w)]
+    if unfit:
+        log(f"no wheel for this Python ({sys.implementation.cache_tag}) in {args.wheels}: {', '.join(unfit)}")
+        return UNFIT
     if missing:
         log(f"installing into {args.target}: {', '.join(w.name for w in missing)}")
         rc = _pip_install(args.target, missing)

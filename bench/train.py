@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import common
+from reference_train import UNFIT as REF_DEPS_UNFIT
 
 REF_SCRIPT = common.ROOT / "ref/diffusers/examples/text_to_image/train_text_to_image_lora_sdxl.py"
 STEP_LINE = re.compile(r"\[train\] step (\d+): .*?([\d.]+) images/s")
@@ -80,6 +81,8 @@ def run_reference(*, model_dir: Path, data_dir: Path, work: Path, batch: int, re
     with open(log_path, "w") as log:
         deps = subprocess.run([sys.executable, str(here / "reference_train.py"), "deps", "--target", str(site)],
                               stdout=log, stderr=subprocess.STDOUT, cwd=common.ROOT)
+        if deps.returncode == REF_DEPS_UNFIT:
+            return {"missing": f"ref/wheels was built for another Python or platform; see {log_path}"}
         if deps.returncode != 0:
             return {"error": f"reference deps failed; see {log_path}"}
         proc = subprocess.run([sys.executable, str(here / "reference_train.py"), "run", "--model-dir", str(model_dir), "--data-dir", str(data_dir),
