@@ -73,9 +73,15 @@ def connect(cfg: ClusterConfig) -> str:
     # jobs' progress metrics (rayimg_render_*).
     port = _free_port()
     env = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-    ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, configure_logging=False, runtime_env={"env_vars": env})
-    print(f"[ray] local cluster, dashboard http://127.0.0.1:{port}", flush=True)
+    # include_dashboard=None: Ray starts it where it can and carries on where it cannot (a Ray
+    # installed without the dashboard's frontend or its packages), as a plain ray.init() does.
+    ctx = ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=None, dashboard_host="127.0.0.1",
+                   dashboard_port=port, configure_logging=False, runtime_env={"env_vars": env})
+    if getattr(ctx, "dashboard_url", None):
+        print(f"[ray] local cluster, dashboard http://{ctx.dashboard_url}", flush=True)
+    else:
+        print("[ray] local cluster; its dashboard did not start (this Ray has no dashboard frontend or packages): "
+              "progress is in these logs only", flush=True)
     return "local"
 
 
