@@ -516,7 +516,8 @@ def run(job: RenderJob) -> dict:
     reporter = _Reporter(progress, job.progress_interval_s, started)
     # Ray Data restarts a dead actor and re-runs its unit (max_restarts/max_task_retries -1 by
     # default). One unit in flight per actor: a unit waits in the shared queue, not behind a busy actor.
-    ds = ds.map_batches(_render_rows_for(job, progress), batch_size=None, batch_format="numpy",
+    # batch_size = one unit: each block is one unit, and Ray Data refuses batch_size=None for GPU actors
+    ds = ds.map_batches(_render_rows_for(job, progress), batch_size=unit, batch_format="numpy",
                         compute=ActorPoolStrategy(size=job.concurrency, max_tasks_in_flight_per_actor=1),
                         num_gpus=job.num_gpus_per_actor or None, resources=dict(job.actor_resources) or None)
     rendered = skipped = 0
