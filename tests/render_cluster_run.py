@@ -3,8 +3,9 @@ in its own process (the test session already holds a Ray cluster of its own).
 
     python tests/render_cluster_run.py '<json>'   # {"runs": [[name, job_dict, remove_after_images], ...]}
 
-Each node has 1 CPU and one ``render_slot`` (standing in for a GPU), so the job's two render actors
-land one per node. A run with ``remove_after_images`` > 0 removes the worker node once that many
+Each node has 1 CPU and declares one GPU (Ray schedules it like a real one; the actors render on
+the CPU), and each render actor asks for a GPU as on a GPU cluster, so the two actors land one per
+node and the job takes the same Ray Data path as on GPUs. A run with ``remove_after_images`` > 0 removes the worker node once that many
 PNGs exist and adds a fresh node in its place (as an autoscaler replaces a lost machine). Prints
 ``RESULT <json>`` with each run's summary.
 """
@@ -26,7 +27,7 @@ def main() -> None:
     from rayimg.run.render import run
 
     spec = json.loads(sys.argv[1])
-    node = {"num_cpus": 1, "resources": {"render_slot": 1}}
+    node = {"num_cpus": 1, "num_gpus": 1}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     state = {"worker": cluster.add_node(**node)}
     cluster.wait_for_nodes()

@@ -25,7 +25,7 @@ def job(catalog: str, out: str, registry: str) -> dict:
     return {"catalog": {"source": catalog}, "output": {"uri": out}, "registry": registry, "model": {"device": "cpu"},
             "defaults": {"steps": 2, "width": 64, "height": 64, "guidance_scale": 3.0},
             "limits": {"max_width": 128, "max_height": 128, "max_steps": 10}, "engine": {"batch_size": BATCH},
-            "concurrency": 2, "actor_resources": {"render_slot": 1}, "progress_interval_s": 1.0}
+            "concurrency": 2, "num_gpus_per_actor": 1, "progress_interval_s": 1.0}
 
 
 def catalog(path: Path, tag: str) -> str:
