@@ -73,9 +73,11 @@ def connect(cfg: ClusterConfig) -> str:
     # jobs' progress metrics (rayimg_render_*).
     port = _free_port()
     env = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-    # include_dashboard=None: Ray starts it where it can and carries on where it cannot (a Ray
-    # installed without the dashboard's frontend or its packages), as a plain ray.init() does.
-    ctx = ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=None, dashboard_host="127.0.0.1",
+    # A Ray without the dashboard's frontend (built from source, some wheels and images) would wait
+    # a minute for a dashboard that cannot start: skip it there. include_dashboard=None elsewhere:
+    # Ray starts it where it can and carries on where it cannot (e.g. its packages are missing).
+    ctx = ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                   include_dashboard=None if _dashboard_frontend() else False, dashboard_host="127.0.0.1",
                    dashboard_port=port, configure_logging=False, runtime_env={"env_vars": env})
     if getattr(ctx, "dashboard_url", None):
         print(f"[ray] local cluster, dashboard http://{ctx.dashboard_url}", flush=True)
@@ -83,6 +85,13 @@ def connect(cfg: ClusterConfig) -> str:
         print("[ray] local cluster; its dashboard did not start (this Ray has no dashboard frontend or packages): "
               "progress is in these logs only", flush=True)
     return "local"
+
+
+def _dashboard_frontend() -> bool:
+    """Whether this Ray has the dashboard's web frontend, which its dashboard process needs."""
+    import ray.dashboard
+
+    return os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(ray.dashboard.__file__)), "client", "build"))
 
 
 def _free_port() -> int:
