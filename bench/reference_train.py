@@ -74,15 +74,25 @@ def _fits_here(wheel: Path) -> bool:
     return not parse_wheel_filename(wheel.name)[3].isdisjoint(set(sys_tags()))
 
 
-def cmd_deps(args) -> int:
-    wheels = sorted(Path(args.wheels).glob("*.whl"))
+def missing_wheels(wheels_dir: str | Path) -> list[Path]:
+    """The wheels in ``wheels_dir`` whose module this interpreter cannot import yet."""
     missing = []
-    for wheel in wheels:
+    for wheel in sorted(Path(wheels_dir).glob("*.whl")):
         dist = wheel.name.split("-")[0].lower().replace("_", "-")
         module = WHEEL_MODULES.get(dist, dist.replace("-", "_"))
         if importlib.util.find_spec(module) is None:
             missing.append(wheel)
-    unfit = [w.name for w in missing if not _fits_here(w)]
+    return missing
+
+
+def unfit_wheels(wheels: list[Path]) -> list[str]:
+    """Names of ``wheels`` built for another Python or platform."""
+    return [w.name for w in wheels if not _fits_here(w)]
+
+
+def cmd_deps(args) -> int:
+    missing = missing_wheels(args.wheels)
+    unfit = unfit_wheels(missing)
     if unfit:
         log(f"no wheel for this Python ({sys.implementation.cache_tag}) in {args.wheels}: {', '.join(unfit)}")
         return UNFIT

@@ -5,9 +5,9 @@ in its own process (the test session already holds a Ray cluster of its own).
 
 Each node has 1 CPU and declares one GPU (Ray schedules it like a real one; the actors render on
 the CPU), and each render actor asks for a GPU as on a GPU cluster, so the two actors land one per
-node and the job takes the same Ray Data path as on GPUs. A run with ``remove_after_images`` > 0 removes the worker node once that many
-PNGs exist and adds a fresh node in its place (as an autoscaler replaces a lost machine). Prints
-``RESULT <json>`` with each run's summary.
+node and the job takes the same Ray Data path as on GPUs. A run with ``remove_after_images`` > 0
+removes the worker node once that many PNGs exist and adds a fresh node in its place (as an
+autoscaler replaces a lost machine). Prints ``RESULT <json>`` with each run's summary.
 """
 
 from __future__ import annotations
