@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -135,7 +136,7 @@ class CompileCache:
     :meth:`after_call` saves it when there was none. :attr:`events` records what happened, one
     dict per load or save (``{"action": "loaded"|"cold"|"saved"|"ignored"|..., "uri", "bytes",
     "key"}``; the lookup's dict also gets ``graphs_from_cache`` and ``graphs_compiled``, inductor's
-    cache hits and misses in that shape's first call), and each is reported in one line through ``log`` (stderr by default)."""
+    cache hits and misses in that shape's first call, and ``first_call_s``, that call's seconds), and each is reported in one line through ``log`` (stderr by default)."""
 
     storage: Storage
     prefix: str
@@ -152,14 +153,14 @@ class CompileCache:
             first[0].update(event=event)
         self.log(line)
 
-    _first: dict[str, tuple[dict, tuple[int, int]]] = field(default_factory=dict)  # digest -> (event, graph counts before)
+    _first: dict[str, tuple[dict, tuple[int, int], float]] = field(default_factory=dict)  # digest -> (event, graph counts before, start)
 
     def before_call(self, shape: dict) -> None:
         key = self.base_key(shape)
         digest = key_digest(key)
         if digest in self._seen:
             return
-        self._first[digest] = ({}, _graph_counts())
+        self._first[digest] = ({}, _graph_counts(), time.perf_counter())
         uri = entry_uri(self.prefix, key)
         try:
             payload = read_entry(self.storage, uri, key)
@@ -183,9 +184,12 @@ class CompileCache:
         digest = key_digest(key)
         first = self._first.pop(digest, None)
         if first is not None and first[0]:
-            # the lookup's event learns how the shape's first call got its graphs
+            # the lookup's event learns how the shape's first call got its graphs, and how long it took
             hits, misses = (now - then for now, then in zip(_graph_counts(), first[1]))
-            first[0]["event"].update(graphs_from_cache=hits, graphs_compiled=misses)
+            seconds = round(time.perf_counter() - first[2], 2)
+            first[0]["event"].update(graphs_from_cache=hits, graphs_compiled=misses, first_call_s=seconds)
+            self.log(f"rayimg compile cache: first call for {summary(key)} took {seconds:.1f}s "
+                     f"({hits} graph(s) from the cache, {misses} compiled)")
         if self._seen.get(digest, True):  # loaded, already saved, or never looked up
             return
         self._seen[digest] = True

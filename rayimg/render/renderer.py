@@ -30,17 +30,22 @@ class Renderer:
                  compile_cache: str = ""):
         """``compile_cache``: the compile-cache prefix used when ``engine_cfg.compile_cache`` is
         empty (the render job passes one under its output); empty too: no compile cache."""
+        start = time.perf_counter()
         loaded = load_model(model_cfg, storage)
+        loaded_at = time.perf_counter()
         self._setup(loaded.pipeline, loaded.model_id, loaded.model_hash, loaded.family, engine_cfg, adapter_store)
         self._setup_compile_cache(engine_cfg or EngineConfig(), storage, compile_cache)
+        self.startup = {"model_load_s": round(loaded_at - start, 2), "engine_setup_s": round(time.perf_counter() - loaded_at, 2)}
 
     @classmethod
     def from_pipeline(cls, pipe, model_id: str, model_hash: str, family: str, engine_cfg: EngineConfig | None = None,
                       adapter_store=None, storage=None, compile_cache: str = "") -> "Renderer":
         """A renderer over a pipeline already in memory (benchmarks; the loader is skipped)."""
         self = cls.__new__(cls)
+        start = time.perf_counter()
         self._setup(pipe, model_id, model_hash, family, engine_cfg, adapter_store)
         self._setup_compile_cache(engine_cfg or EngineConfig(), storage, compile_cache)
+        self.startup = {"model_load_s": 0.0, "engine_setup_s": round(time.perf_counter() - start, 2)}
         return self
 
     def _setup(self, pipe, model_id, model_hash, family, engine_cfg, adapter_store) -> None:

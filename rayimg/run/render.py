@@ -153,6 +153,9 @@ class RenderRows:
         store = AdapterStore(self.storage, job.registry)
         self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=store, compile_cache=join(job.output.uri, ".compile-cache"))
         store.unet_config = self.renderer.pipe.unet.config
+        startup = self.renderer.startup
+        print(f"[render actor {self.label}] model loaded in {startup['model_load_s']:.1f}s, engine set up in "
+              f"{startup['engine_setup_s']:.1f}s", flush=True)
         self._cache_events_sent = 0
 
     def __call__(self, batch: dict) -> dict:
@@ -188,7 +191,7 @@ class RenderRows:
             rid, key, path = paths[id(req)]
             assert image.key == key
             self.storage.write_bytes(path, image.png)
-            return rid, key, path, req
+            return rid, key, path, req, time.time()
 
         if n_skipped:
             self._report(0, n_skipped)
@@ -203,11 +206,13 @@ class RenderRows:
             try:
                 for results in self.renderer.render_stream(chunks, sink=write):
                     done += 1
-                    for image, (rid, key, path, req) in results:
+                    for image, (rid, key, path, req, _) in results:
                         manifest.append(_manifest_row(rid, key, path, req, image.seconds))
                         out["row_id"].append(rid)
                         out["rendered"].append(True)
-                    self._report(len(results), 0)  # per engine batch, as its PNGs are written
+                    # per engine batch, stamped when its PNGs were written (the stream hands a
+                    # batch over only once the next one is queued, which can be a batch later)
+                    self._report(len(results), 0, at=max(r[1][-1] for r in results))
                     self._report_cache()
                 chunks = []
             except (LoraError, RegistryError, AdapterCorrupt) as e:  # raised by chunks[done]'s adapter swap
@@ -231,10 +236,10 @@ class RenderRows:
             except Exception:
                 pass
 
-    def _report(self, rendered: int, skipped: int) -> None:
+    def _report(self, rendered: int, skipped: int, at: float | None = None) -> None:
         if self.progress is not None:
             try:
-                self.progress.report.remote(self.label, rendered, skipped)  # fire and forget
+                self.progress.report.remote(self.label, rendered, skipped, at)  # fire and forget
             except Exception:  # progress is advisory: never fail a unit over it
                 pass
 
@@ -277,7 +282,7 @@ class Progress:
         self.rendered = 0
         self.skipped = 0
         self.per_actor: dict[str, int] = {}
-        self.first: float | None = None  # time of the first report (the first engine batch written)
+        self.first: float | None = None  # when the first engine batch was written
         self.last: float | None = None
         self.rendered_at_first = 0  # images of the first report: the steady rate counts what came after
         self.cache: dict[str, int] = {}  # compile-cache event counts of every actor (loaded, cold, saved, ignored)
@@ -298,13 +303,17 @@ class Progress:
         except Exception:
             pass
 
-    def report(self, actor: str, rendered: int, skipped: int) -> None:
-        now = time.time()
-        if self.first is None:
-            self.first = now
-            self.rendered_at_first = rendered
+    def report(self, actor: str, rendered: int, skipped: int, at: float | None = None) -> None:
+        """``at``: when these rows were written (default: now). Batches may report out of order:
+        the first and last times are the earliest and latest written."""
+        now = time.time() if at is None else at
         if rendered:
-            self.last = now
+            if self.first is None or now < self.first:
+                self.first, self.rendered_at_first = now, rendered
+            elif now == self.first:
+                self.rendered_at_first += rendered
+            if self.last is None or now > self.last:
+                self.last = now
         self.rendered += rendered
         self.skipped += skipped
         self.per_actor[actor] = self.per_actor.get(actor, 0) + rendered + skipped
@@ -353,7 +362,7 @@ def format_progress(snap: dict, started: float) -> str:
 
 class _Reporter:
     """A driver thread that polls the Progress actor and prints a line at least every
-    ``interval`` seconds from the first image on: one updating line on a terminal, plain
+    ``interval`` seconds from the first row written (or found written) on: one updating line on a terminal, plain
     lines otherwise."""
 
     def __init__(self, progress, interval: float, started: float):
@@ -387,8 +396,8 @@ class _Reporter:
         printed = 0.0
         while not self.stop.wait(min(2.0, self.interval)):
             snap = self.poll()
-            if snap is None or snap["first"] is None:
-                continue
+            if snap is None or not snap["rendered"] + snap["skipped"]:
+                continue  # nothing written or found yet
             now = time.perf_counter()
             if printed == 0.0 or now - printed >= self.interval:
                 printed = now
@@ -398,7 +407,7 @@ class _Reporter:
         self.stop.set()
         self.thread.join(timeout=35)
         snap = self.poll()
-        if self.tty and snap is not None and snap["first"] is not None:
+        if self.tty and snap is not None and snap["rendered"] + snap["skipped"]:
             self._print(snap)
             print(flush=True)
         return snap
