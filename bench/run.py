@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,11 +40,10 @@ def main(argv=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     device = common.device_info("cpu" if args.smoke else "cuda")
     here = Path(__file__).resolve().parent
-    parts = Path(tempfile.mkdtemp(prefix="rayimg-bench-parts-"))
     env = common.job_env(OUT=str(out))
     headlines = {}
     for name in names:
-        part = parts / f"{name}.json"
+        part = out / f"{name}.part.json"  # beside the logs: a call cut at its limit still returns it
         cmd = [sys.executable, str(here / f"{name}.py"), "--json", str(part), *(["--smoke"] if args.smoke else []), *args.extra]
         common.log("bench", f"{name}: {' '.join(cmd[1:])}")
         t = time.perf_counter()
@@ -55,11 +53,12 @@ def main(argv=None) -> Path:
                                     timeout=300 if args.smoke else TIMEOUT_S[name]).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
-        if part.is_file():
-            headlines[name] = common.json.loads(part.read_text())
-        else:
+        h = common.json.loads(part.read_text()) if part.is_file() else {"name": name}
+        part.unlink(missing_ok=True)  # merged below
+        if "figure" not in h:  # failed, or cut after writing a partial result (kept beside the error)
             tail = (out / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
-            headlines[name] = {"name": name, "error": f"rc {rc} after {time.perf_counter() - t:.0f}s", "log_tail": tail}
+            h.update(error=f"rc {rc} after {time.perf_counter() - t:.0f}s", log_tail=tail)
+        headlines[name] = h
         h = headlines[name]
         common.log("bench", f"{name}: " + (f"{h['figure']['value']} {h['figure']['unit']} vs reference {h['reference']['value']}: ratio {h['ratio']}"
                                            if "figure" in h else h["error"]))

@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # shape's first call, save after it.
 MODULE_RUN = """
 import json, sys, torch
+if sys.argv[2:] == ["tf32"]:  # a process-wide setting that inductor keys its graphs on
+    torch.backends.cuda.matmul.allow_tf32 = True
 from rayimg.config import EngineConfig
 from rayimg.render.compile_cache import CompileCache, cache_key
 from rayimg.storage import Storage
@@ -144,6 +146,13 @@ def test_second_process_loads_the_artifacts_and_a_corrupt_one_is_ignored(tmp_pat
     assert len(warnings) == 1 and warnings[0].startswith(f"WARNING: rayimg compile cache: ignoring {entry} (CompileCacheError: payload checksum mismatch)")
     assert recovered["out"] == cold["out"]  # the run compiled from cold and went on
     assert decode_entry(entry.read_bytes(), recovered["events"][0]["key"])  # and wrote a good entry back
+
+    # the entry is sound, but this process sets TF32, which inductor keys its graphs on: said, not hidden
+    other, err = run_fresh(MODULE_RUN, prefix, "tf32", inductor_dir=tmp_path / "inductor-4")
+    [loaded] = other["events"]
+    assert loaded["action"] == "loaded" and loaded["graphs_from_cache"] == 0 and loaded["graphs_compiled"] >= 1
+    [warning] = [line for line in err.splitlines() if line.startswith("WARNING: rayimg compile cache: first call")]
+    assert "matched none of this process's graphs" in warning and "TF32" in warning
 
 
 def test_renderer_reports_no_cache_without_compile(tmp_path):

@@ -188,8 +188,13 @@ class CompileCache:
             hits, misses = (now - then for now, then in zip(_graph_counts(), first[1]))
             seconds = round(time.perf_counter() - first[2], 2)
             first[0]["event"].update(graphs_from_cache=hits, graphs_compiled=misses, first_call_s=seconds)
-            self.log(f"rayimg compile cache: first call for {summary(key)} took {seconds:.1f}s "
-                     f"({hits} graph(s) from the cache, {misses} compiled)")
+            line = f"rayimg compile cache: first call for {summary(key)} took {seconds:.1f}s ({hits} graph(s) from the cache, {misses} compiled)"
+            if first[0]["event"]["action"] == "loaded" and misses and not hits:
+                # torch keys its graphs on process-wide settings too (TF32, inductor config): the
+                # entry was sound but made for a process set up differently
+                line = ("WARNING: " + line + ": the loaded entry matched none of this process's graphs "
+                        "(a process-wide torch setting such as TF32 differs from the one that saved it)")
+            self.log(line)
         if self._seen.get(digest, True):  # loaded, already saved, or never looked up
             return
         self._seen[digest] = True
