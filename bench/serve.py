@@ -40,6 +40,8 @@ import contextlib
 import json
 import os
 import random
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -111,8 +113,8 @@ def zipf_weights(n: int, s: float) -> list[float]:
 # --------------------------------------------------------------------------- the two sides
 def real_size_renderer(job, store):
     """Generator replicas build the real-size SDXL architecture (random init, bf16) on the GPU."""
-    import os
-    import sys
+    import os  # noqa: F811 - pickled by value when this runs as __main__: its imports travel inside
+    import sys  # noqa: F811
 
     import torch
 
@@ -369,8 +371,8 @@ class Estimates:
     """Rough lower bounds of each phase's seconds (real size on an H100; smoke: tiny), for the
     deadline: a phase is skipped only when even this would pass it."""
 
-    def __init__(self, real: bool, compiled: bool):
-        self.real, self.compiled = real, compiled
+    def __init__(self, real: bool, compiled: bool, warm_sizes: int = 1):
+        self.real, self.compiled, self.warm_sizes = real, compiled, warm_sizes
         self.s_per_image = (0.8 if compiled else 1.2) if real else 0.1
 
     def mixed_step(self) -> float:
@@ -380,7 +382,10 @@ class Estimates:
         return ((90 if self.compiled else 10) if self.real else 2) + batch * calls * self.s_per_image
 
     def app(self) -> float:
-        return (60 if self.compiled else 40) if self.real else 10
+        """Start-up: a compiled replica compiles each warmed batch size cold (about 100 s each on an
+        H100: the render job's UNet + VAE took 150 s, and a replica warming four sizes was not ready
+        after 6.5 minutes)."""
+        return (60 + 100 * self.warm_sizes if self.compiled else 40) if self.real else 10
 
     def single(self, n: int) -> float:
         return n * ((1.5 if self.compiled else 5) if self.real else 0.5)
@@ -422,6 +427,8 @@ def main(argv=None) -> dict:
                                                                 "with the engine's best bulk batch, 16 on an H100)")
     ap.add_argument("--ref-calls", type=int, default=None, help="batches in the reference stream (GPU default 6)")
     ap.add_argument("--skip-reference", action="store_true", help="no reference stream (the ratio is then null)")
+    ap.add_argument("--pad-to", default=None, help="batching.pad_to: the step batch sizes a replica compiles and warms before it "
+                    "takes requests (default: the powers of two below --max-batch-size, and it); each costs a cold compile")
     ap.add_argument("--batching", choices=("step", "request"), default="step",
                     help="the app's batching.mode: step-level with per-sample adapters (default), or request batches with fused adapters")
     ap.add_argument("--mixed-step", action="store_true", help="also time one UNet step of --max-batch-size samples with as many different "
@@ -430,6 +437,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write this headline's JSON here (the partial one after each phase too)")
     args = ap.parse_args(argv)
+    # `timeout` (a device call's limit) sends SIGTERM: end through the finally blocks (Serve shut
+    # down, the partial result already written) instead of dying mid-phase
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.perf_counter()
     real = not args.smoke
     device = "cuda" if real else "cpu"
@@ -449,7 +460,9 @@ def main(argv=None) -> dict:
     deadline_s = (560.0 if real else 280.0) if args.deadline_s is None else args.deadline_s
     options = {o for o in args.options.split(",") if o}
     env = common.device_info(device)
-    estimate = Estimates(real, "compile" in options)
+    pad_to = (int_list(ap, "--pad-to", args.pad_to) if args.pad_to
+              else sorted({b for b in (1, 2, 4, 8, 16) if b < args.max_batch_size} | {args.max_batch_size}))
+    estimate = Estimates(real, "compile" in options, warm_sizes=len(pad_to) if args.batching == "step" else 1)
 
     from rayimg.config import ServeJob, from_dict, to_dict
 
@@ -469,14 +482,14 @@ def main(argv=None) -> dict:
                  "max_ongoing_requests": 8, "max_queued_requests": 4 * max(levels) + 8, "request_timeout_s": 600.0},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         "batching": {"mode": args.batching, "max_batch": args.max_batch_size,
-                     "pad_to": sorted({b for b in (1, 2, 4, 8, 16) if b < args.max_batch_size} | {args.max_batch_size}),
+                     "pad_to": pad_to,
                      "num_slots": 16, "max_rank": rank},
         "adapter_cache": {"disk_dir": str(tmp / "adapter-cache"), "cpu_max_adapters": 16, "gpu_max_adapters": 4, "refresh_s": 30.0},
         "num_cpus_per_replica": 1.0 if real else 0.5, "num_gpus_per_replica": 1.0 if real else 0.0, "num_cpus_ingress": 0.25,
     })
 
     details = {"adapters": len(names), "zipf_s": args.zipf, "rank": rank, "size": size, "steps": steps, "options": sorted(options),
-               "batching": args.batching, "max_batch_size": args.max_batch_size, "concurrency_levels": levels, "requests_per_level": counts,
+               "batching": args.batching, "max_batch_size": args.max_batch_size, "pad_to": pad_to, "concurrency_levels": levels, "requests_per_level": counts,
                "mixed_adapter_step": None, "reference_measure": None, "reference_batch": None if args.skip_reference else ref_batch,
                "single_request_s": None, "levels": {}}
     partial_path = Path(args.json) if args.json else (common.out_dir() if real else tmp) / "serve_partial.json"
@@ -601,7 +614,8 @@ def start_app(job, real: bool, names: list[str], rank: int, details: dict) -> st
     publish_random_adapters(job.registry, names, lora_shapes(unet), rank, model_id, model_hash)
     common.log("serve", f"published {len(names)} rank-{rank} adapters in {time.perf_counter() - t:.1f}s")
 
-    ray.init(num_cpus=os.cpu_count() if real else 2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # the replica's lines (its warm-up, compile cache, errors) in this bench's log
+    ray.init(num_cpus=os.cpu_count() if real else 2, include_dashboard=False, log_to_driver=True, configure_logging=False)
     t = time.perf_counter()
     url = start(job, renderer_factory=factory)
     details["app_startup_s"] = round(time.perf_counter() - t, 1)
