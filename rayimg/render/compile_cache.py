@@ -124,6 +124,22 @@ def _graph_counts() -> tuple[int, int]:
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
+# torch's compile-time counters (seconds, cumulative per process) that say where a first call went
+_PHASES = {"bytecode_tracing": "dynamo tracing", "OutputGraph.call_user_compiler": "backend", "build_guards": "guards"}
+
+
+def _compile_seconds() -> dict[str, float]:
+    """torch's cumulative compile seconds per :data:`_PHASES` key (empty if torch has no such
+    counters: they are private and may change)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+        return {name: float(value) for name, value in zip(names, values) if name in _PHASES}
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return {}
+
+
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -136,7 +152,8 @@ class CompileCache:
     :meth:`after_call` saves it when there was none. :attr:`events` records what happened, one
     dict per load or save (``{"action": "loaded"|"cold"|"saved"|"ignored"|..., "uri", "bytes",
     "key"}``; the lookup's dict also gets ``graphs_from_cache`` and ``graphs_compiled``, inductor's
-    cache hits and misses in that shape's first call, and ``first_call_s``, that call's seconds), and each is reported in one line through ``log`` (stderr by default)."""
+    cache hits and misses in that shape's first call, ``first_call_s``, that call's seconds, and
+    ``compile_phases_s``, torch's seconds of dynamo tracing, backend compile and guards within it), and each is reported in one line through ``log`` (stderr by default)."""
 
     storage: Storage
     prefix: str
@@ -153,14 +170,14 @@ class CompileCache:
             first[0].update(event=event)
         self.log(line)
 
-    _first: dict[str, tuple[dict, tuple[int, int], float]] = field(default_factory=dict)  # digest -> (event, graph counts before, start)
+    _first: dict[str, tuple] = field(default_factory=dict)  # digest -> (event, graph counts, start time, compile seconds) before the call
 
     def before_call(self, shape: dict) -> None:
         key = self.base_key(shape)
         digest = key_digest(key)
         if digest in self._seen:
             return
-        self._first[digest] = ({}, _graph_counts(), time.perf_counter())
+        self._first[digest] = ({}, _graph_counts(), time.perf_counter(), _compile_seconds())
         uri = entry_uri(self.prefix, key)
         try:
             payload = read_entry(self.storage, uri, key)
@@ -187,8 +204,12 @@ class CompileCache:
             # the lookup's event learns how the shape's first call got its graphs, and how long it took
             hits, misses = (now - then for now, then in zip(_graph_counts(), first[1]))
             seconds = round(time.perf_counter() - first[2], 2)
-            first[0]["event"].update(graphs_from_cache=hits, graphs_compiled=misses, first_call_s=seconds)
-            line = f"rayimg compile cache: first call for {summary(key)} took {seconds:.1f}s ({hits} graph(s) from the cache, {misses} compiled)"
+            now = _compile_seconds()
+            phases = {_PHASES[name]: round(now[name] - first[3].get(name, 0.0), 2) for name in now}
+            first[0]["event"].update(graphs_from_cache=hits, graphs_compiled=misses, first_call_s=seconds, compile_phases_s=phases)
+            spent = "".join(f", {name} {value:.1f}s" for name, value in phases.items())
+            line = (f"rayimg compile cache: first call for {summary(key)} took {seconds:.1f}s ({hits} graph(s) from the cache, "
+                    f"{misses} compiled{spent})")
             if first[0]["event"]["action"] == "loaded" and misses and not hits:
                 # torch keys its graphs on process-wide settings too (TF32, inductor config): the
                 # entry was sound but made for a process set up differently
