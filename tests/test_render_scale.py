@@ -88,3 +88,8 @@ def test_progress_lines_before_the_job_ends(two_nodes):
     assert live, lines[:done]
     first = live[0]
     assert int(first.split("]")[1].split("/")[0]) < ROWS and "images/s" in first and "ETA" in first
+    # where the time to the first image went: Ray, the catalog, each actor's start-up
+    assert any(line.startswith("[render] catalog ") and "Ray ready " in line for line in lines[:done])
+    assert any(line.startswith("[render] ") and " work unit(s) " in line and "s after the job started" in line for line in lines[:done])
+    started = [line for line in lines if "[render actor " in line and "model loaded in " in line and "s after the job started)" in line]
+    assert started, lines

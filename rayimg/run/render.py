@@ -142,7 +142,8 @@ def _plain(v):
 class RenderRows:
     """An actor holding the model; renders each batch grouped by batch key."""
 
-    def __init__(self, job: RenderJob, progress=None):
+    def __init__(self, job: RenderJob, progress=None, job_started: float | None = None):
+        """``job_started``: the job's start (``time.time()``), for the start-up line."""
         from rayimg.registry import AdapterStore
         from rayimg.render.renderer import Renderer
 
@@ -154,8 +155,9 @@ class RenderRows:
         self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=store, compile_cache=join(job.output.uri, ".compile-cache"))
         store.unet_config = self.renderer.pipe.unet.config
         startup = self.renderer.startup
+        since = f" (ready {time.time() - job_started:.1f}s after the job started)" if job_started else ""
         print(f"[render actor {self.label}] model loaded in {startup['model_load_s']:.1f}s, engine set up in "
-              f"{startup['engine_setup_s']:.1f}s", flush=True)
+              f"{startup['engine_setup_s']:.1f}s{since}", flush=True)
         self._cache_events_sent = 0
 
     def __call__(self, batch: dict) -> dict:
@@ -244,13 +246,13 @@ class RenderRows:
                 pass
 
 
-def _render_rows_for(job: RenderJob, progress):
+def _render_rows_for(job: RenderJob, progress, job_started: float | None = None):
     """RenderRows bound to this job: the arguments travel with the class, not as constructor
     arguments in the object store (which a restarted actor could find gone)."""
 
     class JobRenderRows(RenderRows):
         def __init__(self):
-            super().__init__(job, progress)
+            super().__init__(job, progress, job_started)
 
     JobRenderRows.__name__ = JobRenderRows.__qualname__ = "RenderRows"
     return JobRenderRows
@@ -500,8 +502,10 @@ def run(job: RenderJob) -> dict:
         job = type(job)(**{**job.__dict__, "model": type(job.model)(**{**job.model.__dict__, "pretrained": str(model_dir)})})
     adapters = list_adapters(storage, job.registry)
     connect(job.cluster)
+    connected = time.time() - wall0
     ds = read_catalog(job, storage)
-    print(f"[render] catalog {job.catalog.source} -> {job.output.uri} ({len(adapters)} adapter(s) in {job.registry})", flush=True)
+    print(f"[render] catalog {job.catalog.source} -> {job.output.uri} ({len(adapters)} adapter(s) in {job.registry}; "
+          f"Ray ready {connected:.1f}s after the job started)", flush=True)
     # stateless tasks: an actor here could hold the CPUs the catalog readers need
     ds = ds.map_batches(Validate(job, adapters, base=(family, model_id, model_hash)), batch_size=VALIDATE_BATCH, batch_format="numpy")
     # sorted and materialised before any render actor exists: the actors can never hold the CPUs
@@ -514,7 +518,7 @@ def run(job: RenderJob) -> dict:
     if total:
         ds = ds.repartition(target_num_rows_per_block=unit).materialize()
     print(f"[render] {total} valid row(s) to render or skip, in {ds.num_blocks()} work unit(s) of <= {unit} rows "
-          f"for {job.concurrency} actor(s)", flush=True)
+          f"for {job.concurrency} actor(s) ({time.time() - wall0:.1f}s after the job started)", flush=True)
     from ray.data import ActorPoolStrategy
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -526,7 +530,7 @@ def run(job: RenderJob) -> dict:
     # Ray Data restarts a dead actor and re-runs its unit (max_restarts/max_task_retries -1 by
     # default). One unit in flight per actor: a unit waits in the shared queue, not behind a busy actor.
     # batch_size = one unit: each block is one unit, and Ray Data refuses batch_size=None for GPU actors
-    ds = ds.map_batches(_render_rows_for(job, progress), batch_size=unit, batch_format="numpy",
+    ds = ds.map_batches(_render_rows_for(job, progress, wall0), batch_size=unit, batch_format="numpy",
                         compute=ActorPoolStrategy(size=job.concurrency, max_tasks_in_flight_per_actor=1),
                         num_gpus=job.num_gpus_per_actor or None, resources=dict(job.actor_resources) or None)
     rendered = skipped = 0
