@@ -157,3 +157,65 @@ def test_pending_calls_decode_on_their_own_stream_with_the_same_pixels():
         for want, got in zip(expected, pending):
             for w, p in zip(want, got):
                 np.testing.assert_array_equal(np.asarray(p.result()), w)
+
+
+def step_loop_against_fused_alone(tmp_path, *, device: str, dtype: str, engine_cfg: EngineConfig):
+    """The serving step loop as a replica runs it (per-sample adapter slots, padded batch sizes,
+    warmed up first): mixed-adapter requests that join a running batch, against each request
+    rendered alone with its adapters fused on an eager engine. Returns (relative errors, graphs
+    compiled after the warm-up, the batcher's stats)."""
+    import torch._dynamo
+
+    from rayimg.render.adapters import load_lora_file
+    from rayimg.render.engine import Engine, GenerationRequest
+    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
+    from rayimg.render.stepper import SlotAdapters, StepBatcher
+    from tests.test_render_engine import ATTN, make_lora
+
+    cfg = ModelConfig(pretrained=SDXL, device=device, dtype=dtype)
+    pipe = load_pipeline(cfg)
+    files = {"a": make_lora(tmp_path / "a", "sdxl", 1, rank=4, alpha=8, unet_targets=ATTN + ["ff.net.2"]),
+             "b": make_lora(tmp_path / "b", "sdxl", 2, rank=2, alpha=2, unet_targets=["to_k", "to_v", "proj_out"])}
+    weights = {n: load_lora_file(p, name=n, unet_config=pipe.unet.config) for n, p in files.items()}
+
+    def pairs(identity):
+        return [(weights[name], scale) for name, _version, scale in identity]
+
+    engine = Engine(pipe, engine_cfg)
+    slots = AdapterSlots(pipe, SlotConfig(num_slots=4, max_rank=4, max_batch=4, max_adapters=2))
+    batcher = StepBatcher(engine, max_batch=4, pad_to=(1, 2, 4), adapters=SlotAdapters(slots, pairs), output="latent")
+    batcher.warm_up(64, 64)
+    torch._dynamo.utils.counters.clear()
+
+    def req(prompt, seed, steps, adapters=()):
+        return GenerationRequest(prompt=prompt, steps=steps, width=64, height=64, guidance_scale=5.0, seed=seed, adapters=tuple(adapters))
+
+    schedule = {0: [req("a red square", 1, 4, [("a", "1", 0.8)]), req("a blue circle", 2, 5)],
+                2: [req("a blue circle", 3, 3, [("a", "1", 1.0), ("b", "1", 0.5)]), req("a red square", 4, 4, [("b", "1", 1.0)])]}
+    submitted, step = [], 0
+    while batcher.busy or any(k >= step for k in schedule):
+        submitted += [batcher.submit(r) for r in schedule.get(step, [])]
+        batcher.step()
+        step += 1
+        assert step < 100
+    assert all(s.error is None for s in submitted), [s.error for s in submitted]
+    compiled_after = torch._dynamo.utils.counters["stats"].get("unique_graphs", 0)
+    fused = Engine(load_pipeline(cfg))
+    errors = []
+    for s in submitted:
+        fused.set_adapters(pairs(s.request.adapters), s.request.adapters)
+        ref = fused.generate([s.request], output_type="latent")[0].float()
+        errors.append(float((s.image.float() - ref).norm() / ref.norm()))
+    return errors, compiled_after, dict(batcher.stats)
+
+
+def test_compiled_step_loop_with_adapter_slots_matches_fused_alone(tmp_path):
+    """The serve replica's step loop with the render speed settings (compile with CUDA graphs,
+    fused QKV, channels-last, float8 linears, compiled VAE): after its warm-up, mixed-adapter
+    requests that join mid-run compile nothing more, and each is close to the same request
+    rendered alone by an eager bf16 engine with its adapters fused (float8's tolerance, as above)."""
+    settings = EngineConfig(compile=True, compile_mode="reduce-overhead", fuse_qkv=True, channels_last=True, fp8=True, compile_vae=True)
+    errors, compiled_after, stats = step_loop_against_fused_alone(tmp_path, device="cuda", dtype="bfloat16", engine_cfg=settings)
+    assert compiled_after == 0, compiled_after
+    assert stats["joined_running"] == 2 and stats["samples"] > stats["steps"], stats
+    assert all(0 <= e < 0.15 for e in errors), errors
