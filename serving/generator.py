@@ -133,7 +133,7 @@ class GeneratorBase:
         d = self.job.defaults
 
         def warm_up() -> None:
-            warmed = batcher.warm_up(d.width, d.height, guidance=d.guidance_scale > 1)
+            warmed = batcher.warm_up(d.width, d.height, guidance=d.guidance_scale > 1, log=lambda line: logger.info("rayimg step loop: %s", line))
             logger.info("rayimg step loop: warmed up UNet batches %s%s at %dx%d (guidance %s) in %.1f s",
                         warmed["unet_batches"], " and the decode" if warmed["decode"] else "", d.width, d.height,
                         "on" if warmed["guidance"] else "off", warmed["seconds"])

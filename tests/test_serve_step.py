@@ -142,5 +142,8 @@ def test_replica_warms_up_its_step_loop_when_it_compiles(tmp_path, caplog):
     assert record.threadName == "rayimg-step-loop"  # where the steps record their CUDA graphs
     line = record.getMessage()
     assert line.startswith("rayimg step loop: warmed up UNet batches [1, 2, 4] and the decode at 64x64 (guidance on) in ")
+    progress = [r.getMessage().split(" ready in ")[0] for r in caplog.records if "warm-up: " in r.getMessage()]
+    assert progress == [f"rayimg step loop: warm-up: UNet step at batch {b} (64x64)" for b in (1, 2, 4)] + [
+        "rayimg step loop: warm-up: decode at 64x64"]  # each size as it is ready: a long cold compile shows progress
     assert cold.renderer.compile_cache_status == []
     assert plain.renderer.compile_cache is None and plain.renderer.engine.prompts.stats["encoded"] == 0  # no step ran

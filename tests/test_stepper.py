@@ -206,7 +206,10 @@ def test_warm_up_runs_every_padded_size_once_and_leaves_no_trace():
     unet_rows, unet_hook = rows_seen(engine.pipe.unet)
     decoded, decode_hook = rows_seen(engine.pipe.vae.decoder)
     try:
-        report = warmed.warm_up(SIZE, SIZE)
+        lines = []
+        report = warmed.warm_up(SIZE, SIZE, log=lines.append)
+        assert [line.split(" ready in ")[0] for line in lines] == [
+            f"warm-up: UNet step at batch {b} ({SIZE}x{SIZE})" for b in (1, 2, 4)] + [f"warm-up: decode at {SIZE}x{SIZE}"]
         assert unet_rows == [2, 2, 4, 4, 8, 8] and decoded == [1]  # pads 1, 2 and 4, twice each (3 samples pad to 4; 8 is never used)
         assert report["unet_batches"] == [1, 2, 4] and report["guidance"] and report["decode"] and report["seconds"] > 0
         unet_rows.clear()

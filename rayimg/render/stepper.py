@@ -282,7 +282,7 @@ class StepBatcher:
 
     # ------------------------------------------------------------------ warm-up
     @torch.no_grad()
-    def warm_up(self, width: int, height: int, *, guidance: bool = True) -> dict:
+    def warm_up(self, width: int, height: int, *, guidance: bool = True, log: Callable[[str], None] | None = None) -> dict:
         """Run the UNet call of every batch size a step can be padded to (the ``pad_to`` sizes up
         to the one ``max_batch`` pads to; without ``pad_to``, 1 and ``max_batch``) and one sample's
         decode, at ``width`` x ``height``, guidance on or off (as the engine decides for a
@@ -291,7 +291,8 @@ class StepBatcher:
         under a live request. Each size runs twice: with CUDA graphs (``reduce-overhead``) torch
         records a shape's graph at its second call. Dummy two-step requests go through
         :meth:`step`; the batcher must be idle and is left idle with its stats as they were.
-        Returns what was warmed and the seconds it took."""
+        ``log``: called with one line per size (and the decode) as each is ready, so a long
+        cold compile shows progress. Returns what was warmed and the seconds it took."""
         if self.busy:
             raise RuntimeError("warm_up: the batcher has requests; warm it up before the first submit")
         largest = padded_size(self.max_batch, self.pad_to)
@@ -302,16 +303,22 @@ class StepBatcher:
         try:
             self.output = "latent"  # one decode below, not one per dummy sample
             for size in sizes:
+                began = time.perf_counter()
                 slots = [self.submit(request) for _ in range(min(size, self.max_batch))]  # padded up to size
                 while self.busy:
                     self.step()
                 error = next((s.error for s in slots if s.error is not None), None)
                 if error is not None:
                     raise RuntimeError(f"warm_up: the step at batch {size} ({width}x{height}) failed: {error}") from error
+                if log is not None:
+                    log(f"warm-up: UNet step at batch {size} ({width}x{height}) ready in {time.perf_counter() - began:.1f}s")
             if output == "pil":
+                began = time.perf_counter()
                 [image] = self._decode([Slot(request, latents=slots[0].image[None])])
                 if isinstance(image, BaseException):
                     raise RuntimeError(f"warm_up: the decode at {width}x{height} failed: {image}") from image
+                if log is not None:
+                    log(f"warm-up: decode at {width}x{height} ready in {time.perf_counter() - began:.1f}s")
             if self.engine.device.type == "cuda":
                 torch.cuda.synchronize(self.engine.device)
         finally:
