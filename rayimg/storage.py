@@ -154,6 +154,22 @@ class Storage:
         resp = self._s3_call(uri, self.s3.get_object, Bucket=bucket, Key=key)
         return resp["Body"].read()
 
+    def read_head(self, uri: str, n: int) -> bytes:
+        """The first ``n`` bytes at ``uri`` (all of it when shorter), without reading the rest: a
+        ranged GET on S3."""
+        _check_scheme(uri)
+        if not is_s3(uri):
+            path = local_path(uri)
+            if not path.is_file():
+                raise FileNotFoundError(f"{uri}: no such file")
+            with open(path, "rb") as f:
+                return f.read(n)
+        if n <= 0:
+            return b""
+        bucket, key = split_s3(uri)
+        resp = self._s3_call(uri, self.s3.get_object, Bucket=bucket, Key=key, Range=f"bytes=0-{n - 1}")
+        return resp["Body"].read()[:n]
+
     def read_text(self, uri: str) -> str:
         return self.read_bytes(uri).decode("utf-8")
 

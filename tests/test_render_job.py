@@ -171,3 +171,35 @@ def test_s3_catalog_and_outputs(ray_cluster, registry, storage, s3_bucket, tmp_p
     assert all(r["path"].startswith(out + "/images/") and storage.exists(r["path"]) for r in m)
     with pytest.raises(Exception, match="catalog.source"):
         render(job(f"s3://{s3_bucket}/missing.parquet", out, registry))
+
+
+def test_catalog_check_reads_only_its_head_and_takes_any_utf8(ray_cluster, tmp_path):
+    """The up-front check of a JSONL catalog reads its first 64 KiB (a huge catalog is Ray Data's to
+    read): a character cut by that boundary, or a first line longer than it, is not an error; an
+    empty or non-JSON catalog still fails before any work with its reason."""
+    from rayimg.config import ConfigError
+    from rayimg.run.render import read_catalog
+
+    storage = Storage()
+    # rows of Japanese prompts whose 3-byte characters straddle byte 65536 somewhere in the head
+    rows = [{"id": f"r{i}", "prompt": "赤い四角" * (i % 7 + 1), "seed": i} for i in range(3000)]
+    for pad in range(3):  # shift the text by 0-2 ASCII bytes until the cut lands inside a character
+        rows[0]["prompt"] = "x" * pad + "赤い四角"
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        if (data[1 << 16] & 0xC0) == 0x80:  # a continuation byte right after the cut
+            break
+    path = tmp_path / "utf8.jsonl"
+    path.write_bytes(data)
+    assert len(data) > 1 << 16
+    with pytest.raises(UnicodeDecodeError):
+        data[:1 << 16].decode("utf-8")  # the cut falls inside a character: the old whole-head decode failed here
+    assert read_catalog(job(str(path), str(tmp_path / "o1"), str(tmp_path / "reg")), storage).count() == 3000
+
+    long_first = tmp_path / "long.jsonl"
+    write_jsonl(long_first, [{"id": "a", "prompt": "x" * 100_000, "seed": 1}, {"id": "b", "prompt": "y", "seed": 2}])
+    assert read_catalog(job(str(long_first), str(tmp_path / "o2"), str(tmp_path / "reg")), storage).count() == 2
+
+    for name, text, reason in [("empty.jsonl", "\n  \n", "is empty"), ("junk.jsonl", "not json\n", "cannot be read as jsonl")]:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=reason):
+            read_catalog(job(str(tmp_path / name), str(tmp_path / "o3"), str(tmp_path / "reg")), storage)

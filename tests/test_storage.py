@@ -52,6 +52,18 @@ def test_round_trip_and_listing(root):
     assert st.list(join(root, "sub")) == []
 
 
+def test_read_head_gives_the_first_bytes(root):
+    st = Storage()
+    data = os.urandom(100_000)
+    st.write_bytes(join(root, "big.bin"), data)
+    assert st.read_head(join(root, "big.bin"), 10) == data[:10]
+    assert st.read_head(join(root, "big.bin"), 1 << 16) == data[:1 << 16]
+    assert st.read_head(join(root, "big.bin"), 200_000) == data  # shorter than asked: all of it
+    assert st.read_head(join(root, "big.bin"), 0) == b""
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        st.read_head(join(root, "missing.bin"), 10)
+
+
 def test_missing_object_names_the_uri(root):
     st = Storage()
     with pytest.raises(FileNotFoundError, match="missing.bin"):

@@ -11,6 +11,7 @@ file, a re-run skips keys already there, and a PNG is either absent or complete 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import time
@@ -48,12 +49,18 @@ def read_catalog(job: RenderJob, storage: Storage):
 
             pq.ParquetFile(fs.open_input_file(path) if fs else path).schema_arrow  # readable?
             return ray.data.read_parquet(path, filesystem=fs)
-        head = storage.read_bytes(src)[:1 << 16].decode("utf-8")
+        size = 1 << 16
+        raw = storage.read_head(src, size)  # a 10-million-row catalog is read by Ray Data, not here
+        whole = len(raw) < size
+        # a UTF-8 character may straddle the cut: only bytes before it must decode
+        head = codecs.getincrementaldecoder("utf-8")().decode(raw, final=whole)
         if fmt == "jsonl":
-            first = next((line for line in head.splitlines() if line.strip()), None)
-            if first is None:
+            lines = head.split("\n")  # JSON Lines ends lines with \n only (a JSON string may hold U+2028)
+            first = next((i for i, line in enumerate(lines) if line.strip()), None)
+            if first is None and whole:
                 raise ConfigError("catalog.source", f"{src} is empty")
-            json.loads(first)
+            if first is not None and (whole or first < len(lines) - 1):  # a whole line: it must parse
+                json.loads(lines[first])
             return ray.data.read_json(path, filesystem=fs, lines=True)
         return ray.data.read_csv(path, filesystem=fs)
     except (UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError) as e:
