@@ -176,7 +176,8 @@ def test_s3_catalog_and_outputs(ray_cluster, registry, storage, s3_bucket, tmp_p
 def test_catalog_check_reads_only_its_head_and_takes_any_utf8(ray_cluster, tmp_path):
     """The up-front check of a JSONL catalog reads its first 64 KiB (a huge catalog is Ray Data's to
     read): a character cut by that boundary, or a first line longer than it, is not an error; an
-    empty or non-JSON catalog still fails before any work with its reason."""
+    empty or non-JSON catalog, or one with a byte-order mark (Ray Data's reader would fail on it
+    mid-job), fails before any work with its reason."""
     from rayimg.config import ConfigError
     from rayimg.run.render import read_catalog
 
@@ -199,7 +200,9 @@ def test_catalog_check_reads_only_its_head_and_takes_any_utf8(ray_cluster, tmp_p
     write_jsonl(long_first, [{"id": "a", "prompt": "x" * 100_000, "seed": 1}, {"id": "b", "prompt": "y", "seed": 2}])
     assert read_catalog(job(str(long_first), str(tmp_path / "o2"), str(tmp_path / "reg")), storage).count() == 2
 
-    for name, text, reason in [("empty.jsonl", "\n  \n", "is empty"), ("junk.jsonl", "not json\n", "cannot be read as jsonl")]:
+    bom = '\ufeff{"id": "r1", "prompt": "a red square", "seed": 1}\n'  # Windows' "UTF-8 with BOM"
+    for name, text, reason in [("empty.jsonl", "\n  \n", "is empty"), ("junk.jsonl", "not json\n", "cannot be read as jsonl"),
+                               ("bom.jsonl", bom, "byte-order mark.*save it as plain UTF-8")]:
         (tmp_path / name).write_text(text)
         with pytest.raises(ConfigError, match=reason):
             read_catalog(job(str(tmp_path / name), str(tmp_path / "o3"), str(tmp_path / "reg")), storage)

@@ -55,6 +55,9 @@ def read_catalog(job: RenderJob, storage: Storage):
         # a UTF-8 character may straddle the cut: only bytes before it must decode
         head = codecs.getincrementaldecoder("utf-8")().decode(raw, final=whole)
         if fmt == "jsonl":
+            if head.startswith("\ufeff"):  # Ray Data's JSON Lines reader fails on it mid-job: say so now
+                raise ConfigError("catalog.source", f"{src} starts with a UTF-8 byte-order mark, which the JSON Lines reader "
+                                                    "cannot read: save it as plain UTF-8 (not 'UTF-8 with BOM')")
             lines = head.split("\n")  # JSON Lines ends lines with \n only (a JSON string may hold U+2028)
             first = next((i for i, line in enumerate(lines) if line.strip()), None)
             if first is None and whole:
