@@ -374,8 +374,8 @@ def format_progress(snap: dict, started: float) -> str:
 
 class _Reporter:
     """A driver thread that polls the Progress actor and prints a line at least every
-    ``interval`` seconds from the first row written (or found written) on: one updating line on a terminal, plain
-    lines otherwise."""
+    ``interval`` seconds from the first row written (or found written) on: one updating line on
+    a terminal, plain lines otherwise."""
 
     def __init__(self, progress, interval: float, started: float):
         import sys
