@@ -175,9 +175,8 @@ def test_s3_catalog_and_outputs(ray_cluster, registry, storage, s3_bucket, tmp_p
 
 def test_catalog_check_reads_only_its_head_and_takes_any_utf8(ray_cluster, tmp_path):
     """The up-front check of a JSONL catalog reads its first 64 KiB (a huge catalog is Ray Data's to
-    read): a character cut by that boundary, or a first line longer than it, is not an error; an
-    empty or non-JSON catalog, or one with a byte-order mark (Ray Data's reader would fail on it
-    mid-job), fails before any work with its reason."""
+    read): a character cut by that boundary, a first line longer than it, or a byte-order mark is
+    not an error; an empty or non-JSON catalog fails before any work with its reason."""
     from rayimg.config import ConfigError
     from rayimg.run.render import read_catalog
 
@@ -200,9 +199,34 @@ def test_catalog_check_reads_only_its_head_and_takes_any_utf8(ray_cluster, tmp_p
     write_jsonl(long_first, [{"id": "a", "prompt": "x" * 100_000, "seed": 1}, {"id": "b", "prompt": "y", "seed": 2}])
     assert read_catalog(job(str(long_first), str(tmp_path / "o2"), str(tmp_path / "reg")), storage).count() == 2
 
-    bom = '\ufeff{"id": "r1", "prompt": "a red square", "seed": 1}\n'  # Windows' "UTF-8 with BOM"
-    for name, text, reason in [("empty.jsonl", "\n  \n", "is empty"), ("junk.jsonl", "not json\n", "cannot be read as jsonl"),
-                               ("bom.jsonl", bom, "byte-order mark.*save it as plain UTF-8")]:
+    bom = tmp_path / "bom.jsonl"  # Windows' "UTF-8 with BOM"
+    bom.write_text('\ufeff{"id": "r1", "prompt": "a red square", "seed": 1}\n', encoding="utf-8")
+    assert read_catalog(job(str(bom), str(tmp_path / "o4"), str(tmp_path / "reg")), storage).count() == 1
+
+    for name, text, reason in [("empty.jsonl", "\n  \n", "is empty"), ("junk.jsonl", "not json\n", "cannot be read as jsonl")]:
         (tmp_path / name).write_text(text)
         with pytest.raises(ConfigError, match=reason):
             read_catalog(job(str(tmp_path / name), str(tmp_path / "o3"), str(tmp_path / "reg")), storage)
+
+
+def test_malformed_lines_are_bad_rows_and_the_rest_renders(ray_cluster, registry, tmp_path):
+    """A JSON Lines catalog with a line that is not JSON, one that is not an object, one that is not
+    UTF-8, a truncated last line (a catalog cut mid-upload), Windows line ends and a byte-order
+    mark: every good row renders, each bad line is in errors.jsonl naming its line, and the job
+    ends normally (Ray Data's JSON reader failed the whole job on the first of these)."""
+    good = [{"id": f"g{i}", "prompt": f"a red square {i}", "seed": i} for i in range(3)]
+    lines = [b"\xef\xbb\xbf" + json.dumps(good[0]).encode(), b"{not json", json.dumps(good[1]).encode(), b"[1, 2]", b"",
+             json.dumps({"id": "latin", "prompt": "caf\xe9"}).encode().replace(b"\\u00e9", b"\xe9"), json.dumps(good[2]).encode(),
+             b'{"id": "cut", "prom']
+    path = tmp_path / "messy.jsonl"
+    path.write_bytes(b"\r\n".join(lines))
+    out = str(tmp_path / "out")
+    summary = render(job(str(path), out, registry))
+    assert summary["images"] == 3 and summary["errors"] == 4, summary
+    assert {r["row_id"] for r in manifest(out)} == {"g0", "g1", "g2"}
+    errors = {e["row_id"]: e for e in map(json.loads, open(f"{out}/errors.jsonl"))}
+    assert set(errors) == {"messy.jsonl:2", "messy.jsonl:4", "messy.jsonl:6", "messy.jsonl:8"}
+    assert errors["messy.jsonl:2"]["reason"].startswith("line 2 is not valid JSON")
+    assert errors["messy.jsonl:4"]["reason"] == "line 4 is not a JSON object (got list)"
+    assert errors["messy.jsonl:6"]["reason"] == "line 6 is not valid UTF-8"
+    assert errors["messy.jsonl:8"]["reason"].startswith("line 8 is not valid JSON") and errors["messy.jsonl:8"]["row"]["text"] == '{"id": "cut", "prom'

@@ -11,7 +11,6 @@ file, a re-run skips keys already there, and a PNG is either absent or complete 
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import time
@@ -34,6 +33,75 @@ def _ext_format(job: RenderJob) -> str:
     raise ConfigError("catalog.format", f"cannot tell the format of {job.catalog.source!r} from its extension; set jsonl, csv or parquet")
 
 
+# a JSON Lines catalog's raw rows (parsed by Validate): line number, text, file name, whether it was not UTF-8
+LINE_COL, TEXT_COL, FILE_COL, BAD_COL = "__rayimg_line", "__rayimg_text", "__rayimg_file", "__rayimg_not_utf8"
+
+
+def _catalog_lines():
+    """A Ray Data source of a JSON Lines catalog's raw lines (number, text, file), read in bounded
+    chunks and parsed row by row in :class:`Validate`, so a malformed line is one bad row (Ray
+    Data's own JSON reader fails the whole read on it)."""
+    from ray.data.datasource.file_based_datasource import FileBasedDatasource
+
+    class CatalogLines(FileBasedDatasource):
+        CHUNK_BYTES = 8 << 20
+        BLOCK_ROWS = 20_000
+
+        def _read_stream(self, f, path: str):
+            import pyarrow as pa
+
+            name = path.rsplit("/", 1)[-1]
+            rows = {LINE_COL: [], TEXT_COL: [], BAD_COL: []}
+            number, rest = 0, b""
+
+            def block():
+                table = pa.table({LINE_COL: pa.array(rows[LINE_COL], pa.int64()), TEXT_COL: pa.array(rows[TEXT_COL], pa.string()),
+                                  FILE_COL: pa.array([name] * len(rows[LINE_COL]), pa.string()), BAD_COL: pa.array(rows[BAD_COL], pa.bool_())})
+                for column in rows.values():
+                    column.clear()
+                return table
+
+            while True:
+                chunk = f.read(self.CHUNK_BYTES)
+                data = rest + chunk
+                lines = data.split(b"\n")
+                rest = lines.pop() if chunk else b""  # the last, maybe partial, line waits for the next chunk
+                for raw in lines:
+                    number += 1
+                    if raw.strip():
+                        try:
+                            text, bad = raw.decode("utf-8"), False
+                        except UnicodeDecodeError:  # one bad row, named by Validate
+                            text, bad = raw.decode("utf-8", errors="replace"), True
+                        rows[LINE_COL].append(number)
+                        rows[TEXT_COL].append(text)
+                        rows[BAD_COL].append(bad)
+                    if len(rows[LINE_COL]) >= self.BLOCK_ROWS:
+                        yield block()
+                if not chunk:
+                    break
+            if rows[LINE_COL]:
+                yield block()
+
+    return CatalogLines
+
+
+def parse_catalog_line(text: str, line: int, not_utf8: bool = False) -> dict:
+    """One JSON Lines row; :class:`~rayimg.render.catalog.RowError` naming the line when it is
+    not UTF-8 or not a JSON object."""
+    from rayimg.render.catalog import RowError
+
+    if not_utf8:
+        raise RowError(f"line {line} is not valid UTF-8")
+    try:
+        row = json.loads(text.removeprefix("\ufeff") if line == 1 else text)  # a byte-order mark opens some files
+    except json.JSONDecodeError as e:
+        raise RowError(f"line {line} is not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise RowError(f"line {line} is not a JSON object (got {type(row).__name__})")
+    return row
+
+
 def read_catalog(job: RenderJob, storage: Storage):
     """A Ray Dataset of catalog rows; fails up front when the catalog cannot be read."""
     import ray
@@ -49,22 +117,19 @@ def read_catalog(job: RenderJob, storage: Storage):
 
             pq.ParquetFile(fs.open_input_file(path) if fs else path).schema_arrow  # readable?
             return ray.data.read_parquet(path, filesystem=fs)
-        size = 1 << 16
-        raw = storage.read_head(src, size)  # a 10-million-row catalog is read by Ray Data, not here
-        whole = len(raw) < size
-        # a UTF-8 character may straddle the cut: only bytes before it must decode
-        head = codecs.getincrementaldecoder("utf-8")().decode(raw, final=whole)
         if fmt == "jsonl":
-            if head.startswith("\ufeff"):  # Ray Data's JSON Lines reader fails on it mid-job: say so now
-                raise ConfigError("catalog.source", f"{src} starts with a UTF-8 byte-order mark, which the JSON Lines reader "
-                                                    "cannot read: save it as plain UTF-8 (not 'UTF-8 with BOM')")
-            lines = head.split("\n")  # JSON Lines ends lines with \n only (a JSON string may hold U+2028)
+            size = 1 << 16
+            raw = storage.read_head(src, size)  # a 10-million-row catalog is read by Ray Data, not here
+            whole = len(raw) < size
+            # only the first line must be JSON here (a file that is not JSON Lines at all fails before
+            # any work); any later line that is not is one bad row (see Validate)
+            lines = raw.split(b"\n")
             first = next((i for i, line in enumerate(lines) if line.strip()), None)
             if first is None and whole:
                 raise ConfigError("catalog.source", f"{src} is empty")
-            if first is not None and (whole or first < len(lines) - 1):  # a whole line: it must parse
-                json.loads(lines[first])
-            return ray.data.read_json(path, filesystem=fs, lines=True)
+            if first is not None and (whole or first < len(lines) - 1):  # a whole line (a UTF-8 character may straddle the cut)
+                json.loads(lines[first].decode("utf-8-sig"))  # a byte-order mark opens some files
+            return ray.data.read_datasource(_catalog_lines()(path, filesystem=fs))
         return ray.data.read_csv(path, filesystem=fs)
     except (UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError) as e:
         if isinstance(e, ConfigError):
@@ -123,8 +188,17 @@ class Validate:
         n = len(next(iter(batch.values()))) if batch else 0
         good: dict[str, list] = {"row_id": [], "group": [], "settings": []}
         errors = []
+        lines = TEXT_COL in batch  # a JSON Lines catalog: raw lines, parsed here (see read_catalog)
         for i in range(n):
-            row = {k: _plain(v[i]) for k, v in batch.items()}
+            if lines:
+                text, line, name = str(batch[TEXT_COL][i]), int(batch[LINE_COL][i]), str(batch[FILE_COL][i])
+                try:
+                    row = parse_catalog_line(text, line, bool(batch[BAD_COL][i]))
+                except RowError as e:
+                    errors.append({"row_id": f"{name}:{line}", "reason": str(e), "row": {"line": line, "text": text[:2000]}})
+                    continue
+            else:
+                row = {k: _plain(v[i]) for k, v in batch.items()}
             rid = row_id(row)
             try:
                 s = normalize_row(row, self.job.defaults, self.job.limits)
