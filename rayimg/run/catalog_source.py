@@ -1,0 +1,126 @@
+"""Reading a render catalog (JSON Lines, CSV or Parquet) as a Ray Dataset, checked up front.
+
+A JSON Lines catalog is read as raw lines and parsed row by row in the render job's validation
+stage (:class:`rayimg.run.render.Validate`), so a line that is not a JSON object is one bad row.
+"""
+
+from __future__ import annotations
+
+import json
+
+from rayimg.config import ConfigError, RenderJob
+from rayimg.storage import Storage, arrow_filesystem
+
+
+def _ext_format(job: RenderJob) -> str:
+    if job.catalog.format != "auto":
+        return job.catalog.format
+    src = job.catalog.source.lower()
+    for ext, fmt in ((".jsonl", "jsonl"), (".json", "jsonl"), (".csv", "csv"), (".parquet", "parquet")):
+        if src.endswith(ext):
+            return fmt
+    raise ConfigError("catalog.format", f"cannot tell the format of {job.catalog.source!r} from its extension; set jsonl, csv or parquet")
+
+
+# a JSON Lines catalog's raw rows (parsed by Validate): line number, text, file name, whether it was not UTF-8
+LINE_COL, TEXT_COL, FILE_COL, BAD_COL = "__rayimg_line", "__rayimg_text", "__rayimg_file", "__rayimg_not_utf8"
+
+
+def _catalog_lines():
+    """A Ray Data source of a JSON Lines catalog's raw lines (number, text, file), read in bounded
+    chunks and parsed row by row in :class:`Validate`, so a malformed line is one bad row (Ray
+    Data's own JSON reader fails the whole read on it)."""
+    from ray.data.datasource.file_based_datasource import FileBasedDatasource
+
+    class CatalogLines(FileBasedDatasource):
+        CHUNK_BYTES = 8 << 20
+        BLOCK_ROWS = 20_000
+
+        def _read_stream(self, f, path: str):
+            import pyarrow as pa
+
+            name = path.rsplit("/", 1)[-1]
+            rows = {LINE_COL: [], TEXT_COL: [], BAD_COL: []}
+            number, rest = 0, b""
+
+            def block():
+                table = pa.table({LINE_COL: pa.array(rows[LINE_COL], pa.int64()), TEXT_COL: pa.array(rows[TEXT_COL], pa.string()),
+                                  FILE_COL: pa.array([name] * len(rows[LINE_COL]), pa.string()), BAD_COL: pa.array(rows[BAD_COL], pa.bool_())})
+                for column in rows.values():
+                    column.clear()
+                return table
+
+            while True:
+                chunk = f.read(self.CHUNK_BYTES)
+                data = rest + chunk
+                lines = data.split(b"\n")
+                rest = lines.pop() if chunk else b""  # the last, maybe partial, line waits for the next chunk
+                for raw in lines:
+                    number += 1
+                    if raw.strip():
+                        try:
+                            text, bad = raw.decode("utf-8"), False
+                        except UnicodeDecodeError:  # one bad row, named by Validate
+                            text, bad = raw.decode("utf-8", errors="replace"), True
+                        rows[LINE_COL].append(number)
+                        rows[TEXT_COL].append(text)
+                        rows[BAD_COL].append(bad)
+                    if len(rows[LINE_COL]) >= self.BLOCK_ROWS:
+                        yield block()
+                if not chunk:
+                    break
+            if rows[LINE_COL]:
+                yield block()
+
+    return CatalogLines
+
+
+def parse_catalog_line(text: str, line: int, not_utf8: bool = False) -> dict:
+    """One JSON Lines row; :class:`~rayimg.render.catalog.RowError` naming the line when it is
+    not UTF-8 or not a JSON object."""
+    from rayimg.render.catalog import RowError
+
+    if not_utf8:
+        raise RowError(f"line {line} is not valid UTF-8")
+    try:
+        row = json.loads(text.removeprefix("\ufeff") if line == 1 else text)  # a byte-order mark opens some files
+    except json.JSONDecodeError as e:
+        raise RowError(f"line {line} is not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise RowError(f"line {line} is not a JSON object (got {type(row).__name__})")
+    return row
+
+
+def read_catalog(job: RenderJob, storage: Storage):
+    """A Ray Dataset of catalog rows; fails up front when the catalog cannot be read."""
+    import ray
+
+    fmt = _ext_format(job)
+    src = job.catalog.source
+    if not storage.exists(src):
+        raise ConfigError("catalog.source", f"{src} does not exist")
+    fs, path = arrow_filesystem(job.storage, src)
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pq.ParquetFile(fs.open_input_file(path) if fs else path).schema_arrow  # readable?
+            return ray.data.read_parquet(path, filesystem=fs)
+        if fmt == "jsonl":
+            size = 1 << 16
+            raw = storage.read_head(src, size)  # a 10-million-row catalog is read by Ray Data, not here
+            whole = len(raw) < size
+            # only the first line must be JSON here (a file that is not JSON Lines at all fails before
+            # any work); any later line that is not is one bad row (see Validate)
+            lines = raw.split(b"\n")
+            first = next((i for i, line in enumerate(lines) if line.strip()), None)
+            if first is None and whole:
+                raise ConfigError("catalog.source", f"{src} is empty")
+            if first is not None and (whole or first < len(lines) - 1):  # a whole line (a UTF-8 character may straddle the cut)
+                json.loads(lines[first].decode("utf-8-sig"))  # a byte-order mark opens some files
+            return ray.data.read_datasource(_catalog_lines()(path, filesystem=fs))
+        return ray.data.read_csv(path, filesystem=fs)
+    except (UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError("catalog.source", f"{src} cannot be read as {fmt}: {e}") from None
