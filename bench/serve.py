@@ -434,6 +434,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--mixed-step", action="store_true", help="also time one UNet step of --max-batch-size samples with as many different "
                                                                 "adapters against the base step, and the slot loads (before the app starts; "
                                                                 "always with --smoke)")
+    ap.add_argument("--compile-cache", default="", help="engine.compile_cache of the app and the reference: a dir or s3:// prefix that "
+                    "a later run (a new replica, the next call on the same machine) loads its compiled graphs from (default: none, all cold)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write this headline's JSON here (the partial one after each phase too)")
     args = ap.parse_args(argv)
@@ -472,7 +474,7 @@ def main(argv=None) -> dict:
     registry = str(tmp / "registry")
     names = [f"load-{i:03d}" for i in range(adapters)]
     port = 8000 + random.Random(os.getpid()).randrange(1000)
-    engine = to_dict(render_bench.engine_config(options, 1, batch_invariant=not real))
+    engine = to_dict(render_bench.engine_config(options, 1, batch_invariant=not real, compile_cache=args.compile_cache))
     job = from_dict(ServeJob, {
         "registry": registry, "model": {"device": device}, "app_name": "bench",
         "defaults": {"steps": steps, "width": size, "height": size, "guidance_scale": 5.0},
@@ -489,6 +491,7 @@ def main(argv=None) -> dict:
     })
 
     details = {"adapters": len(names), "zipf_s": args.zipf, "rank": rank, "size": size, "steps": steps, "options": sorted(options),
+               "compile_cache": args.compile_cache or None,
                "batching": args.batching, "max_batch_size": args.max_batch_size, "pad_to": pad_to, "concurrency_levels": levels, "requests_per_level": counts,
                "mixed_adapter_step": None, "reference_measure": None, "reference_batch": None if args.skip_reference else ref_batch,
                "single_request_s": None, "levels": {}}

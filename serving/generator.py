@@ -21,7 +21,7 @@ import uuid
 from ray import serve
 
 from rayimg.config import ServeJob
-from rayimg.storage import Storage
+from rayimg.storage import Storage, join
 from serving.errors import ApiError
 from serving.image_cache import ImageStore
 from serving.schema import adapter_set_id, parse_adapter_set_id
@@ -85,6 +85,12 @@ def slot_config(b):
     return SlotConfig(num_slots=b.num_slots, max_rank=b.max_rank, max_batch=padded_size(b.max_batch, b.pad_to), max_adapters=b.max_adapters)
 
 
+def default_compile_cache(job: ServeJob) -> str:
+    """Where replicas share compiled graphs when ``engine.compile_cache`` is empty: beside the image
+    cache (storage every replica can write), so an added or restarted replica starts warm."""
+    return join(job.image_cache.uri, ".compile-cache")
+
+
 class GeneratorBase:
     """Holds the model; renders batches of compatible requests. Subclassed by
     :func:`generator_deployment` to add the multiplexed ``adapter_set`` loader (its bound comes
@@ -100,7 +106,8 @@ class GeneratorBase:
         if renderer_factory is not None:  # benchmarks: e.g. random-init real-size weights built on the GPU
             self.renderer = renderer_factory(job, self.store)
         else:
-            self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=self.store)
+            self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=self.store,
+                                     compile_cache=default_compile_cache(job))
         self.store.unet_config = self.renderer.pipe.unet.config
         self.images = ImageStore(self.storage, job.image_cache.uri)
         self.device = self.renderer.engine.device

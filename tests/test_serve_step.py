@@ -118,7 +118,7 @@ def test_replica_warms_up_its_step_loop_when_it_compiles(tmp_path, caplog):
     from serving.generator import GeneratorBase
 
     def replica(engine: dict, warm_up: bool = True) -> GeneratorBase:
-        return GeneratorBase(serve_job(str(tmp_path / "registry"), tmp_path, engine=engine,
+        return GeneratorBase(serve_job(str(tmp_path / "registry"), tmp_path, engine=engine, image_cache={"uri": str(tmp_path / "images")},
                                        batching={"max_batch": 3, "pad_to": [1, 2, 4, 8], "warm_up": warm_up}))
 
     compiled = {"compile": True, "compile_vae": True, "compile_cache": str(tmp_path / "compile-cache")}
@@ -128,7 +128,7 @@ def test_replica_warms_up_its_step_loop_when_it_compiles(tmp_path, caplog):
     try:
         with torch._dynamo.config.patch(disable=True):
             warm = replica(compiled)
-            cold = replica(compiled, warm_up=False)
+            cold = replica({"compile": True, "compile_vae": True}, warm_up=False)
         plain = replica({})
     finally:
         logger.removeHandler(caplog.handler)
@@ -146,4 +146,6 @@ def test_replica_warms_up_its_step_loop_when_it_compiles(tmp_path, caplog):
     assert progress == [f"rayimg step loop: warm-up: UNet step at batch {b} (64x64)" for b in (1, 2, 4)] + [
         "rayimg step loop: warm-up: decode at 64x64"]  # each size as it is ready: a long cold compile shows progress
     assert cold.renderer.compile_cache_status == []
+    # no engine.compile_cache: the replicas share one beside the image cache (an added replica starts warm)
+    assert cold.renderer.compile_cache.prefix == str(tmp_path / "images" / ".compile-cache")
     assert plain.renderer.compile_cache is None and plain.renderer.engine.prompts.stats["encoded"] == 0  # no step ran
