@@ -226,7 +226,7 @@ def test_malformed_lines_are_bad_rows_and_the_rest_renders(ray_cluster, registry
     assert {r["row_id"] for r in manifest(out)} == {"g0", "g1", "g2"}
     errors = {e["row_id"]: e for e in map(json.loads, open(f"{out}/errors.jsonl"))}
     assert set(errors) == {"messy.jsonl:2", "messy.jsonl:4", "messy.jsonl:6", "messy.jsonl:8"}
-    assert errors["messy.jsonl:2"]["reason"].startswith("line 2 is not valid JSON")
-    assert errors["messy.jsonl:4"]["reason"] == "line 4 is not a JSON object (got list)"
-    assert errors["messy.jsonl:6"]["reason"] == "line 6 is not valid UTF-8"
-    assert errors["messy.jsonl:8"]["reason"].startswith("line 8 is not valid JSON") and errors["messy.jsonl:8"]["row"]["text"] == '{"id": "cut", "prom'
+    assert errors["messy.jsonl:2"]["reason"].startswith("line 2: not valid JSON")
+    assert errors["messy.jsonl:4"]["reason"] == "line 4: expected a JSON object, got list"  # as rayimg prepare words it
+    assert errors["messy.jsonl:6"]["reason"].startswith("line 6: not UTF-8 (invalid byte at column ")
+    assert errors["messy.jsonl:8"]["reason"].startswith("line 8: not valid JSON") and errors["messy.jsonl:8"]["row"]["text"] == '{"id": "cut", "prom'

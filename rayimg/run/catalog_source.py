@@ -22,8 +22,8 @@ def _ext_format(job: RenderJob) -> str:
     raise ConfigError("catalog.format", f"cannot tell the format of {job.catalog.source!r} from its extension; set jsonl, csv or parquet")
 
 
-# a JSON Lines catalog's raw rows (parsed by Validate): line number, text, file name, whether it was not UTF-8
-LINE_COL, TEXT_COL, FILE_COL, BAD_COL = "__rayimg_line", "__rayimg_text", "__rayimg_file", "__rayimg_not_utf8"
+# a JSON Lines catalog's raw rows (parsed by Validate): line number, the line's bytes, file name
+LINE_COL, TEXT_COL, FILE_COL = "__rayimg_line", "__rayimg_text", "__rayimg_file"
 
 
 def _catalog_lines():
@@ -40,12 +40,12 @@ def _catalog_lines():
             import pyarrow as pa
 
             name = path.rsplit("/", 1)[-1]
-            rows = {LINE_COL: [], TEXT_COL: [], BAD_COL: []}
+            rows = {LINE_COL: [], TEXT_COL: []}
             number, rest = 0, b""
 
             def block():
-                table = pa.table({LINE_COL: pa.array(rows[LINE_COL], pa.int64()), TEXT_COL: pa.array(rows[TEXT_COL], pa.string()),
-                                  FILE_COL: pa.array([name] * len(rows[LINE_COL]), pa.string()), BAD_COL: pa.array(rows[BAD_COL], pa.bool_())})
+                table = pa.table({LINE_COL: pa.array(rows[LINE_COL], pa.int64()), TEXT_COL: pa.array(rows[TEXT_COL], pa.binary()),
+                                  FILE_COL: pa.array([name] * len(rows[LINE_COL]), pa.string())})
                 for column in rows.values():
                     column.clear()
                 return table
@@ -58,13 +58,8 @@ def _catalog_lines():
                 for raw in lines:
                     number += 1
                     if raw.strip():
-                        try:
-                            text, bad = raw.decode("utf-8"), False
-                        except UnicodeDecodeError:  # one bad row, named by Validate
-                            text, bad = raw.decode("utf-8", errors="replace"), True
                         rows[LINE_COL].append(number)
-                        rows[TEXT_COL].append(text)
-                        rows[BAD_COL].append(bad)
+                        rows[TEXT_COL].append(raw)  # bytes: a line that is not UTF-8 is one bad row, named by Validate
                     if len(rows[LINE_COL]) >= self.BLOCK_ROWS:
                         yield block()
                 if not chunk:
@@ -75,19 +70,15 @@ def _catalog_lines():
     return CatalogLines
 
 
-def parse_catalog_line(text: str, line: int, not_utf8: bool = False) -> dict:
+def parse_catalog_line(raw: bytes, line: int) -> dict:
     """One JSON Lines row; :class:`~rayimg.render.catalog.RowError` naming the line when it is
-    not UTF-8 or not a JSON object."""
+    not UTF-8 or not a JSON object (worded as ``rayimg prepare`` words a bad manifest line)."""
+    from rayimg.data.sources import parse_json_line
     from rayimg.render.catalog import RowError
 
-    if not_utf8:
-        raise RowError(f"line {line} is not valid UTF-8")
-    try:
-        row = json.loads(text.removeprefix("\ufeff") if line == 1 else text)  # a byte-order mark opens some files
-    except json.JSONDecodeError as e:
-        raise RowError(f"line {line} is not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise RowError(f"line {line} is not a JSON object (got {type(row).__name__})")
+    row, problem = parse_json_line(raw)
+    if row is None:
+        raise RowError(f"line {line}: {problem}")
     return row
 
 

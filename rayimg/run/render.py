@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from rayimg.config import RenderJob, absolute_paths
-from rayimg.run.catalog_source import BAD_COL, FILE_COL, LINE_COL, TEXT_COL, _ext_format, parse_catalog_line, read_catalog
+from rayimg.run.catalog_source import FILE_COL, LINE_COL, TEXT_COL, _ext_format, parse_catalog_line, read_catalog
 from rayimg.storage import Storage, join
 
 VALIDATE_BATCH = 256
@@ -78,11 +78,12 @@ class Validate:
         lines = TEXT_COL in batch  # a JSON Lines catalog: raw lines, parsed here (see read_catalog)
         for i in range(n):
             if lines:
-                text, line, name = str(batch[TEXT_COL][i]), int(batch[LINE_COL][i]), str(batch[FILE_COL][i])
+                raw, line, name = bytes(batch[TEXT_COL][i]), int(batch[LINE_COL][i]), str(batch[FILE_COL][i])
                 try:
-                    row = parse_catalog_line(text, line, bool(batch[BAD_COL][i]))
+                    row = parse_catalog_line(raw, line)
                 except RowError as e:
-                    errors.append({"row_id": f"{name}:{line}", "reason": str(e), "row": {"line": line, "text": text[:2000]}})
+                    text = raw[:8000].decode("utf-8", errors="replace")[:2000]
+                    errors.append({"row_id": f"{name}:{line}", "reason": str(e), "row": {"line": line, "text": text}})
                     continue
             else:
                 row = {k: _plain(v[i]) for k, v in batch.items()}
