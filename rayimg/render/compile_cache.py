@@ -145,6 +145,17 @@ def _stderr(line: str) -> None:
 
 
 @dataclass
+class _FirstCall:
+    """What stood before a shape's first call: its lookup event (once logged), inductor's graph
+    cache hits and misses, the start time, torch's compile seconds so far."""
+
+    graph_counts: tuple[int, int]
+    started: float
+    compile_seconds: dict[str, float]
+    event: dict | None = None
+
+
+@dataclass
 class CompileCache:
     """Loads and saves the mega-cache entry of each shape the engine compiles (one prefix).
 
@@ -166,18 +177,18 @@ class CompileCache:
         event = {"action": action, "uri": uri, "bytes": nbytes, "key": key, **({"reason": reason} if reason else {})}
         self.events.append(event)
         first = self._first.get(key_digest(key))
-        if first is not None and not first[0]:
-            first[0].update(event=event)
+        if first is not None and first.event is None:
+            first.event = event
         self.log(line)
 
-    _first: dict[str, tuple] = field(default_factory=dict)  # digest -> (event, graph counts, start time, compile seconds) before the call
+    _first: dict[str, "_FirstCall"] = field(default_factory=dict)  # digest -> what stood before the shape's first call
 
     def before_call(self, shape: dict) -> None:
         key = self.base_key(shape)
         digest = key_digest(key)
         if digest in self._seen:
             return
-        self._first[digest] = ({}, _graph_counts(), time.perf_counter(), _compile_seconds())
+        self._first[digest] = _FirstCall(graph_counts=_graph_counts(), started=time.perf_counter(), compile_seconds=_compile_seconds())
         uri = entry_uri(self.prefix, key)
         try:
             payload = read_entry(self.storage, uri, key)
@@ -200,17 +211,17 @@ class CompileCache:
         key = self.base_key(shape)
         digest = key_digest(key)
         first = self._first.pop(digest, None)
-        if first is not None and first[0]:
+        if first is not None and first.event is not None:
             # the lookup's event learns how the shape's first call got its graphs, and how long it took
-            hits, misses = (now - then for now, then in zip(_graph_counts(), first[1]))
-            seconds = round(time.perf_counter() - first[2], 2)
+            hits, misses = (now - then for now, then in zip(_graph_counts(), first.graph_counts))
+            seconds = round(time.perf_counter() - first.started, 2)
             now = _compile_seconds()
-            phases = {_PHASES[name]: round(now[name] - first[3].get(name, 0.0), 2) for name in now}
-            first[0]["event"].update(graphs_from_cache=hits, graphs_compiled=misses, first_call_s=seconds, compile_phases_s=phases)
+            phases = {_PHASES[name]: round(now[name] - first.compile_seconds.get(name, 0.0), 2) for name in now}
+            first.event.update(graphs_from_cache=hits, graphs_compiled=misses, first_call_s=seconds, compile_phases_s=phases)
             spent = "".join(f", {name} {value:.1f}s" for name, value in phases.items())
             line = (f"rayimg compile cache: first call for {summary(key)} took {seconds:.1f}s ({hits} graph(s) from the cache, "
                     f"{misses} compiled{spent})")
-            if first[0]["event"]["action"] == "loaded" and misses and not hits:
+            if first.event["action"] == "loaded" and misses and not hits:
                 # torch keys its graphs on process-wide settings too (TF32, inductor config): the
                 # entry was sound but made for a process set up differently
                 line = ("WARNING: " + line + ": the loaded entry matched none of this process's graphs "
