@@ -48,3 +48,20 @@ def test_local_cluster_without_a_dashboard_frontend_still_runs(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "mode local" in proc.stdout and "task 42" in proc.stdout
     assert "its dashboard did not start" in proc.stdout
+
+
+def test_dashboard_port_is_free_and_outside_the_ephemeral_range():
+    """The local cluster's dashboard port is picked below the kernel's ephemeral range, where none
+    of Ray's processes, binding port 0 as they start, can take it first."""
+    import socket
+
+    from rayimg.run.cluster import _free_port
+
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    ports = {_free_port() for _ in range(20)}
+    assert all(p < low for p in ports), ports
+    assert len(ports) > 1  # random, so two jobs starting at once do not pick the same one
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free

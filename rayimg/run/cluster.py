@@ -95,8 +95,26 @@ def _dashboard_frontend() -> bool:
 
 
 def _free_port() -> int:
+    """A free port below the kernel's ephemeral range: Ray's own processes bind ephemeral ports
+    (port 0) while it starts, and one of them could take an ephemeral port picked here before the
+    dashboard binds it."""
+    import random
     import socket
 
-    with socket.socket() as s:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(50):
+        port = rng.randrange(max(low - 12000, 10000), max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # nothing free below the range: any port the kernel gives
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
