@@ -13,7 +13,7 @@ from PIL import Image
 
 from rayimg.render.contact_sheet import write_contact_sheet
 from rayimg.render.output import png_bytes
-from rayimg.run.render import MANIFEST_SCHEMA
+from rayimg.run.manifest import manifest_schema
 from rayimg.storage import Storage, join
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 0, 0), (0, 128, 0),
@@ -28,7 +28,7 @@ def render_output(storage: Storage, root: str, n: int, size=(64, 64)) -> None:
         rows.append({"row_id": f"r{i:03d}", "key": f"key{i:03d}", "path": path, "prompt": f"prompt number {i}", "seed": i,
                      "adapters": "[]", "parameters": "{}", "seconds": 0.1})
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA()), buf)
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), buf)
     storage.write_bytes(join(root, "manifest.parquet"), buf.getvalue())
 
 

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import io
+import tempfile
+from pathlib import Path
 
 from PIL import Image
 
-from rayimg.storage import Storage, join
+from rayimg.storage import Storage, is_s3, join, local_path
 
 __all__ = ["write_contact_sheet", "CONTACT_SHEET_NAME"]
 
@@ -19,6 +21,26 @@ def _spread(n: int, k: int) -> list[int]:
     if n <= k:
         return list(range(n))
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
+
+
+def _sample_rows(storage: Storage, uri: str, sample: int) -> tuple[int, list[dict]]:
+    """(rows in the manifest at ``uri``, the ``sample`` rows spread over it). The manifest is in
+    row-id order, so only the row groups holding the picked rows are read: bounded memory on a
+    catalog of any size."""
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory(prefix="rayimg-sheet-") as tmp:
+        path = storage.download_file(uri, Path(tmp) / "manifest.parquet") if is_s3(uri) else local_path(uri)
+        with pq.ParquetFile(path) as f:
+            total = f.metadata.num_rows
+            wanted, picked, start = _spread(total, sample), [], 0
+            for group in range(f.num_row_groups):
+                size = f.metadata.row_group(group).num_rows
+                here = [i - start for i in wanted if start <= i < start + size]
+                if here:
+                    picked += f.read_row_group(group, columns=["row_id", "path", "prompt"]).take(here).to_pylist()
+                start += size
+    return total, picked
 
 
 def _fit(image: Image.Image, cell: int) -> Image.Image:
@@ -37,16 +59,12 @@ def write_contact_sheet(storage: Storage, root: str, *, sample: int = 24, column
     spread evenly over the catalog, so the same output gives the same sheet) in rows of
     ``columns``, and write ``<root>/contact_sheet.png``. Returns its URI; None when the
     manifest lists no image."""
-    import pyarrow.parquet as pq
-
     from rayimg.demo.contact_sheet import contact_sheet
     from rayimg.render.output import png_bytes
 
-    rows = sorted(pq.read_table(io.BytesIO(storage.read_bytes(join(root, "manifest.parquet"))),
-                                columns=["row_id", "path", "prompt"]).to_pylist(), key=lambda r: r["row_id"])
-    if not rows:
+    total, picked = _sample_rows(storage, join(root, "manifest.parquet"), sample)
+    if not picked:
         return None
-    picked = [rows[i] for i in _spread(len(rows), sample)]
     images: list[Image.Image | None] = []
     for r in picked:
         try:
@@ -63,7 +81,7 @@ def write_contact_sheet(storage: Storage, root: str, *, sample: int = 24, column
         captions.append([r["prompt"] or "" for r in chunk] + [""] * pad)
         labels.append(f"{start + 1}-{start + len(chunk)}")
     sheet = contact_sheet(grid, labels, [""] * columns, captions, cell=cell,
-                          title=f"{len(picked)} of {len(rows)} image(s) in {root}")
+                          title=f"{len(picked)} of {total} image(s) in {root}")
     uri = join(root, CONTACT_SHEET_NAME)
     storage.write_bytes(uri, png_bytes(sheet, {"row_ids": [r["row_id"] for r in picked]}))
     return uri

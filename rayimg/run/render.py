@@ -19,6 +19,7 @@ import numpy as np
 
 from rayimg.config import RenderJob, absolute_paths
 from rayimg.run.catalog_source import FILE_COL, LINE_COL, TEXT_COL, _ext_format, parse_catalog_line, read_catalog
+from rayimg.run.manifest import finalize, manifest_row, write_errors, write_manifest_part
 from rayimg.storage import Storage, join
 
 VALIDATE_BATCH = 256
@@ -98,7 +99,7 @@ class Validate:
             good["row_id"].append(rid)
             good["group"].append(group)
             good["settings"].append(json.dumps(s))
-        _write_errors(self.storage, self.job.output.uri, errors)
+        write_errors(self.storage, self.job.output.uri, errors)
         return good
 
 
@@ -152,7 +153,7 @@ class RenderRows:
                 key = self.renderer.key(req)
                 path = join(self.job.output.uri, "images", f"{key}.png")
                 if self.storage.exists(path):  # written by an earlier (maybe killed) run or actor
-                    manifest.append(_manifest_row(rid, key, path, req, None))
+                    manifest.append(manifest_row(rid, key, path, req, None))
                     out["row_id"].append(rid)
                     out["rendered"].append(False)
                     n_skipped += 1
@@ -181,7 +182,7 @@ class RenderRows:
                 for results in self.renderer.render_stream(chunks, sink=write):
                     done += 1
                     for image, (rid, key, path, req, _) in results:
-                        manifest.append(_manifest_row(rid, key, path, req, image.seconds))
+                        manifest.append(manifest_row(rid, key, path, req, image.seconds))
                         out["row_id"].append(rid)
                         out["rendered"].append(True)
                     # per engine batch, stamped when its PNGs were written (the stream hands a
@@ -192,12 +193,12 @@ class RenderRows:
             except (LoraError, RegistryError, AdapterCorrupt) as e:  # raised by chunks[done]'s adapter swap
                 failed = chunks[done][0].adapters
                 settings = dict(rows)
-                _write_errors(self.storage, self.job.output.uri, [
+                write_errors(self.storage, self.job.output.uri, [
                     {"row_id": paths[id(req)][0], "reason": f"adapter could not be loaded: {e}", "row": settings[paths[id(req)][0]]}
                     for chunk in chunks[done:] if chunk[0].adapters == failed for req in chunk])
                 chunks = [chunk for chunk in chunks[done + 1:] if chunk[0].adapters != failed]
         if manifest:
-            _write_manifest_part(self.storage, self.job.output.uri, manifest)
+            write_manifest_part(self.storage, self.job.output.uri, manifest)
         return out
 
     def _report_cache(self) -> None:
@@ -385,73 +386,6 @@ class _Reporter:
             self._print(snap)
             print(flush=True)
         return snap
-
-
-def _write_errors(storage: Storage, root: str, errors: list[dict]) -> None:
-    """One ``errors/`` part (named by its content, so a re-run rewrites the same file)."""
-    if errors:
-        text = "".join(json.dumps(e, sort_keys=True, default=str) + "\n" for e in errors)
-        storage.write_text(join(root, "errors", f"{hashlib.sha256(text.encode()).hexdigest()[:20]}.jsonl"), text)
-
-
-def _manifest_row(rid: str, key: str, path: str, req, seconds: float | None) -> dict:
-    params = req.params()
-    return {"row_id": rid, "key": key, "path": path, "prompt": req.prompt, "seed": req.seed,
-            "adapters": json.dumps([{"name": n, "version": v, "scale": s} for n, v, s in req.adapters]),
-            "parameters": json.dumps(params, sort_keys=True), "seconds": seconds}
-
-
-def _write_manifest_part(storage: Storage, root: str, rows: list[dict]) -> None:
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA())
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    # rendered and skipped entries hash differently, so a re-run never overwrites a part that
-    # recorded real render times with one that only saw existing files
-    name = hashlib.sha256("\n".join(sorted(f"{r['row_id']}/{r['key']}/{r['seconds'] is None}" for r in rows)).encode()).hexdigest()[:20]
-    storage.write_bytes(join(root, "manifest", f"part-{name}.parquet"), buf.getvalue())
-
-
-def MANIFEST_SCHEMA():
-    import pyarrow as pa
-
-    return pa.schema([("row_id", pa.string()), ("key", pa.string()), ("path", pa.string()), ("prompt", pa.string()),
-                      ("seed", pa.int64()), ("adapters", pa.string()), ("parameters", pa.string()), ("seconds", pa.float64())])
-
-
-def finalize(storage: Storage, root: str) -> dict:
-    """Merge manifest parts (one row per catalog row; a rendered entry wins over a skipped one)
-    and error parts into manifest.parquet and errors.jsonl."""
-    import io
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    rows: dict[str, dict] = {}
-    for uri in storage.list(join(root, "manifest")):
-        if not uri.endswith(".parquet"):
-            continue
-        for r in pq.read_table(io.BytesIO(storage.read_bytes(uri))).to_pylist():
-            old = rows.get(r["row_id"])
-            if old is None or (old["seconds"] is None and r["seconds"] is not None):
-                rows[r["row_id"]] = r
-    errors: dict[str, dict] = {}
-    for uri in storage.list(join(root, "errors")):
-        for line in storage.read_text(uri).splitlines():
-            if line.strip():
-                e = json.loads(line)
-                errors[e["row_id"]] = e
-    table = pa.Table.from_pylist(sorted(rows.values(), key=lambda r: r["row_id"]), schema=MANIFEST_SCHEMA())
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(join(root, "manifest.parquet"), buf.getvalue())
-    storage.write_text(join(root, "errors.jsonl"), "".join(json.dumps(e, sort_keys=True, default=str) + "\n"
-                                                          for e in sorted(errors.values(), key=lambda e: e["row_id"])))
-    return {"images": len(rows), "errors": len(errors), "keys": len({r["key"] for r in rows.values()})}
 
 
 # --------------------------------------------------------------------------- the job
