@@ -422,7 +422,8 @@ def main(argv=None) -> dict:
                     help="seconds from the start by which every phase should be done; a phase that would not be is skipped, a level's "
                          "sending is cut short (GPU default 560: one 10-minute device call, less bench/run.py's margin; smoke 280)")
     ap.add_argument("--max-batch-size", type=int, default=4, help="http.max_batch_size and batching.max_batch (the step loop's batch)")
-    ap.add_argument("--options", default="", help="engine speed options of the app and the reference: compile,cudagraphs,fuse_qkv,channels_last,compile_vae,fp8")
+    ap.add_argument("--options", default="", help="engine speed options of the app and the reference: compile,cudagraphs,fuse_qkv,channels_last,compile_vae,fp8 "
+                    "(and regional: compile the UNet's repeated blocks instead of the whole UNet)")
     ap.add_argument("--ref-batch", type=int, default=None, help="the reference stream's batch (default --max-batch-size; issue 22 compares "
                                                                 "with the engine's best bulk batch, 16 on an H100)")
     ap.add_argument("--ref-calls", type=int, default=None, help="batches in the reference stream (GPU default 6)")

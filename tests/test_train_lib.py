@@ -638,7 +638,8 @@ def test_full_bf16_is_checked_naming_the_field(train, match):
 
 
 def test_compile_unet_regional_compiles_the_repeated_blocks_in_place():
-    from rayimg.train.trainee import REGIONAL_BLOCKS, compile_unet
+    from rayimg.models.regions import REGIONAL_BLOCKS
+    from rayimg.train.trainee import compile_unet
 
     unet = load(SD).pipeline.unet
     names = [n for n, _ in unet.named_parameters()]

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rayimg.models.regions import compile_regions
 from rayimg.models.text import encode_prompts, pipeline_text_parts
 
 __all__ = [
@@ -530,16 +531,12 @@ def build_trainee(
     return trainee
 
 
-# Regional compilation: the blocks a UNet repeats. diffusers' own list (``_repeated_blocks``) names
-# only the transformer blocks, which would leave every ResNet block's GroupNorm/SiLU chain eager.
-REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "Downsample2D", "Upsample2D")
-
-
 def compile_unet(unet: nn.Module, mode: str) -> int:
     """``torch.compile`` the UNet in place: ``"regional"`` compiles each repeated block (transformer
-    and ResNet blocks, down/up-samplers) — one graph per distinct shape, a fraction of the cold
-    compile of ``"full"``, the whole UNet in one graph. In place (``nn.Module.compile``), so
-    parameter names, state dicts and exports are unchanged. Returns how many modules were compiled."""
+    and ResNet blocks, down/up-samplers; :func:`rayimg.models.regions.compile_regions`) — one graph
+    per distinct shape, a fraction of the cold compile of ``"full"``, the whole UNet in one graph.
+    In place (``nn.Module.compile``), so parameter names, state dicts and exports are unchanged.
+    Returns how many modules were compiled."""
     if mode == "none":
         return 0
     _quiet_dynamo()
@@ -548,20 +545,10 @@ def compile_unet(unet: nn.Module, mode: str) -> int:
         return 1
     if mode != "regional":
         raise ValueError(f"compile: unknown mode {mode!r}; one of none, regional, full")
-    import torch._dynamo
-
-    # blocks of one class at several widths/resolutions: one graph each, no dynamic shapes
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    compiled = 0
-    for module in unet.modules():
-        if type(module).__name__ in REGIONAL_BLOCKS:
-            module.compile(dynamic=False)
-            compiled += 1
-    if not compiled:
-        raise ValueError(f"compile: 'regional' found none of {', '.join(REGIONAL_BLOCKS)} in {type(unet).__name__}")
-    return compiled
+    try:
+        return compile_regions(unet, dynamic=False)
+    except ValueError as e:
+        raise ValueError(f"compile: 'regional': {e}") from None
 
 
 def _quiet_dynamo() -> None:
