@@ -209,12 +209,15 @@ def step_loop_against_fused_alone(tmp_path, *, device: str, dtype: str, engine_c
     return errors, compiled_after, dict(batcher.stats)
 
 
-def test_compiled_step_loop_with_adapter_slots_matches_fused_alone(tmp_path):
+@pytest.mark.parametrize("scope", ["full", "regional"])
+def test_compiled_step_loop_with_adapter_slots_matches_fused_alone(tmp_path, scope):
     """The serve replica's step loop with the render speed settings (compile with CUDA graphs,
-    fused QKV, channels-last, float8 linears, compiled VAE): after its warm-up, mixed-adapter
-    requests that join mid-run compile nothing more, and each is close to the same request
-    rendered alone by an eager bf16 engine with its adapters fused (float8's tolerance, as above)."""
-    settings = EngineConfig(compile=True, compile_mode="reduce-overhead", fuse_qkv=True, channels_last=True, fp8=True, compile_vae=True)
+    fused QKV, channels-last, float8 linears, compiled VAE; the whole UNet or its repeated blocks):
+    after its warm-up, mixed-adapter requests that join mid-run compile nothing more, and each is
+    close to the same request rendered alone by an eager bf16 engine with its adapters fused
+    (float8's tolerance, as above)."""
+    settings = EngineConfig(compile=True, compile_mode="reduce-overhead", fuse_qkv=True, channels_last=True, fp8=True, compile_vae=True,
+                            compile_scope=scope)
     errors, compiled_after, stats = step_loop_against_fused_alone(tmp_path, device="cuda", dtype="bfloat16", engine_cfg=settings)
     assert compiled_after == 0, compiled_after
     assert stats["joined_running"] == 2 and stats["samples"] > stats["steps"], stats
