@@ -371,21 +371,22 @@ class Estimates:
     """Rough lower bounds of each phase's seconds (real size on an H100; smoke: tiny), for the
     deadline: a phase is skipped only when even this would pass it."""
 
-    def __init__(self, real: bool, compiled: bool, warm_sizes: int = 1):
+    def __init__(self, real: bool, compiled: bool, warm_sizes: int = 1, regional: bool = False):
         self.real, self.compiled, self.warm_sizes = real, compiled, warm_sizes
+        self.compile_s = 30 if regional else 100  # one cold UNet shape, at least (regional: a guess, unmeasured)
         self.s_per_image = (0.8 if compiled else 1.2) if real else 0.1
 
     def mixed_step(self) -> float:
-        return (120 if self.compiled else 20) if self.real else 5
+        return (self.compile_s + 20 if self.compiled else 20) if self.real else 5
 
     def reference(self, batch: int, calls: int) -> float:
-        return ((90 if self.compiled else 10) if self.real else 2) + batch * calls * self.s_per_image
+        return ((self.compile_s - 10 if self.compiled else 10) if self.real else 2) + batch * calls * self.s_per_image
 
     def app(self) -> float:
         """Start-up: a compiled replica compiles each warmed batch size cold (about 100 s each on an
         H100: the render job's UNet + VAE took 150 s, and a replica warming four sizes was not ready
         after 6.5 minutes)."""
-        return (60 + 100 * self.warm_sizes if self.compiled else 40) if self.real else 10
+        return (60 + self.compile_s * self.warm_sizes if self.compiled else 40) if self.real else 10
 
     def single(self, n: int) -> float:
         return n * ((1.5 if self.compiled else 5) if self.real else 0.5)
@@ -465,7 +466,7 @@ def main(argv=None) -> dict:
     env = common.device_info(device)
     pad_to = (int_list(ap, "--pad-to", args.pad_to) if args.pad_to
               else sorted({b for b in (1, 2, 4, 8, 16) if b < args.max_batch_size} | {args.max_batch_size}))
-    estimate = Estimates(real, "compile" in options, warm_sizes=len(pad_to) if args.batching == "step" else 1)
+    estimate = Estimates(real, "compile" in options, warm_sizes=len(pad_to) if args.batching == "step" else 1, regional="regional" in options)
 
     from rayimg.config import ServeJob, from_dict, to_dict
 
