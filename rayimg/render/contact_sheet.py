@@ -4,12 +4,10 @@
 from __future__ import annotations
 
 import io
-import tempfile
-from pathlib import Path
 
 from PIL import Image
 
-from rayimg.storage import Storage, is_s3, join, local_path
+from rayimg.storage import Storage, arrow_filesystem, join
 
 __all__ = ["write_contact_sheet", "CONTACT_SHEET_NAME"]
 
@@ -29,17 +27,16 @@ def _sample_rows(storage: Storage, uri: str, sample: int) -> tuple[int, list[dic
     catalog of any size."""
     import pyarrow.parquet as pq
 
-    with tempfile.TemporaryDirectory(prefix="rayimg-sheet-") as tmp:
-        path = storage.download_file(uri, Path(tmp) / "manifest.parquet") if is_s3(uri) else local_path(uri)
-        with pq.ParquetFile(path) as f:
-            total = f.metadata.num_rows
-            wanted, picked, start = _spread(total, sample), [], 0
-            for group in range(f.num_row_groups):
-                size = f.metadata.row_group(group).num_rows
-                here = [i - start for i in wanted if start <= i < start + size]
-                if here:
-                    picked += f.read_row_group(group, columns=["row_id", "path", "prompt"]).take(here).to_pylist()
-                start += size
+    fs, path = arrow_filesystem(storage.config, uri)  # on S3: ranged reads of the footer and those row groups
+    with pq.ParquetFile(fs.open_input_file(path) if fs else path) as f:
+        total = f.metadata.num_rows
+        wanted, picked, start = _spread(total, sample), [], 0
+        for group in range(f.num_row_groups):
+            size = f.metadata.row_group(group).num_rows
+            here = [i - start for i in wanted if start <= i < start + size]
+            if here:
+                picked += f.read_row_group(group, columns=["row_id", "path", "prompt"]).take(here).to_pylist()
+            start += size
     return total, picked
 
 

@@ -51,7 +51,7 @@ def write_manifest_part(storage: Storage, root: str, rows: list[dict]) -> None:
     pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), buf)
     # rendered and skipped entries hash differently, so a re-run never overwrites a part that
     # recorded real render times with one that only saw existing files
-    name = hashlib.sha256("\n".join(f"{r['row_id']}/{r['key']}/{r['seconds'] is None}" for r in rows).encode()).hexdigest()[:20]
+    name = hashlib.sha256("\n".join(sorted(f"{r['row_id']}/{r['key']}/{r['seconds'] is None}" for r in rows)).encode()).hexdigest()[:20]
     storage.write_bytes(join(root, "manifest", f"part-{name}.parquet"), buf.getvalue())
 
 
@@ -85,12 +85,12 @@ def _row_id(row: dict) -> str:
 def _local_sorted(storage: Storage, uri: str, tmp_dir: Path, sort: Callable[[Path, Path], bool]) -> Path:
     """A local path to the part at ``uri``, sorted by row id (a part written before parts were
     sorted is sorted here, in memory: one work unit's rows)."""
+    copy = tmp_dir / "parts" / hashlib.sha256(uri.encode()).hexdigest()[:24]
     if is_s3(uri):
-        path = storage.download_file(uri, tmp_dir / "parts" / hashlib.sha256(uri.encode()).hexdigest()[:24])
+        path = storage.download_file(uri, copy)
         sort(path, path)
         return path
     path = local_path(uri)
-    copy = tmp_dir / "parts" / hashlib.sha256(uri.encode()).hexdigest()[:24]
     return copy if sort(path, copy) else path
 
 
