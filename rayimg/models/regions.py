@@ -28,5 +28,5 @@ def compile_regions(unet: nn.Module, **compile_kwargs) -> int:
             module.compile(**compile_kwargs)
             compiled += 1
     if not compiled:
-        raise ValueError(f"regional compile: found none of {', '.join(REGIONAL_BLOCKS)} in {type(unet).__name__}")
+        raise ValueError(f"found none of {', '.join(REGIONAL_BLOCKS)} in {type(unet).__name__}")  # the caller names its setting
     return compiled

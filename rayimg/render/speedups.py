@@ -56,7 +56,10 @@ def apply(pipe, settings) -> None:
         if settings.compile_scope == "regional":
             from rayimg.models.regions import compile_regions
 
-            compile_regions(pipe.unet, mode=mode, dynamic=False)  # each block in place: the same sharing holds
+            try:
+                compile_regions(pipe.unet, mode=mode, dynamic=False)  # each block in place: the same sharing holds
+            except ValueError as e:
+                raise ValueError(f"engine.compile_scope: 'regional' {e}") from None
         else:
             pipe.unet.compile(mode=mode, dynamic=False)
     if settings.compile_vae:

@@ -548,7 +548,7 @@ def compile_unet(unet: nn.Module, mode: str) -> int:
     try:
         return compile_regions(unet, dynamic=False)
     except ValueError as e:
-        raise ValueError(f"compile: 'regional': {e}") from None
+        raise ValueError(f"compile: 'regional' {e}") from None
 
 
 def _quiet_dynamo() -> None:
