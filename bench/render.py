@@ -47,7 +47,6 @@ def engine_config(options: set[str], batch: int, **fields):
     return EngineConfig(**{"batch_size": batch, "compile": "compile" in options, "compile_vae": "compile_vae" in options,
                            "fuse_qkv": "fuse_qkv" in options, "channels_last": "channels_last" in options, "fp8": "fp8" in options,
                            "batch_invariant": False, "compile_mode": "reduce-overhead" if "cudagraphs" in options else "default",
-                           "compile_scope": "regional" if "regional" in options else "full",
                            **fields})
 
 
@@ -114,8 +113,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--guidance", type=float, default=5.0)
-    ap.add_argument("--options", default=None, help=f"engine speed options (GPU default {GPU_OPTIONS}; "
-                    "add regional to compile the UNet's repeated blocks instead of the whole UNet)")
+    ap.add_argument("--options", default=None, help=f"engine speed options (GPU default {GPU_OPTIONS})")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--json", default=None, help="write this headline's JSON here")
     args = ap.parse_args(argv)

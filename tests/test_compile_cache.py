@@ -92,14 +92,12 @@ def test_key_names_every_graph_setting_and_the_shape():
     key = cache_key(EngineConfig(compile=True), **base)
     assert key == cache_key(EngineConfig(compile=True, png_compress_level=9, compile_cache="elsewhere"), **base)
     assert key["torch"] == torch.__version__ and key["accelerator"] == "cpu" and key["dtype"] == "bfloat16"
-    assert "compile_scope" not in key["engine"]  # the default: entries saved before the setting keep their keys
     uri = entry_uri("s3://bucket/cc", key)
     others = [
         cache_key(EngineConfig(compile=True), **{**base, "shape": {**base["shape"], "batch": 4}}),
         cache_key(EngineConfig(compile=True), **{**base, "shape": {**base["shape"], "width": 128}}),
         cache_key(EngineConfig(compile=True, fuse_qkv=True), **base),
         cache_key(EngineConfig(compile=True, compile_mode="reduce-overhead"), **base),
-        cache_key(EngineConfig(compile=True, compile_scope="regional"), **base),
         cache_key(EngineConfig(compile=True, compile_vae=True), **base),
         cache_key(EngineConfig(compile=True, channels_last=True), **base),
         cache_key(EngineConfig(compile=True, vae_batch=4), **base),

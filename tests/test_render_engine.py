@@ -1001,31 +1001,3 @@ def test_vae_batch_decodes_in_chunks_with_the_same_pixels(cache_dir):
         Engine(fresh.pipeline, EngineConfig(vae_batch=-1))
     with pytest.raises(ValueError, match="vae_batch"):
         EngineConfig(vae_batch=-1).validate()
-
-
-def test_engine_regional_compile_compiles_the_repeated_blocks_in_place():
-    """``engine.compile_scope: regional`` compiles each repeated block of the UNet (not the UNet
-    itself) in place, so parameter paths and adapter swaps are unchanged; ``full`` compiles the
-    UNet as one module. Whether the compiled blocks render the same pixels is a GPU test
-    (``test_gpu_engine.py``); here dynamo is off so nothing is compiled."""
-    import torch._dynamo
-
-    from rayimg.models.loader import load_pipeline
-    from rayimg.models.regions import REGIONAL_BLOCKS
-
-    model = ModelConfig(pretrained="rayimg-tiny-sd", device="cpu")
-    req = GenerationRequest(prompt="a red circle", steps=2, width=64, height=64, seed=3)
-    eager = Engine(load_pipeline(model), EngineConfig()).generate([req], output_type="np")[0]
-    pipe = load_pipeline(model)
-    names = [n for n, _ in pipe.unet.named_parameters()]
-    engine = Engine(pipe, EngineConfig(compile=True, compile_scope="regional"))
-    blocks = [m for m in pipe.unet.modules() if type(m).__name__ in REGIONAL_BLOCKS]
-    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
-    assert pipe.unet._compiled_call_impl is None
-    assert [n for n, _ in pipe.unet.named_parameters()] == names
-    with torch._dynamo.config.patch(disable=True):
-        assert np.array_equal(engine.generate([req], output_type="np")[0], eager)
-    full = load_pipeline(model)
-    Engine(full, EngineConfig(compile=True))
-    assert full.unet._compiled_call_impl is not None
-    assert not any(m._compiled_call_impl is not None for m in full.unet.modules() if m is not full.unet)

@@ -59,9 +59,7 @@ def cache_key(engine_cfg, *, device, dtype, model_id: str, model_hash: str, shap
     return {
         "torch": torch.__version__,
         "accelerator": accelerator_name(device),
-        "engine": {**{name: getattr(engine_cfg, name) for name in GRAPH_SETTINGS if hasattr(engine_cfg, name)},
-                   # only when not the default, so the entries saved before the setting existed stay valid
-                   **({"compile_scope": engine_cfg.compile_scope} if getattr(engine_cfg, "compile_scope", "full") != "full" else {})},
+        "engine": {name: getattr(engine_cfg, name) for name in GRAPH_SETTINGS if hasattr(engine_cfg, name)},
         "dtype": str(dtype).removeprefix("torch."),
         "model": model_id,
         "model_hash": model_hash,

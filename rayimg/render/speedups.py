@@ -52,16 +52,7 @@ def apply(pipe, settings) -> None:
         # graph per batch and image size (dynamic=False): a second size compiles its own graph
         # instead of a slower dynamic-shape one. "reduce-overhead" replays CUDA graphs, which
         # read the weights in place, so adapter swaps need no recompile either.
-        mode = None if settings.compile_mode == "default" else settings.compile_mode
-        if settings.compile_scope == "regional":
-            from rayimg.models.regions import compile_regions
-
-            try:
-                compile_regions(pipe.unet, mode=mode, dynamic=False)  # each block in place: the same sharing holds
-            except ValueError as e:
-                raise ValueError(f"engine.compile_scope: 'regional' {e}") from None
-        else:
-            pipe.unet.compile(mode=mode, dynamic=False)
+        pipe.unet.compile(mode=None if settings.compile_mode == "default" else settings.compile_mode, dynamic=False)
     if settings.compile_vae:
         from rayimg.render.vae_decode import speed_up_decoder
 
