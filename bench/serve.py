@@ -206,7 +206,7 @@ def mixed_adapter_step(job, real: bool, *, rank: int, device: str, warm_rounds: 
 
     base = common.measure(step, warmup=warmup, calls=calls, device=device)
     shapes = lora_shapes(unet)
-    slots = AdapterSlots(pipe, slot_config(job.batching))
+    slots = AdapterSlots(pipe, slot_config(job.batching, job.batching.slot_targets or TARGETS))  # the app's: what the adapters record
     weights = [lora_from_state_dict(random_lora(shapes, rank, 100 + i), name=f"a{i}", fingerprint=f"{i:064d}", unet_config=unet.config).to(device)
                for i in range(batch)]
 
@@ -371,22 +371,21 @@ class Estimates:
     """Rough lower bounds of each phase's seconds (real size on an H100; smoke: tiny), for the
     deadline: a phase is skipped only when even this would pass it."""
 
-    def __init__(self, real: bool, compiled: bool, warm_sizes: int = 1, regional: bool = False):
+    def __init__(self, real: bool, compiled: bool, warm_sizes: int = 1):
         self.real, self.compiled, self.warm_sizes = real, compiled, warm_sizes
-        self.compile_s = 30 if regional else 100  # one cold UNet shape, at least (regional: a guess, unmeasured)
         self.s_per_image = (0.8 if compiled else 1.2) if real else 0.1
 
     def mixed_step(self) -> float:
-        return (self.compile_s + 20 if self.compiled else 20) if self.real else 5
+        return (120 if self.compiled else 20) if self.real else 5
 
     def reference(self, batch: int, calls: int) -> float:
-        return ((self.compile_s - 10 if self.compiled else 10) if self.real else 2) + batch * calls * self.s_per_image
+        return ((90 if self.compiled else 10) if self.real else 2) + batch * calls * self.s_per_image
 
     def app(self) -> float:
         """Start-up: a compiled replica compiles each warmed batch size cold (about 100 s each on an
         H100: the render job's UNet + VAE took 150 s, and a replica warming four sizes was not ready
         after 6.5 minutes)."""
-        return (60 + self.compile_s * self.warm_sizes if self.compiled else 40) if self.real else 10
+        return (60 + 100 * self.warm_sizes if self.compiled else 40) if self.real else 10
 
     def single(self, n: int) -> float:
         return n * ((1.5 if self.compiled else 5) if self.real else 0.5)
@@ -423,14 +422,16 @@ def main(argv=None) -> dict:
                     help="seconds from the start by which every phase should be done; a phase that would not be is skipped, a level's "
                          "sending is cut short (GPU default 560: one 10-minute device call, less bench/run.py's margin; smoke 280)")
     ap.add_argument("--max-batch-size", type=int, default=4, help="http.max_batch_size and batching.max_batch (the step loop's batch)")
-    ap.add_argument("--options", default="", help="engine speed options of the app and the reference: compile,cudagraphs,fuse_qkv,channels_last,compile_vae,fp8 "
-                    "(and regional: compile the UNet's repeated blocks instead of the whole UNet)")
+    ap.add_argument("--options", default="", help="engine speed options of the app and the reference: compile,cudagraphs,fuse_qkv,channels_last,compile_vae,fp8")
     ap.add_argument("--ref-batch", type=int, default=None, help="the reference stream's batch (default --max-batch-size; issue 22 compares "
                                                                 "with the engine's best bulk batch, 16 on an H100)")
     ap.add_argument("--ref-calls", type=int, default=None, help="batches in the reference stream (GPU default 6)")
     ap.add_argument("--skip-reference", action="store_true", help="no reference stream (the ratio is then null)")
     ap.add_argument("--pad-to", default=None, help="batching.pad_to: the step batch sizes a replica compiles and warms before it "
                     "takes requests (default: the powers of two below --max-batch-size, and it); each costs a cold compile")
+    ap.add_argument("--slot-targets", default=None,
+                    help="batching.slot_targets: comma list of UNet module names given adapter slots, or 'all' (every type adapters "
+                         "may target); default: what the published adapters record (their attention projections)")
     ap.add_argument("--batching", choices=("step", "request"), default="step",
                     help="the app's batching.mode: step-level with per-sample adapters (default), or request batches with fused adapters")
     ap.add_argument("--mixed-step", action="store_true", help="also time one UNet step of --max-batch-size samples with as many different "
@@ -466,9 +467,10 @@ def main(argv=None) -> dict:
     env = common.device_info(device)
     pad_to = (int_list(ap, "--pad-to", args.pad_to) if args.pad_to
               else sorted({b for b in (1, 2, 4, 8, 16) if b < args.max_batch_size} | {args.max_batch_size}))
-    estimate = Estimates(real, "compile" in options, warm_sizes=len(pad_to) if args.batching == "step" else 1, regional="regional" in options)
+    estimate = Estimates(real, "compile" in options, warm_sizes=len(pad_to) if args.batching == "step" else 1)
 
     from rayimg.config import ServeJob, from_dict, to_dict
+    from rayimg.config.train import LORA_TARGETS
 
     import render as render_bench
 
@@ -477,6 +479,7 @@ def main(argv=None) -> dict:
     names = [f"load-{i:03d}" for i in range(adapters)]
     port = 8000 + random.Random(os.getpid()).randrange(1000)
     engine = to_dict(render_bench.engine_config(options, 1, batch_invariant=not real, compile_cache=args.compile_cache))
+    slot_targets = (list(LORA_TARGETS) if args.slot_targets == "all" else [t for t in args.slot_targets.split(",") if t]) if args.slot_targets else None
     job = from_dict(ServeJob, {
         "registry": registry, "model": {"device": device}, "app_name": "bench",
         "defaults": {"steps": steps, "width": size, "height": size, "guidance_scale": 5.0},
@@ -486,14 +489,14 @@ def main(argv=None) -> dict:
                  "max_ongoing_requests": 8, "max_queued_requests": 4 * max(levels) + 8, "request_timeout_s": 600.0},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         "batching": {"mode": args.batching, "max_batch": args.max_batch_size,
-                     "pad_to": pad_to,
+                     "pad_to": pad_to, "slot_targets": slot_targets,
                      "num_slots": 16, "max_rank": rank},
         "adapter_cache": {"disk_dir": str(tmp / "adapter-cache"), "cpu_max_adapters": 16, "gpu_max_adapters": 4, "refresh_s": 30.0},
         "num_cpus_per_replica": 1.0 if real else 0.5, "num_gpus_per_replica": 1.0 if real else 0.0, "num_cpus_ingress": 0.25,
     })
 
     details = {"adapters": len(names), "zipf_s": args.zipf, "rank": rank, "size": size, "steps": steps, "options": sorted(options),
-               "compile_cache": args.compile_cache or None,
+               "compile_cache": args.compile_cache or None, "slot_targets": slot_targets or list(TARGETS),
                "batching": args.batching, "max_batch_size": args.max_batch_size, "pad_to": pad_to, "concurrency_levels": levels, "requests_per_level": counts,
                "mixed_adapter_step": None, "reference_measure": None, "reference_batch": None if args.skip_reference else ref_batch,
                "single_request_s": None, "levels": {}}

@@ -75,14 +75,25 @@ def denoising_steps(request) -> int:
     return request.steps
 
 
-def slot_config(b):
-    """The step loop's AdapterSlots layout for a ``batching`` section ``b``: its sizes, the default
-    targets; the slots take a UNet call's samples padding included (``max_batch`` padded up to a
-    ``pad_to`` size)."""
+def slot_config(b, unet_targets=None):
+    """The step loop's AdapterSlots layout for a ``batching`` section ``b``: its sizes, and slots on
+    the UNet modules named ``unet_targets`` (default: every module type adapters may target); the
+    slots take a UNet call's samples padding included (``max_batch`` padded up to a ``pad_to``
+    size)."""
     from rayimg.render.multi_lora import SlotConfig
     from rayimg.render.stepper import padded_size
 
-    return SlotConfig(num_slots=b.num_slots, max_rank=b.max_rank, max_batch=padded_size(b.max_batch, b.pad_to), max_adapters=b.max_adapters)
+    targets = {"unet_targets": tuple(unet_targets)} if unet_targets else {}
+    return SlotConfig(num_slots=b.num_slots, max_rank=b.max_rank, max_batch=padded_size(b.max_batch, b.pad_to), max_adapters=b.max_adapters,
+                      **targets)
+
+
+def slot_targets(job: ServeJob, storage: Storage) -> list[str] | None:
+    """The UNet modules a replica gives adapter slots: ``batching.slot_targets``, else what the
+    registry's adapters record (None: every module type)."""
+    from rayimg.registry import recorded_targets
+
+    return job.batching.slot_targets or recorded_targets(storage, job.registry)
 
 
 def default_compile_cache(job: ServeJob) -> str:
@@ -133,7 +144,9 @@ class GeneratorBase:
         from serving.stepping import StepLoop
 
         b = self.job.batching
-        self.slots = AdapterSlots(self.renderer.pipe, slot_config(b))
+        self.slots = AdapterSlots(self.renderer.pipe, slot_config(b, slot_targets(self.job, self.storage)))
+        logger.info("rayimg step loop: adapter slots on the UNet's %s modules (%d modules, %.0f MiB a slot)",
+                    ", ".join(self.slots.config.unet_targets), self.slots.num_modules, self.slots.row_nbytes / 2**20)
         batcher = StepBatcher(self.renderer.engine, max_batch=b.max_batch, pad_to=tuple(b.pad_to), adapters=SlotAdapters(self.slots),
                               compile_cache=self.renderer.compile_cache)
         compiled = self.renderer.engine.config.compile or self.renderer.engine.config.compile_vae
@@ -161,12 +174,14 @@ class GeneratorBase:
             self.slots.set_passthrough(False)
 
     def _steppable(self, request, aset: "AdapterSet | None") -> bool:
-        """Whether ``request`` can join the step loop: txt2img with adapters the slots can hold."""
+        """Whether ``request`` can join the step loop: txt2img with adapters the slots can hold (rank,
+        and slots on every module they adapt)."""
         if self.step_loop is None or request.mode != "txt2img" or len(request.adapters) > self.job.batching.max_adapters:
             return False
         if aset is None:
             return not request.adapters
-        return all(layer.rank <= self.job.batching.max_rank for w in aset.weights.values() for _, _, layer in w.items())
+        return all(self.slots.holds(w) and all(layer.rank <= self.job.batching.max_rank for _, _, layer in w.items())
+                   for w in aset.weights.values())
 
     async def _render_step(self, request, aset: "AdapterSet | None", ticket: Ticket) -> "dict | ApiError":
         """One image through the step loop: it joins the running batch at the next step."""

@@ -81,7 +81,7 @@ def ray_cluster(s3_server, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def publish_tiny_lora():
-    """``publish(registry, name, seed, version=None) -> version``: publish a random rank-4 LoRA for
+    """``publish(registry, name, seed, version=None, metadata=None) -> version``: publish a random rank-4 LoRA for
     the tiny SD model through the project's own trainee, export and registry (the model and
     trainee are built once per session; each adapter gets its own seeded up-weights)."""
     import tempfile
@@ -97,7 +97,7 @@ def publish_tiny_lora():
 
     state = {}
 
-    def publish(registry: str, name: str, seed: int, version=None) -> str:
+    def publish(registry: str, name: str, seed: int, version=None, metadata: dict | None = None) -> str:
         if not state:
             loaded = load_model(ModelConfig(device="cpu"))
             tj = from_dict(TrainJob, {"cache": "unused", "train": {"mixed_precision": "no"}, "lora": {"rank": 4}})
@@ -111,7 +111,8 @@ def publish_tiny_lora():
         with tempfile.TemporaryDirectory() as d:
             save_lora(d, "sd", lora_state_dicts(trainee)["unet"])
             _uri, version = publish_adapter(Storage(), registry, name, version, d,
-                                            {"base_model": {"id": loaded.model_id, "hash": loaded.model_hash}, "method": "lora", "rank": 4})
+                                            {"base_model": {"id": loaded.model_id, "hash": loaded.model_hash}, "method": "lora", "rank": 4,
+                                             **(metadata or {})})
         return version
 
     return publish

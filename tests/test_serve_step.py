@@ -149,3 +149,45 @@ def test_replica_warms_up_its_step_loop_when_it_compiles(tmp_path, caplog):
     # no engine.compile_cache: the replicas share one beside the image cache (an added replica starts warm)
     assert cold.renderer.compile_cache.prefix == str(tmp_path / "images" / ".compile-cache")
     assert plain.renderer.compile_cache is None and plain.renderer.engine.prompts.stats["encoded"] == 0  # no step ran
+
+
+def test_slots_go_where_the_registry_adapters_record_and_other_adapters_take_the_fused_path(tmp_path, publish_tiny_lora):
+    """A replica gives adapter slots to the UNet modules its registry's adapters record in their
+    adapter.json (``target_modules``), or to every module type when the registry is empty or an
+    adapter records none; ``batching.slot_targets`` overrides it. A request whose adapters adapt a
+    module without slots does not join the step loop (it takes the fused path); one the slots hold
+    does."""
+    from rayimg.config import ConfigError
+    from rayimg.config.train import LORA_TARGETS
+    from rayimg.registry import recorded_targets
+    from rayimg.render.request import GenerationRequest
+    from rayimg.storage import Storage
+    from serving.generator import GeneratorBase
+
+    registry, storage = str(tmp_path / "registry"), Storage()
+    attention = ["to_q", "to_k", "to_v", "to_out.0"]
+    assert recorded_targets(storage, registry) is None  # nothing published: nothing known
+    version = publish_tiny_lora(registry, "att", seed=50, metadata={"target_modules": attention})  # what the tiny trainee adapts
+    assert recorded_targets(storage, registry) == sorted(attention)
+
+    def replica(**batching) -> GeneratorBase:
+        return GeneratorBase(serve_job(registry, tmp_path, image_cache={"uri": str(tmp_path / "images")},
+                                       batching={"max_batch": 2, "pad_to": [1, 2], **batching}))
+
+    def slotted(generator) -> set[str]:
+        return {w.name.rsplit(".", 1)[-1] if not w.name.endswith("to_out.0") else "to_out.0"
+                for w in generator.slots._wrapped if w.component == "unet"}
+
+    auto, narrow = replica(), replica(slot_targets=["to_q", "to_k"])
+    assert auto.slots.config.unet_targets == tuple(sorted(attention)) and slotted(auto) == set(attention)
+    assert slotted(narrow) == {"to_q", "to_k"} and auto.slots.row_nbytes > narrow.slots.row_nbytes
+    request = GenerationRequest(prompt="a red square", steps=2, width=64, height=64, seed=1, adapters=[("att", version, 1.0)])
+    set_id = f"att@{version}"
+    assert auto._steppable(request, auto._load_set(set_id))
+    assert not narrow._steppable(request, narrow._load_set(set_id))  # to_v / to_out.0 have no slots there: the fused path
+
+    publish_tiny_lora(registry, "untold", seed=51)  # records no target_modules (e.g. trained elsewhere)
+    assert recorded_targets(storage, registry) is None
+    assert replica().slots.config.unet_targets == LORA_TARGETS
+    with pytest.raises(ConfigError, match=r"batching\.slot_targets.*'attn'"):
+        serve_job(registry, tmp_path, batching={"slot_targets": ["attn"]})

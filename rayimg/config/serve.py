@@ -25,6 +25,11 @@ class BatchingConfig:
     num_slots: int = field(16, doc="adapters held in GPU slots at once in step mode (least recently used unpinned one is replaced)")
     max_rank: int = field(32, doc="largest LoRA rank a slot takes; an adapter of a larger rank is refused (422)")
     max_adapters: int = field(2, doc="most adapters one request combines in step mode")
+    slot_targets: Optional[list[str]] = field(
+        None, doc="UNet module names (as in train.lora.target_modules) that get adapter slots in step mode; a request whose adapters "
+                  "adapt any other module takes the fused path instead. null: the target_modules the registry's adapters record "
+                  "(adapter.json) when the replica starts, or every module type when one records none or the registry is empty. "
+                  "Fewer targets: less GPU memory per slot and less work per denoising step")
     warm_up: bool = field(True, doc="at replica start, compile (or load from the compile cache) the step loop's graphs for every "
                                     "pad_to size at the default width/height and guidance, so no request waits on a compile; "
                                     "only with engine.compile or engine.compile_vae")
@@ -34,6 +39,12 @@ class BatchingConfig:
             check(getattr(self, name) >= 1, name, "must be >= 1")
         check(all(isinstance(b, int) and b >= 1 for b in self.pad_to), "pad_to", "must be positive integers")
         check(not self.pad_to or max(self.pad_to) >= self.max_batch, "pad_to", f"the largest size must be >= max_batch ({self.max_batch})")
+        if self.slot_targets is not None:
+            from rayimg.config.train import LORA_TARGETS
+
+            check(len(self.slot_targets) > 0, "slot_targets", "must name at least one module (null: what the registry's adapters record)")
+            for t in self.slot_targets:
+                check(t in LORA_TARGETS, "slot_targets", f"unknown module {t!r}; allowed: {', '.join(LORA_TARGETS)}")
 
 
 @dataclass

@@ -19,10 +19,12 @@ from rayimg.registry.versions import (
     adapter_uri,
     list_adapters,
     publish_adapter,
+    recorded_targets,
     resolve_adapter,
 )
 
 __all__ = [
     "AdapterCorrupt", "AdapterIncompatible", "AdapterNotFound", "AdapterStore", "METADATA_NAME", "RegistryError", "WEIGHT_FILE",
-    "adapter_family", "adapter_metadata", "adapter_uri", "check_adapter", "check_published", "list_adapters", "publish_adapter", "resolve_adapter",
+    "adapter_family", "adapter_metadata", "adapter_uri", "check_adapter", "check_published", "list_adapters", "publish_adapter", "recorded_targets",
+    "resolve_adapter",
 ]

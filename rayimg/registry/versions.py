@@ -27,7 +27,7 @@ from rayimg.train.export import file_sha256
 
 __all__ = [
     "METADATA_NAME", "RegistryError", "AdapterNotFound", "AdapterCorrupt", "adapter_metadata", "publish_adapter", "list_adapters",
-    "resolve_adapter", "adapter_uri", "check_name",
+    "resolve_adapter", "adapter_uri", "check_name", "recorded_targets",
 ]
 
 METADATA_NAME = "adapter.json"
@@ -167,6 +167,32 @@ def list_adapters(storage: Storage, registry_root: str) -> dict[str, list[str]]:
         if len(parts) == 3 and parts[2] == METADATA_NAME and ADAPTER_NAME_RE.match(parts[0]) and ADAPTER_NAME_RE.match(parts[1]):
             found.setdefault(parts[0], set()).add(parts[1])
     return {name: sorted(versions, key=_version_key) for name, versions in sorted(found.items())}
+
+
+def recorded_targets(storage: Storage, registry_root: str) -> list[str] | None:
+    """The union of the UNet ``target_modules`` that the LoRA adapters of the registry (every
+    complete version) record in their adapter.json, sorted; None when the registry has no LoRA
+    adapter or one of them records none (e.g. weights trained elsewhere), i.e. nothing is known.
+    Textual-inversion adapters adapt no module and are skipped; an unreadable adapter.json is
+    skipped too (requests naming it get its own error)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def targets(name: str, version: str):
+        try:
+            _v, _uri, meta = resolve_adapter(storage, registry_root, name, version)
+        except RegistryError:
+            return ()
+        if meta.get("method") == "textual_inversion":
+            return ()
+        found = meta.get("target_modules")
+        return tuple(found) if isinstance(found, list) and all(isinstance(t, str) for t in found) else None
+
+    pairs = [(name, version) for name, versions in list_adapters(storage, registry_root).items() for version in versions]
+    with ThreadPoolExecutor(max_workers=16) as pool:  # one small read each; on S3 a round trip each
+        found = list(pool.map(lambda p: targets(*p), pairs))
+    if not pairs or any(t is None for t in found) or not any(found):
+        return None
+    return sorted({t for ts in found for t in ts})
 
 
 def resolve_adapter(storage: Storage, registry_root: str, name: str, version: str | int | None = None) -> tuple[str, str, dict]:

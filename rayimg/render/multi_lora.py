@@ -329,6 +329,10 @@ class AdapterSlots:
         return dict(self._lru)
 
     # ------------------------------------------------------------------ slots
+    def holds(self, weights: LoraWeights) -> bool:
+        """Whether every module ``weights`` adapts has slots (else :meth:`acquire` refuses it)."""
+        return all((component, path) in self._paths for component, path, _ in weights.items())
+
     def acquire(self, adapters: Sequence[tuple[LoraWeights, float]]) -> PinnedAdapters:
         """Load ``adapters`` (``(weights, scale)`` pairs of one sample) into slots where they are
         not already, pin them, and return what :meth:`set_batch` takes. Raises
