@@ -180,8 +180,7 @@ class GeneratorBase:
             return False
         if aset is None:
             return not request.adapters
-        return all(self.slots.holds(w) and all(layer.rank <= self.job.batching.max_rank for _, _, layer in w.items())
-                   for w in aset.weights.values())
+        return all(self.slots.holds(w) for w in aset.weights.values())
 
     async def _render_step(self, request, aset: "AdapterSet | None", ticket: Ticket) -> "dict | ApiError":
         """One image through the step loop: it joins the running batch at the next step."""

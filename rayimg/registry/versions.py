@@ -190,7 +190,7 @@ def recorded_targets(storage: Storage, registry_root: str) -> list[str] | None:
     pairs = [(name, version) for name, versions in list_adapters(storage, registry_root).items() for version in versions]
     with ThreadPoolExecutor(max_workers=16) as pool:  # one small read each; on S3 a round trip each
         found = list(pool.map(lambda p: targets(*p), pairs))
-    if not pairs or any(t is None for t in found) or not any(found):
+    if any(t is None for t in found) or not any(found):
         return None
     return sorted({t for ts in found for t in ts})
 

@@ -330,8 +330,9 @@ class AdapterSlots:
 
     # ------------------------------------------------------------------ slots
     def holds(self, weights: LoraWeights) -> bool:
-        """Whether every module ``weights`` adapts has slots (else :meth:`acquire` refuses it)."""
-        return all((component, path) in self._paths for component, path, _ in weights.items())
+        """Whether every module ``weights`` adapts has slots, at a rank they take (else
+        :meth:`acquire` refuses it)."""
+        return all((component, path) in self._paths and layer.rank <= self.config.max_rank for component, path, layer in weights.items())
 
     def acquire(self, adapters: Sequence[tuple[LoraWeights, float]]) -> PinnedAdapters:
         """Load ``adapters`` (``(weights, scale)`` pairs of one sample) into slots where they are
