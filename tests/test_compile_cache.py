@@ -204,6 +204,9 @@ def test_render_job_second_run_starts_warm_and_reports_it(ray_cluster, tmp_path)
 
     cold = render(job(str(tmp_path / "out-1")))
     assert cold["compile_cache"] == {"cold": 1, "saved": 1}, cold
+    # the actor compiled the catalog's shape before its first unit came (while the rows were validated)
+    [warm_up] = cold["warm_ups"]
+    assert warm_up["shape"] == [64, 64, 3.0] and warm_up["seconds"] > 0, cold
     assert len(list(Path(cache).glob("*.bin"))) == 1
     warm = render(job(str(tmp_path / "out-2")))
     assert warm["compile_cache"] == {"loaded": 1}, warm
@@ -224,3 +227,70 @@ def test_step_loop_second_process_starts_warm(tmp_path):
     [loaded] = warm["events"]
     assert loaded["action"] == "loaded" and loaded["graphs_from_cache"] >= 1 and loaded["graphs_compiled"] == 0
     assert warm["pixels"] == cold["pixels"]
+
+
+# The same small module, compiled in place and routed through rayimg.render.aot (what the
+# Renderer does to its UNet): its graph is stored whole, so a new process does not trace it.
+AOT_RUN = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from rayimg.config import EngineConfig
+from rayimg.render import aot
+from rayimg.render.compile_cache import CompileCache, cache_key
+from rayimg.storage import Storage
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).eval()
+cfg = EngineConfig(compile=True)
+cache = CompileCache(Storage(), sys.argv[1], lambda shape: cache_key(
+    cfg, device="cpu", dtype=torch.float32, model_id="mlp", model_hash="0", shape=shape))
+model.compile(dynamic=False)
+aot.install(model, cache, None)
+x = torch.linspace(-1, 1, 16).reshape(2, 8)
+with torch.no_grad():
+    out = model(x)
+    model[2].weight.mul_(2)  # weights are read in place (adapters are fused into them)
+    doubled, eager = model(x), model.forward(x)
+print(json.dumps({"events": cache.events, "out": out.tolist(), "doubled": doubled.tolist(), "eager": eager.tolist(),
+                  "traced": counters["stats"]["unique_graphs"]}))
+"""
+
+
+def test_aot_graph_loads_without_tracing_reads_weights_in_place_and_a_corrupt_one_is_ignored(tmp_path):
+    prefix = str(tmp_path / "compile-cache")
+    inductor = tmp_path / "inductor"  # shared: what is tested is dynamo's tracing, not inductor's disk cache
+    cold, err = run_fresh(AOT_RUN, prefix, inductor_dir=inductor)
+    assert [e["action"] for e in cold["events"]] == ["aot_saved"], err
+    assert cold["traced"] >= 1 and torch.allclose(torch.tensor(cold["doubled"]), torch.tensor(cold["eager"]), atol=1e-6)
+    entry = Path(cold["events"][0]["uri"])
+    assert entry.is_file() and cold["events"][0]["key"]["aot"]["structure"]
+
+    warm, err = run_fresh(AOT_RUN, prefix, inductor_dir=inductor)
+    assert [e["action"] for e in warm["events"]] == ["aot_loaded"], err
+    assert warm["traced"] == 0  # dynamo traced nothing
+    assert warm["out"] == cold["out"] and warm["doubled"] == cold["doubled"]  # and the weight change reached the loaded graph
+    assert any(line.startswith("rayimg compile cache: loaded the Sequential graph for 2x8") and "no tracing" in line for line in cache_lines(err))
+
+    data = bytearray(entry.read_bytes())
+    data[-100:-90] = bytes(b ^ 0xFF for b in data[-100:-90])
+    entry.write_bytes(bytes(data))
+    recovered, err = run_fresh(AOT_RUN, prefix, inductor_dir=inductor)
+    assert [e["action"] for e in recovered["events"]] == ["aot_ignored", "aot_saved"]
+    assert "checksum" in recovered["events"][0]["reason"] and recovered["out"] == cold["out"]
+    assert decode_entry(entry.read_bytes(), recovered["events"][0]["key"])  # a good entry written back
+
+
+def test_aot_dispatch_is_removed_before_adapter_slots_change_the_unet(tmp_path):
+    from rayimg.models.tiny import build_tiny_sd
+    from rayimg.render import aot
+    from rayimg.render.compile_cache import CompileCache
+    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
+    from rayimg.storage import Storage
+
+    pipe = build_tiny_sd(0)
+    pipe.unet.compile(dynamic=False)  # lazy: nothing compiles without a call
+    plain = pipe.unet._compiled_call_impl
+    aot.install(pipe.unet, CompileCache(Storage(), str(tmp_path), lambda shape: {"shape": shape}), None)
+    assert aot.installed(pipe.unet) and pipe.unet._compiled_call_impl is not plain
+    AdapterSlots(pipe, SlotConfig(num_slots=2, max_rank=4, max_batch=1, max_adapters=1))
+    assert not aot.installed(pipe.unet) and pipe.unet._compiled_call_impl is plain

@@ -183,6 +183,11 @@ class CompileCache:
 
     _first: dict[str, "_FirstCall"] = field(default_factory=dict)  # digest -> what stood before the shape's first call
 
+    def record(self, action: str, key: dict, uri: str, line: str, nbytes: int = 0, reason: str = "") -> None:
+        """An event of another user of this cache's storage (:mod:`rayimg.render.aot`): in
+        :attr:`events` and one log line."""
+        self._event(action, key, uri, line, nbytes, reason)
+
     def before_call(self, shape: dict) -> None:
         key = self.base_key(shape)
         digest = key_digest(key)

@@ -279,6 +279,10 @@ class AdapterSlots:
             if any(w.component == component for w in self._wrapped):
                 rows = 2 * self.config.max_batch if component == "unet" else self.config.max_batch
                 self.rows[component] = Rows(component, rows, self.config.max_adapters, next(module.parameters()).device)
+        from rayimg.render import aot
+
+        for module in self.components.values():
+            aot.uninstall(module)  # slotted modules change the graph its stored guards cannot see
         for wrapped in self._wrapped:
             module = wrapped.module
             down, up = wrapped.split(self.stores[wrapped.store])

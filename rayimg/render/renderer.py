@@ -71,6 +71,11 @@ class Renderer:
         settings, device, dtype = self.engine.config, self.engine.device, self.pipe.unet.dtype
         self.compile_cache = CompileCache(storage or Storage(), prefix, lambda shape: cache_key(
             settings, device=device, dtype=dtype, model_id=self.model_id, model_hash=self.model_hash, shape=shape))
+        if settings.compile:
+            from rayimg.render import aot
+
+            # the UNet's graphs whole, so a warm start skips dynamo's tracing too
+            aot.install(self.pipe.unet, self.compile_cache, None if settings.compile_mode == "default" else settings.compile_mode)
 
     @property
     def compile_cache_status(self) -> list[dict]:
@@ -100,6 +105,20 @@ class Renderer:
                 raise ValueError("requests name adapters but this renderer has no adapter registry")
             pairs = [(self.adapter_store.get(name, version)[1], scale) for name, version, scale in identity]
             self.engine.set_adapters(pairs, identity)
+        return time.perf_counter() - start
+
+    def warm_up(self, width: int, height: int, guidance_scale: float, steps: int = 3) -> float | None:
+        """Compile (or load from the compile cache) the graphs of one engine batch of txt2img
+        requests of this shape, and record their CUDA graphs, by rendering a throwaway batch of
+        ``steps`` steps (a graph does not depend on the step count); returns the seconds spent,
+        or None when the engine compiles nothing (nothing to warm)."""
+        if not (self.engine.config.compile or self.engine.config.compile_vae):
+            return None
+        start = time.perf_counter()
+        n = 1 if self.engine.batch_invariant else self.engine.config.batch_size
+        requests = [GenerationRequest(prompt="warm-up", steps=steps, guidance_scale=guidance_scale, width=width, height=height, seed=i)
+                    for i in range(n)]
+        self._generate(requests)
         return time.perf_counter() - start
 
     def render(self, requests: list[GenerationRequest]) -> list[RenderedImage]:

@@ -115,3 +115,57 @@ def read_catalog(job: RenderJob, storage: Storage):
         if isinstance(e, ConfigError):
             raise
         raise ConfigError("catalog.source", f"{src} cannot be read as {fmt}: {e}") from None
+
+
+PREVIEW_BYTES = 1 << 16
+PREVIEW_ROWS = 64
+
+
+def catalog_preview(job: RenderJob, storage: Storage) -> tuple[int, list[dict]]:
+    """``(estimated row count, the first rows)`` of a catalog :func:`read_catalog` accepted,
+    without reading the rest: Parquet's footer gives the count; a JSON Lines or CSV catalog's is
+    its size over the mean line length of its first 64 KiB (a ranged GET on S3). The rows (at
+    most 64, unparseable ones left out) tell which shape the render actors warm up while the
+    catalog is validated; the count sizes the work units before it is known exactly."""
+    fmt = _ext_format(job)
+    src = job.catalog.source
+    fs, path = arrow_filesystem(job.storage, src)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(fs.open_input_file(path) if fs else path)
+        columns = [c for c in ("width", "height", "guidance_scale", "guidance") if c in f.schema_arrow.names]
+        rows: list[dict] = []
+        if columns and f.metadata.num_rows:
+            rows = next(f.iter_batches(batch_size=PREVIEW_ROWS, columns=columns)).to_pylist()
+        return f.metadata.num_rows, rows
+    if fs is not None:
+        size = fs.get_file_info(path).size
+    else:
+        import os
+
+        size = os.path.getsize(path)
+    raw = storage.read_head(src, PREVIEW_BYTES)
+    lines = raw.split(b"\n")
+    if len(raw) >= PREVIEW_BYTES:
+        lines.pop()  # cut mid-line
+    lines = [line for line in lines if line.strip()]
+    estimate = round(size / max(len(raw), 1) * len(lines)) if lines else 0
+    rows = []
+    if fmt == "jsonl":
+        for number, line in enumerate(lines[:PREVIEW_ROWS], 1):
+            try:
+                rows.append(parse_catalog_line(line.lstrip(b"\xef\xbb\xbf") if number == 1 else line, number))
+            except ValueError:
+                continue
+    else:
+        import io
+
+        import pyarrow.csv as pacsv
+
+        try:
+            table = pacsv.read_csv(io.BytesIO(b"\n".join(lines[:PREVIEW_ROWS + 1]) + b"\n"))
+            rows = table.to_pylist()
+        except Exception:  # noqa: BLE001 - Ray Data's reader reports what is wrong with the file
+            rows = []
+    return max(estimate - (fmt == "csv"), 0), rows

@@ -14,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from typing import Callable
 
 import numpy as np
 
 from rayimg.config import RenderJob, absolute_paths
-from rayimg.run.catalog_source import FILE_COL, LINE_COL, TEXT_COL, _ext_format, parse_catalog_line, read_catalog
+from rayimg.run.catalog_source import FILE_COL, LINE_COL, TEXT_COL, _ext_format, catalog_preview, parse_catalog_line, read_catalog
 from rayimg.run.manifest import finalize, manifest_row, write_errors, write_manifest_part
 from rayimg.storage import Storage, join
 
@@ -29,8 +30,12 @@ VALIDATE_BATCH = 256
 class Validate:
     """Normalises rows; bad ones go to ``errors/`` with their reason."""
 
-    def __init__(self, job: RenderJob, adapters: dict[str, list[str]], base: tuple[str, str, str | None] | None = None):
+    def __init__(self, job: RenderJob, adapters: dict[str, list[str]], base: tuple[str, str, str | None] | None = None,
+                 progress=None):
+        """``progress``: a :class:`Progress` actor handle told each batch's count of valid rows
+        (the job's total is known only once every batch is validated)."""
         self.job = job
+        self.progress = progress
         self.adapters = adapters  # name -> versions, from the registry at job start
         self.base = base  # (family, model id, model hash) of the job's model, for check_adapter
         self.problems: dict[tuple[str, str], str | None] = {}  # (name, version) -> reason it cannot be used
@@ -100,6 +105,13 @@ class Validate:
             good["group"].append(group)
             good["settings"].append(json.dumps(s))
         write_errors(self.storage, self.job.output.uri, errors)
+        if self.progress is not None:
+            import ray
+
+            ids = good["row_id"] + [e["row_id"] for e in errors]
+            # a batch validated again (a lost block rebuilt by Ray) has the same ids: counted once
+            key = hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:24]
+            ray.get(self.progress.validated.remote(key, len(good["row_id"]), len(errors)))
         return good
 
 
@@ -115,8 +127,11 @@ def _plain(v):
 class RenderRows:
     """An actor holding the model; renders each batch grouped by batch key."""
 
-    def __init__(self, job: RenderJob, progress=None, job_started: float | None = None):
-        """``job_started``: the job's start (``time.time()``), for the start-up line."""
+    def __init__(self, job: RenderJob, progress=None, job_started: float | None = None, warm: tuple[int, int, float] | None = None):
+        """``job_started``: the job's start (``time.time()``), for the start-up lines. ``warm``:
+        ``(width, height, guidance_scale)`` of the engine batch to compile (or load from the
+        compile cache) before the first unit comes, while the catalog is still being validated
+        and sorted (:meth:`Renderer.warm_up`)."""
         from rayimg.registry import AdapterStore
         from rayimg.render.renderer import Renderer
 
@@ -132,10 +147,30 @@ class RenderRows:
         print(f"[render actor {self.label}] model loaded in {startup['model_load_s']:.1f}s, engine set up in "
               f"{startup['engine_setup_s']:.1f}s{since}", flush=True)
         self._cache_events_sent = 0
+        self._started_units = False
+        if warm is not None:
+            seconds = self.renderer.warm_up(*warm)
+            if seconds is not None:
+                since = f" (ready {time.time() - job_started:.1f}s after the job started)" if job_started else ""
+                actions = [e["action"] for e in self.renderer.compile_cache_status]
+                cache = f"; compile cache: {', '.join(actions)}" if actions else ""
+                print(f"[render actor {self.label}] warmed up {warm[0]}x{warm[1]} in {seconds:.1f}s{cache}{since}", flush=True)
+                self._report_cache()
+                if self.progress is not None:
+                    try:
+                        self.progress.warmed_up.remote(self.label, list(warm), seconds)
+                    except Exception:
+                        pass
 
     def __call__(self, batch: dict) -> dict:
         from rayimg.render.engine import GenerationRequest
 
+        if not self._started_units and self.progress is not None:
+            self._started_units = True
+            try:  # a unit exists only once the catalog is validated and sorted: the total is final
+                self.progress.units_started.remote()
+            except Exception:
+                pass
         rows = [(str(r), json.loads(s)) for r, s in zip(batch["row_id"], batch["settings"])]
         groups: dict[tuple, list] = {}
         for rid, s in rows:
@@ -219,13 +254,13 @@ class RenderRows:
                 pass
 
 
-def _render_rows_for(job: RenderJob, progress, job_started: float | None = None):
+def _render_rows_for(job: RenderJob, progress, job_started: float | None = None, warm: tuple[int, int, float] | None = None):
     """RenderRows bound to this job: the arguments travel with the class, not as constructor
     arguments in the object store (which a restarted actor could find gone)."""
 
     class JobRenderRows(RenderRows):
         def __init__(self):
-            super().__init__(job, progress, job_started)
+            super().__init__(job, progress, job_started, warm)
 
     JobRenderRows.__name__ = JobRenderRows.__qualname__ = "RenderRows"
     return JobRenderRows
@@ -252,8 +287,16 @@ class Progress:
     reports its already-written rows again as skipped, so live counts may run slightly ahead
     of the final summary, which counts each row once."""
 
-    def __init__(self, total: int, job_name: str):
-        self.total = total
+    def __init__(self, total: int | None, job_name: str):
+        """``total``: the valid rows, or None when the validation stage reports them
+        (:meth:`validated`, counted as the batches are checked)."""
+        self.total = total or 0
+        self.counting = total is None
+        self.batches: set[str] = set()  # validated batches counted (by their row ids)
+        self.bad_rows = 0
+        self.split_at: float | None = None  # when the first work unit reached an actor (the total is final)
+        self.validated_at: float | None = None  # when the last validation batch was counted
+        self.warm_ups: list[dict] = []  # the actors' warm-ups: shape, seconds, when ready
         self.rendered = 0
         self.skipped = 0
         self.per_actor: dict[str, int] = {}
@@ -273,10 +316,31 @@ class Progress:
             total_g.set_default_tags(tags)
             rate = Gauge("rayimg_render_images_per_s", description="images rendered per second", tag_keys=("job",))
             rate.set_default_tags(tags)
-            total_g.set(total)
-            self.metrics = (done, rate)
+            total_g.set(self.total)
+            self.metrics = (done, rate, total_g)
         except Exception:
             pass
+
+    def validated(self, batch: str, valid: int, bad: int) -> None:
+        """A validation batch's counts; ``batch`` names it, so one checked again counts once."""
+        if not self.counting or batch in self.batches:
+            return
+        self.batches.add(batch)
+        self.validated_at = time.time()
+        self.total += valid
+        self.bad_rows += bad
+        if self.metrics is not None:
+            try:
+                self.metrics[2].set(self.total)
+            except Exception:
+                pass
+
+    def warmed_up(self, actor: str, shape: list, seconds: float) -> None:
+        self.warm_ups.append({"actor": actor, "shape": list(shape), "seconds": round(seconds, 2), "at": time.time()})
+
+    def units_started(self) -> None:
+        if self.split_at is None:
+            self.split_at = time.time()
 
     def report(self, actor: str, rendered: int, skipped: int, at: float | None = None) -> None:
         """``at``: when these rows were written (default: now). Batches may report out of order:
@@ -293,7 +357,7 @@ class Progress:
         self.skipped += skipped
         self.per_actor[actor] = self.per_actor.get(actor, 0) + rendered + skipped
         if self.metrics is not None:
-            done, rate = self.metrics
+            done, rate, _ = self.metrics
             try:
                 if rendered:
                     done.inc(rendered, tags={"kind": "rendered"})
@@ -308,7 +372,8 @@ class Progress:
             self.cache[action] = self.cache.get(action, 0) + 1
 
     def snapshot(self) -> dict:
-        return {"total": self.total, "rendered": self.rendered, "skipped": self.skipped, "per_actor": dict(self.per_actor),
+        return {"total": self.total, "bad_rows": self.bad_rows, "split_at": self.split_at, "validated_at": self.validated_at,
+                "warm_ups": list(self.warm_ups), "rendered": self.rendered, "skipped": self.skipped, "per_actor": dict(self.per_actor),
                 "compile_cache": dict(self.cache), "first": self.first, "last": self.last, "rendered_at_first": self.rendered_at_first, "now": time.time()}
 
 
@@ -340,11 +405,14 @@ class _Reporter:
     ``interval`` seconds from the first row written (or found written) on: one updating line on
     a terminal, plain lines otherwise."""
 
-    def __init__(self, progress, interval: float, started: float):
+    def __init__(self, progress, interval: float, started: float, split_line: Callable[[dict], str] | None = None):
+        """``split_line``: the line printed once the catalog is validated and split (the first
+        snapshot with ``split_at``), from that snapshot."""
         import sys
         import threading
 
         self.progress, self.interval, self.started = progress, interval, started
+        self.split_line = split_line
         self.tty = sys.stdout.isatty()
         self.stop = threading.Event()
         self.last: dict | None = None
@@ -371,6 +439,8 @@ class _Reporter:
         printed = 0.0
         while not self.stop.wait(min(2.0, self.interval)):
             snap = self.poll()
+            if snap is not None and snap.get("split_at") and self.split_line is not None:
+                self.split(snap)
             if snap is None or not snap["rendered"] + snap["skipped"]:
                 continue  # nothing written or found yet
             now = time.perf_counter()
@@ -378,10 +448,18 @@ class _Reporter:
                 printed = now
                 self._print(snap)
 
+    def split(self, snap: dict) -> None:
+        """The split line, once (also from :meth:`close`: a job with nothing to render never splits)."""
+        line, self.split_line = self.split_line, None
+        if line is not None:
+            print(("\r\x1b[K" if self.tty else "") + line(snap), flush=True)
+
     def close(self) -> dict | None:
         self.stop.set()
         self.thread.join(timeout=35)
         snap = self.poll()
+        if snap is not None:
+            self.split(snap)
         if self.tty and snap is not None and snap["rendered"] + snap["skipped"]:
             self._print(snap)
             print(flush=True)
@@ -410,35 +488,44 @@ def run(job: RenderJob) -> dict:
     connect(job.cluster)
     connected = time.time() - wall0
     ds = read_catalog(job, storage)
+    estimate, head = catalog_preview(job, storage)
     print(f"[render] catalog {job.catalog.source} -> {job.output.uri} ({len(adapters)} adapter(s) in {job.registry}; "
           f"Ray ready {connected:.1f}s after the job started)", flush=True)
-    # stateless tasks: an actor here could hold the CPUs the catalog readers need
-    ds = ds.map_batches(Validate(job, adapters, base=(family, model_id, model_hash)), batch_size=VALIDATE_BATCH, batch_format="numpy")
-    # sorted and materialised before any render actor exists: the actors can never hold the CPUs
-    # that the sort needs, and the row count gives the ETA
-    ds = ds.sort("group").materialize()
-    total = ds.count()
-    # work units: runs of consecutive sorted rows (so mostly one batch key each), one block per
-    # unit, so every actor gets work; the block count stays bounded on huge catalogs
-    unit = unit_rows(job, total)
-    if total:
-        ds = ds.repartition(target_num_rows_per_block=unit).materialize()
-    print(f"[render] {total} valid row(s) to render or skip, in {ds.num_blocks()} work unit(s) of <= {unit} rows "
-          f"for {job.concurrency} actor(s) ({time.time() - wall0:.1f}s after the job started)", flush=True)
     from ray.data import ActorPoolStrategy
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     started = time.time()
     progress = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(Progress).options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
-    ).remote(total, hashlib.sha256(job.output.uri.encode()).hexdigest()[:12])
-    reporter = _Reporter(progress, job.progress_interval_s, started)
+    ).remote(None, hashlib.sha256(job.output.uri.encode()).hexdigest()[:12])
+    # One streaming execution: Ray Data starts the render actors when it starts, so they load the
+    # model and warm up the catalog's shape while the rows are validated and sorted. The sort
+    # waits for every row, so no actor gets a unit before the total is known. Stateless tasks
+    # validate; the render actors reserve no CPU (GPUs or actor_resources place them), or waiting
+    # for their first unit they could hold every CPU the validation and the sort need.
+    ds = ds.map_batches(Validate(job, adapters, base=(family, model_id, model_hash), progress=progress),
+                        batch_size=VALIDATE_BATCH, batch_format="numpy")
+    ds = ds.sort("group")
+    # work units: runs of consecutive sorted rows (so mostly one batch key each), one block per
+    # unit, so every actor gets work; the unit count stays bounded on huge catalogs (sized from
+    # the catalog's estimated row count: the exact one comes with the sort)
+    unit = unit_rows(job, estimate)
+    ds = ds.repartition(target_num_rows_per_block=unit)
+    warm = warm_shape(job, head)
+
+    def split_line(snap: dict) -> str:
+        validated = f"validated {snap['validated_at'] - wall0:.1f}s after the job started, " if snap["validated_at"] else ""
+        return (f"[render] {snap['total']} valid row(s) to render or skip ({snap['bad_rows']} bad), in {ds_units(snap['total'], unit)} "
+                f"work unit(s) of <= {unit} rows for {job.concurrency} actor(s) ({validated}"
+                f"first unit on an actor {(snap['split_at'] or time.time()) - wall0:.1f}s after the job started)")
+
+    reporter = _Reporter(progress, job.progress_interval_s, started, split_line)
     # Ray Data restarts a dead actor and re-runs its unit (max_restarts/max_task_retries -1 by
     # default). One unit in flight per actor: a unit waits in the shared queue, not behind a busy actor.
     # batch_size = one unit: each block is one unit, and Ray Data refuses batch_size=None for GPU actors
-    ds = ds.map_batches(_render_rows_for(job, progress, wall0), batch_size=unit, batch_format="numpy",
+    ds = ds.map_batches(_render_rows_for(job, progress, wall0, warm), batch_size=unit, batch_format="numpy",
                         compute=ActorPoolStrategy(size=job.concurrency, max_tasks_in_flight_per_actor=1),
-                        num_gpus=job.num_gpus_per_actor or None, resources=dict(job.actor_resources) or None)
+                        num_cpus=0, num_gpus=job.num_gpus_per_actor or None, resources=dict(job.actor_resources) or None)
     rendered = skipped = 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -458,9 +545,10 @@ def run(job: RenderJob) -> dict:
     steady = steady_rate(snap) if snap else None
     first = snap.get("first")
     summary.update(rendered=rendered, skipped_existing=skipped, seconds=round(time.perf_counter() - t0, 2),
-                   units=ds_units(total, unit), actors=snap.get("per_actor", {}),
+                   units=ds_units(snap.get("total", 0), unit), actors=snap.get("per_actor", {}),
                    first_image_s=round(first - wall0, 2) if first else None, steady_images_per_s=steady and round(steady, 4),
-                   compile_cache=snap.get("compile_cache", {}))
+                   compile_cache=snap.get("compile_cache", {}),
+                   warm_ups=[{**w, "at": round(w["at"] - wall0, 2)} for w in snap.get("warm_ups", [])])
     if summary["compile_cache"]:
         print("[render] compile cache: " + ", ".join(f"{n} {action}" for action, n in sorted(summary["compile_cache"].items()))
               + (" (warm start)" if summary["compile_cache"].get("loaded") else ""), flush=True)
@@ -468,6 +556,31 @@ def run(job: RenderJob) -> dict:
     print(f"[render] done: {summary['images']} image(s) ({rendered} rendered, {skipped} already there) in {summary['seconds']:.1f}s{timing}, "
           f"{summary['errors']} bad row(s) in {job.output.uri}/errors.jsonl; manifest {job.output.uri}/manifest.parquet", flush=True)
     return summary
+
+
+def warm_shape(job: RenderJob, rows: list[dict]) -> tuple[int, int, float]:
+    """``(width, height, guidance_scale)`` of the catalog's first rows (its defaults applied) that
+    most of them share: the shape the render actors warm up before the first unit (the job's
+    defaults when none of them is valid)."""
+    from collections import Counter
+
+    from rayimg.render.catalog import RowError, normalize_row
+
+    shapes: Counter = Counter()
+    guidance: dict[tuple, float] = {}
+    for row in rows:
+        try:
+            s = normalize_row({"prompt": "-", **{k: v for k, v in row.items() if v is not None}}, job.defaults, job.limits)
+        except (RowError, TypeError, ValueError):
+            continue
+        shape = (s["width"], s["height"], s["guidance_scale"] > 1)
+        shapes[shape] += 1
+        guidance.setdefault(shape, s["guidance_scale"])
+    if not shapes:
+        d = job.defaults
+        return d.width, d.height, d.guidance_scale
+    shape = shapes.most_common(1)[0][0]
+    return shape[0], shape[1], guidance[shape]
 
 
 def unit_rows(job: RenderJob, total: int) -> int:
