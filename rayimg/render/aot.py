@@ -87,6 +87,7 @@ class _Dispatch:
     def __init__(self, module: torch.nn.Module, fallback: Callable, mode: str | None, cache: CompileCache, shape_key: Callable[[tuple], dict]):
         self.module, self.fallback, self.mode, self.cache, self.shape_key = module, fallback, mode, cache, shape_key
         self.functions: dict[tuple, Any] = {}  # signature -> loaded function, or None: use the fallback
+        self.proven: set[tuple] = set()  # signatures whose function has run once
         self.structure = structure_digest(module)
 
     def __call__(self, *args, **kwargs):
@@ -96,7 +97,17 @@ class _Dispatch:
             fn = self.functions[sig] = self._function(sig, args, kwargs)
         if fn is None:
             return self.fallback(*args, **kwargs)
-        return fn(self.module, *args, **kwargs)
+        if sig in self.proven:
+            return fn(self.module, *args, **kwargs)
+        try:  # a graph's first call: one that fails hands its signature to the ordinary compile
+            out = fn(self.module, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self.functions[sig] = None
+            self.cache.log(f"WARNING: rayimg compile cache: the {type(self.module).__name__} graph for {_shapes(sig)} failed its first call "
+                           f"({type(e).__name__}: {str(e)[:300]}); torch.compile takes it")
+            return self.fallback(*args, **kwargs)
+        self.proven.add(sig)
+        return out
 
     def _key(self, sig: tuple) -> dict:
         import diffusers
