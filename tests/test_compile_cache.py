@@ -44,19 +44,10 @@ cache.after_call(shape)
 print(json.dumps({"events": cache.events, "out": out.tolist()}))
 """
 
-RENDERER_RUN = """
-import json, sys, hashlib
-from rayimg.config import EngineConfig, ModelConfig
-from rayimg.render.engine import GenerationRequest
-from rayimg.render.renderer import Renderer
-
-renderer = Renderer(ModelConfig(pretrained="rayimg-tiny-sd", device="cpu", cache_dir=sys.argv[1]),
-                    EngineConfig(compile_vae=True), compile_cache=sys.argv[2])
-image = renderer.render([GenerationRequest(prompt="a red circle", steps=2, width=64, height=64, seed=3)])[0]
-print(json.dumps({"events": renderer.compile_cache_status, "png": hashlib.sha256(image.png).hexdigest()}))
-"""
-
-STEPPER_RUN = """
+# The Renderer and the server's step loop (StepBatcher) over one tiny SD model with its VAE decoder
+# compiled, in the order argv[3] names ("renderer,stepper" or "stepper,renderer"): each looks up
+# and saves its own entry.
+RENDER_AND_STEP_RUN = """
 import json, sys, hashlib
 from rayimg.config import EngineConfig, ModelConfig
 from rayimg.render.engine import GenerationRequest
@@ -65,11 +56,20 @@ from rayimg.render.stepper import StepBatcher
 
 renderer = Renderer(ModelConfig(pretrained="rayimg-tiny-sd", device="cpu", cache_dir=sys.argv[1]),
                     EngineConfig(compile_vae=True, compile_cache=sys.argv[2]))
-batcher = StepBatcher(renderer.engine, max_batch=2, compile_cache=renderer.compile_cache)
-slot = batcher.submit(GenerationRequest(prompt="a red circle", steps=2, width=64, height=64, seed=3))
-while batcher.busy:
-    batcher.step()
-print(json.dumps({"events": renderer.compile_cache_status, "pixels": hashlib.sha256(slot.image.tobytes()).hexdigest()}))
+request = GenerationRequest(prompt="a red circle", steps=2, width=64, height=64, seed=3)
+result = {}
+for part in sys.argv[3].split(","):
+    before = len(renderer.compile_cache_status)
+    if part == "renderer":
+        result["png"] = hashlib.sha256(renderer.render([request])[0].png).hexdigest()
+    else:
+        batcher = StepBatcher(renderer.engine, max_batch=2, compile_cache=renderer.compile_cache)
+        slot = batcher.submit(request)
+        while batcher.busy:
+            batcher.step()
+        result["pixels"] = hashlib.sha256(slot.image.tobytes()).hexdigest()
+    result[part] = renderer.compile_cache_status[before:]
+print(json.dumps(result))
 """
 
 
@@ -169,18 +169,23 @@ def test_renderer_reports_no_cache_without_compile(tmp_path):
 
 
 @pytest.mark.slow
-def test_renderer_second_process_starts_warm_with_the_same_image(tmp_path):
-    """The tiny SD model with its VAE decoder compiled (CPU inductor): the first process compiles
-    and saves, the second loads the entry, compiles nothing and renders the same PNG bytes."""
+def test_renderer_and_step_loop_second_process_starts_warm_with_the_same_images(tmp_path):
+    """The tiny SD model with its VAE decoder compiled (CPU inductor), through the Renderer and
+    through the server's step loop: the first process compiles and saves each one's shape; the
+    second loads them, compiles nothing, and renders the same PNG and pixels. The step loop goes
+    first in the second process, so its own entry is what makes it warm."""
     models, prefix = str(tmp_path / "models"), str(tmp_path / "compile-cache")
-    cold, _ = run_fresh(RENDERER_RUN, models, prefix, inductor_dir=tmp_path / "inductor-1")
-    assert [e["action"] for e in cold["events"]] == ["cold", "saved"]
-    assert cold["events"][0]["key"]["shape"] == {"mode": "txt2img", "batch": 1, "width": 64, "height": 64, "guidance": True}
-    warm, err = run_fresh(RENDERER_RUN, models, prefix, inductor_dir=tmp_path / "inductor-2")
-    [loaded] = warm["events"]
-    assert loaded["action"] == "loaded" and loaded["graphs_from_cache"] >= 1 and loaded["graphs_compiled"] == 0
+    cold, _ = run_fresh(RENDER_AND_STEP_RUN, models, prefix, "renderer,stepper", inductor_dir=tmp_path / "inductor-1")
+    assert [e["action"] for e in cold["renderer"]] == ["cold", "saved"]
+    assert cold["renderer"][0]["key"]["shape"] == {"mode": "txt2img", "batch": 1, "width": 64, "height": 64, "guidance": True}
+    assert [e["action"] for e in cold["stepper"]] == ["cold", "saved"]
+    assert cold["stepper"][0]["key"]["shape"] == {"mode": "step-decode", "batch": 1, "width": 64, "height": 64}
+    warm, err = run_fresh(RENDER_AND_STEP_RUN, models, prefix, "stepper,renderer", inductor_dir=tmp_path / "inductor-2")
+    [stepper], [renderer] = warm["stepper"], warm["renderer"]
+    assert stepper["action"] == "loaded" and stepper["graphs_from_cache"] >= 1 and stepper["graphs_compiled"] == 0
+    assert renderer["action"] == "loaded" and renderer["graphs_compiled"] == 0
     assert any(line.startswith("rayimg compile cache: loaded ") for line in cache_lines(err))
-    assert warm["png"] == cold["png"]
+    assert warm["png"] == cold["png"] and warm["pixels"] == cold["pixels"]
 
 
 @pytest.mark.slow
@@ -213,20 +218,6 @@ def test_render_job_second_run_starts_warm_and_reports_it(ray_cluster, tmp_path)
     assert warm["rendered"] == 2 and warm["first_image_s"] is not None
     for png in (tmp_path / "out-1" / "images").glob("*.png"):
         assert (tmp_path / "out-2" / "images" / png.name).read_bytes() == png.read_bytes()
-
-
-@pytest.mark.slow
-def test_step_loop_second_process_starts_warm(tmp_path):
-    """The server's step loop (StepBatcher) with a compiled VAE decoder: the first process
-    compiles and saves the decode shape, the second loads it and compiles nothing."""
-    models, prefix = str(tmp_path / "models"), str(tmp_path / "compile-cache")
-    cold, _ = run_fresh(STEPPER_RUN, models, prefix, inductor_dir=tmp_path / "inductor-1")
-    assert [e["action"] for e in cold["events"]] == ["cold", "saved"]
-    assert cold["events"][0]["key"]["shape"] == {"mode": "step-decode", "batch": 1, "width": 64, "height": 64}
-    warm, _ = run_fresh(STEPPER_RUN, models, prefix, inductor_dir=tmp_path / "inductor-2")
-    [loaded] = warm["events"]
-    assert loaded["action"] == "loaded" and loaded["graphs_from_cache"] >= 1 and loaded["graphs_compiled"] == 0
-    assert warm["pixels"] == cold["pixels"]
 
 
 # The same small module, compiled in place and routed through rayimg.render.aot (what the
