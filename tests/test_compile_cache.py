@@ -235,8 +235,8 @@ model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Li
 cfg = EngineConfig(compile=True)
 cache = CompileCache(Storage(), sys.argv[1], lambda shape: cache_key(
     cfg, device="cpu", dtype=torch.float32, model_id="mlp", model_hash="0", shape=shape))
-model.compile(dynamic=False)
-aot.install(model, cache, None)
+model.compile(mode="reduce-overhead", dynamic=False)
+aot.install(model, cache, "reduce-overhead")  # the render speed settings' mode (CUDA graphs; none on CPU)
 x = torch.linspace(-1, 1, 16).reshape(2, 8)
 with torch.no_grad():
     out = model(x)

@@ -30,6 +30,7 @@ import time
 from typing import Any, Callable
 
 import torch
+import torch._inductor
 import torch._inductor.config
 
 from rayimg.render.compile_cache import CompileCache, CompileCacheError, entry_uri, key_digest, read_entry, write_entry
@@ -120,7 +121,8 @@ class _Dispatch:
         from torch._dynamo import config as dynamo_config
 
         # CUDA graphs wrap a loaded graph when the loading process asks for them
-        patch = torch._inductor.config.patch({"triton.cudagraphs": True}) if self.mode == "reduce-overhead" else contextlib.nullcontext()
+        cudagraphs = torch._inductor.list_mode_options(self.mode or "default", False).get("triton.cudagraphs", False)
+        patch = torch._inductor.config.patch({"triton.cudagraphs": True}) if cudagraphs else contextlib.nullcontext()
         with patch, dynamo_config.patch(enable_aot_compile=True):
             fn = torch.compiler.load_compiled_function(io.BytesIO(payload))
         fn.disable_guard_check()  # checked once per signature, in _function
@@ -153,9 +155,10 @@ class _Dispatch:
             # the whole pipeline) in its attributes
             self.module._compiled_call_impl = None
             try:
+                # torch.compile takes a mode or options, not both: the mode as its inductor options
+                options = {**torch._inductor.list_mode_options(self.mode or "default", False), "guard_filter_fn": _serializable_guards}
                 with dynamo_config.patch(enable_aot_compile=True):
-                    compiled = torch.compile(self.module._call_impl, fullgraph=True, dynamic=False, mode=self.mode,
-                                             options={"guard_filter_fn": _serializable_guards})
+                    compiled = torch.compile(self.module._call_impl, fullgraph=True, dynamic=False, options=options)
                     fn = compiled.aot_compile((args, kwargs))
             finally:
                 self.module._compiled_call_impl = self
