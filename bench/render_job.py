@@ -122,8 +122,13 @@ def main(argv=None) -> dict:
         from rayimg.render.renderer import Renderer
         from rayimg.storage import Storage
 
-        # torch's global settings as the job's actor has them (no TF32 switch): the same numerics, and
-        # inductor's cache key matches, so the stream loads the graphs the cold job saved
+        # torch's global settings as the job's actor has them (no TF32 switch; one intra-op thread, as
+        # Ray gives an actor that reserves no CPU): the same numerics, and inductor's cache key matches
+        # (it holds the thread count wherever a graph has CPU code), so the stream loads the graphs the
+        # cold job saved
+        import torch
+
+        torch.set_num_threads(1)
         engine = render_bench.engine_config(options, batch, compile_cache=str(work / "compile-cache"))
         renderer = Renderer(ModelConfig(pretrained=str(model_dir), family="sdxl", dtype="float32" if smoke else "bfloat16", device=device),
                             engine, Storage())

@@ -227,10 +227,11 @@ class CompileCache:
             line = (f"rayimg compile cache: first call for {summary(key)} took {seconds:.1f}s ({hits} graph(s) from the cache, "
                     f"{misses} compiled{spent})")
             if first.event["action"] == "loaded" and misses and not hits:
-                # torch keys its graphs on process-wide settings too (TF32, inductor config): the
+                # torch keys its graphs on process-wide settings too (TF32, inductor config, threads): the
                 # entry was sound but made for a process set up differently
                 line = ("WARNING: " + line + ": the loaded entry matched none of this process's graphs "
-                        "(a process-wide torch setting such as TF32 differs from the one that saved it)")
+                        "(a process-wide torch setting such as TF32 or the intra-op thread count, "
+                        f"{torch.get_num_threads()} here and 1 in a Ray actor by default, differs from the one that saved it)")
             self.log(line)
         if self._seen.get(digest, True):  # loaded, already saved, or never looked up
             return
