@@ -111,7 +111,10 @@ class Validate:
             ids = good["row_id"] + [e["row_id"] for e in errors]
             # a batch validated again (a lost block rebuilt by Ray) has the same ids: counted once
             key = hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()[:24]
-            ray.get(self.progress.validated.remote(key, len(good["row_id"]), len(errors)))
+            try:
+                ray.get(self.progress.validated.remote(key, len(good["row_id"]), len(errors)), timeout=60)
+            except Exception:  # progress is advisory: never fail a batch over it
+                pass
         return good
 
 
@@ -149,7 +152,12 @@ class RenderRows:
         self._cache_events_sent = 0
         self._started_units = False
         if warm is not None:
-            seconds = self.renderer.warm_up(*warm)
+            try:
+                seconds = self.renderer.warm_up(*warm)
+            except Exception as e:  # noqa: BLE001 - the first unit compiles what it needs, as without a warm-up
+                seconds = None
+                print(f"[render actor {self.label}] WARNING: warm-up of {warm[0]}x{warm[1]} failed ({type(e).__name__}: {e}); "
+                      "the first unit compiles its shapes", flush=True)
             if seconds is not None:
                 since = f" (ready {time.time() - job_started:.1f}s after the job started)" if job_started else ""
                 actions = [e["action"] for e in self.renderer.compile_cache_status]
