@@ -1,7 +1,7 @@
-"""The render job's live counts (``rayimg.run.render.Progress``, a plain class the job wraps as a
+"""The render job's live counts (``rayimg.run.render_progress.Progress``, a plain class the job wraps as a
 Ray actor): batches stamped with the time their PNGs were written, whatever order they arrive in."""
 
-from rayimg.run.render import Progress, format_progress, steady_rate
+from rayimg.run.render_progress import Progress, format_progress, steady_rate
 
 
 def test_steady_rate_counts_from_the_first_batch_written_even_when_it_reports_late():

@@ -22,6 +22,9 @@ def _ext_format(job: RenderJob) -> str:
     raise ConfigError("catalog.format", f"cannot tell the format of {job.catalog.source!r} from its extension; set jsonl, csv or parquet")
 
 
+PREVIEW_BYTES = 1 << 16  # the first bytes of a JSON Lines or CSV catalog read before Ray Data reads it
+PREVIEW_ROWS = 64
+
 # a JSON Lines catalog's raw rows (parsed by Validate): line number, the line's bytes, file name
 LINE_COL, TEXT_COL, FILE_COL = "__rayimg_line", "__rayimg_text", "__rayimg_file"
 
@@ -82,8 +85,10 @@ def parse_catalog_line(raw: bytes, line: int) -> dict:
     return row
 
 
-def read_catalog(job: RenderJob, storage: Storage):
-    """A Ray Dataset of catalog rows; fails up front when the catalog cannot be read."""
+def read_catalog(job: RenderJob, storage: Storage, preview: bool = False):
+    """A Ray Dataset of catalog rows; fails up front when the catalog cannot be read.
+    ``preview``: ``(dataset, estimated rows, first rows)`` (see :func:`catalog_preview`), from the
+    same first bytes (or Parquet footer) the up-front check reads."""
     import ray
 
     fmt = _ext_format(job)
@@ -95,12 +100,13 @@ def read_catalog(job: RenderJob, storage: Storage):
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            pq.ParquetFile(fs.open_input_file(path) if fs else path).schema_arrow  # readable?
-            return ray.data.read_parquet(path, filesystem=fs)
+            parquet = pq.ParquetFile(fs.open_input_file(path) if fs else path)
+            parquet.schema_arrow  # readable?
+            ds = ray.data.read_parquet(path, filesystem=fs)
+            return (ds, *_parquet_preview(parquet)) if preview else ds
+        raw = storage.read_head(src, PREVIEW_BYTES) if fmt == "jsonl" or preview else b""  # the rest is Ray Data's to read
         if fmt == "jsonl":
-            size = 1 << 16
-            raw = storage.read_head(src, size)  # a 10-million-row catalog is read by Ray Data, not here
-            whole = len(raw) < size
+            whole = len(raw) < PREVIEW_BYTES
             # only the first line must be JSON here (a file that is not JSON Lines at all fails before
             # any work); any later line that is not is one bad row (see Validate)
             lines = raw.split(b"\n")
@@ -109,43 +115,50 @@ def read_catalog(job: RenderJob, storage: Storage):
                 raise ConfigError("catalog.source", f"{src} is empty")
             if first is not None and (whole or first < len(lines) - 1):  # a whole line (a UTF-8 character may straddle the cut)
                 json.loads(lines[first].decode("utf-8-sig"))  # a byte-order mark opens some files
-            return ray.data.read_datasource(_catalog_lines()(path, filesystem=fs))
-        return ray.data.read_csv(path, filesystem=fs)
+            ds = ray.data.read_datasource(_catalog_lines()(path, filesystem=fs))
+        else:
+            ds = ray.data.read_csv(path, filesystem=fs)
     except (UnicodeDecodeError, json.JSONDecodeError, OSError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError("catalog.source", f"{src} cannot be read as {fmt}: {e}") from None
-
-
-PREVIEW_BYTES = 1 << 16
-PREVIEW_ROWS = 64
+    return (ds, *_text_preview(fmt, _size(fs, path), raw)) if preview else ds
 
 
 def catalog_preview(job: RenderJob, storage: Storage) -> tuple[int, list[dict]]:
-    """``(estimated row count, the first rows)`` of a catalog :func:`read_catalog` accepted,
-    without reading the rest: Parquet's footer gives the count; a JSON Lines or CSV catalog's is
-    its size over the mean line length of its first 64 KiB (a ranged GET on S3). The rows (at
-    most 64, unparseable ones left out) tell which shape the render actors warm up while the
-    catalog is validated; the count sizes the work units before it is known exactly."""
+    """``(estimated row count, the first rows)`` of a catalog, without reading the rest: Parquet's
+    footer gives the count; a JSON Lines or CSV catalog's is its size over the mean line length of
+    its first 64 KiB (a ranged GET on S3). The rows (at most 64, unparseable ones left out) tell
+    which shape the render actors warm up while the catalog is validated; the count sizes the
+    work units before it is known exactly. The render job gets both from
+    ``read_catalog(..., preview=True)``, with the check's own read."""
     fmt = _ext_format(job)
-    src = job.catalog.source
-    fs, path = arrow_filesystem(job.storage, src)
+    fs, path = arrow_filesystem(job.storage, job.catalog.source)
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        f = pq.ParquetFile(fs.open_input_file(path) if fs else path)
-        columns = [c for c in ("width", "height", "guidance_scale", "guidance") if c in f.schema_arrow.names]
-        rows: list[dict] = []
-        if columns and f.metadata.num_rows:
-            rows = next(f.iter_batches(batch_size=PREVIEW_ROWS, columns=columns)).to_pylist()
-        return f.metadata.num_rows, rows
-    if fs is not None:
-        size = fs.get_file_info(path).size
-    else:
-        import os
+        return _parquet_preview(pq.ParquetFile(fs.open_input_file(path) if fs else path))
+    return _text_preview(fmt, _size(fs, path), storage.read_head(job.catalog.source, PREVIEW_BYTES))
 
-        size = os.path.getsize(path)
-    raw = storage.read_head(src, PREVIEW_BYTES)
+
+def _size(fs, path: str) -> int:
+    if fs is not None:
+        return fs.get_file_info(path).size
+    import os
+
+    return os.path.getsize(path)
+
+
+def _parquet_preview(f) -> tuple[int, list[dict]]:
+    columns = [c for c in ("width", "height", "guidance_scale", "guidance") if c in f.schema_arrow.names]
+    rows: list[dict] = []
+    if columns and f.metadata.num_rows:
+        rows = next(f.iter_batches(batch_size=PREVIEW_ROWS, columns=columns)).to_pylist()
+    return f.metadata.num_rows, rows
+
+
+def _text_preview(fmt: str, size: int, raw: bytes) -> tuple[int, list[dict]]:
+    """From a JSON Lines or CSV catalog's ``size`` and first bytes ``raw``."""
     lines = raw.split(b"\n")
     if len(raw) >= PREVIEW_BYTES:
         lines.pop()  # cut mid-line
@@ -155,7 +168,7 @@ def catalog_preview(job: RenderJob, storage: Storage) -> tuple[int, list[dict]]:
     if fmt == "jsonl":
         for number, line in enumerate(lines[:PREVIEW_ROWS], 1):
             try:
-                rows.append(parse_catalog_line(line.lstrip(b"\xef\xbb\xbf") if number == 1 else line, number))
+                rows.append(parse_catalog_line(line, number))  # a byte-order mark is read there
             except ValueError:
                 continue
     else:
@@ -164,8 +177,7 @@ def catalog_preview(job: RenderJob, storage: Storage) -> tuple[int, list[dict]]:
         import pyarrow.csv as pacsv
 
         try:
-            table = pacsv.read_csv(io.BytesIO(b"\n".join(lines[:PREVIEW_ROWS + 1]) + b"\n"))
-            rows = table.to_pylist()
+            rows = pacsv.read_csv(io.BytesIO(b"\n".join(lines[:PREVIEW_ROWS + 1]) + b"\n")).to_pylist()
         except Exception:  # noqa: BLE001 - Ray Data's reader reports what is wrong with the file
             rows = []
     return max(estimate - (fmt == "csv"), 0), rows
