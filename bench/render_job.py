@@ -9,7 +9,10 @@ own process as a user would run it:
 
 1. **cold**: an empty compile cache: the actor compiles the UNet and VAE graphs and saves them;
 2. **warm**: a new output folder, the same compile cache: the actor loads the stored graphs
-   (``--warm-rows``, default 32: its figure is the time to the first image).
+   (``--warm-rows``, default 32: its figure is the time to the first image);
+3. **submitted** (``--submitted``): the warm run again, on a Ray cluster already running
+   (``ray start --head``), the way ``ray job submit`` runs a job's entrypoint (RAY_ADDRESS set):
+   the job's start without starting Ray.
 
 Each run reports its wall time (the process, Ray start included), the time from job start to
 the first image written, and its steady rate (images after the first written batch / time to the
@@ -23,8 +26,12 @@ over the same number of batches.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import socket
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,12 +63,12 @@ def job_config(*, model_dir: Path, work: Path, out: str, rows_file: Path, batch:
     return cfg
 
 
-def run_job(config: dict, path: Path, log_path: Path, timeout: float) -> dict:
+def run_job(config: dict, path: Path, log_path: Path, timeout: float, **env_extra: str) -> dict:
     import yaml
 
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     cmd = [sys.executable, "jobs/render.py", "--config", str(path)]
-    env = common.job_env()
+    env = common.job_env(**env_extra)
     t = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(cmd, cwd=common.ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
@@ -78,6 +85,43 @@ def run_job(config: dict, path: Path, log_path: Path, timeout: float) -> dict:
             "progress_lines": len(progress)}
 
 
+# the bench's own loopback cluster: no token to hand around (`ray start` enables token auth by default)
+CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_cluster(resources: dict, log_path: Path):
+    """A `ray start --head --block` of its own on free ports (stopped by signalling that process,
+    which stops what it started, never `ray stop`); yields its GCS address."""
+    port = free_port()
+    cmd = [str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray",
+           "start", "--head", "--block", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats",
+           f"--num-cpus={resources.get('num_cpus', os.cpu_count())}", f"--num-gpus={resources.get('num_gpus', 0)}"]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=common.job_env(**CLUSTER_ENV), start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while "Ray runtime started" not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("`ray start --head` did not start:\n" + log_path.read_text(errors="replace")[-3000:])
+            time.sleep(0.5)
+        yield address
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny SDXL at 64², 3 steps: checks the code path, numbers meaningless")
@@ -86,6 +130,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--ref-calls", type=int, default=None, help="batches in the reference stream (GPU default 4)")
     ap.add_argument("--batch", type=int, default=None, help="engine batch (GPU default 16)")
     ap.add_argument("--options", default=None, help=f"engine speed options (GPU default {render_bench.GPU_OPTIONS})")
+    ap.add_argument("--submitted", action="store_true", help="a third, warm run on a running `ray start --head` cluster (RAY_ADDRESS set)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="write this headline's JSON here")
@@ -107,12 +152,18 @@ def main(argv=None) -> dict:
     common.log("render_job", f"model dir {model_dir} in {time.perf_counter() - t:.1f}s")
     kw = dict(model_dir=model_dir, work=work, batch=batch, steps=steps, size=size, guidance=guidance, options=options, smoke=smoke)
     runs = {}
-    for name, n, timeout in (("cold", rows, 400), ("warm", warm_rows, 200)):
+    plan = [("cold", rows, 400), ("warm", warm_rows, 200)] + ([("submitted", warm_rows, 200)] if args.submitted else [])
+    for name, n, timeout in plan:
         rows_file = work / f"catalog-{name}.jsonl"
         rows_file.write_text("".join(json.dumps({"id": f"{name}-{i:05d}", "prompt": p, "seed": 1000 + i}) + "\n"
                                      for i, p in enumerate(common.prompts(n))))
         cfg = job_config(out=str(work / f"out-{name}"), rows_file=rows_file, **kw)
-        runs[name] = run_job(cfg, work / f"{name}.yaml", common.out_dir() / f"render_job_{name}.log", timeout=240 if smoke else timeout)
+        run = lambda **e: run_job(cfg, work / f"{name}.yaml", common.out_dir() / f"render_job_{name}.log", timeout=240 if smoke else timeout, **e)  # noqa: E731
+        if name == "submitted":
+            with running_cluster(cfg["cluster"], work / "ray-head.log") as address:
+                runs[name] = run(RAY_ADDRESS=address, **CLUSTER_ENV)
+        else:
+            runs[name] = run()
         common.log("render_job", f"{name}: {json.dumps(runs[name])}")
         if args.json:  # what is measured so far, in case the call is cut before the end
             common.write_json(args.json, {"name": "render_job", "partial": True, "runs": runs, "device": env})
@@ -139,7 +190,7 @@ def main(argv=None) -> dict:
     figure = cold["steady_images_per_s"]
     reference = ref and ref["steady_images_per_s"]
     details = {"rows": rows, "warm_rows": warm_rows, "batch": batch, "steps": steps, "size": size, "options": sorted(options), "cold": cold, "warm": warm,
-               "engine_stream": ref, "baseline_96_rows_wall_s": 286,
+               "submitted": runs.get("submitted"), "engine_stream": ref, "baseline_96_rows_wall_s": 286,
                "targets": {"steady_vs_stream": 0.95, "warm_first_image_s": 30}}
     result = common.headline(
         "render_job", figure=figure, unit="images/s",

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 
@@ -128,7 +129,13 @@ def test_rerun_skips_and_killed_run_resumes_exactly_once(ray_cluster, registry, 
     rows = [{"id": f"r{i:02d}", "prompt": f"shape {i}", "seed": i, "adapters": "style-a:1.0" if i % 2 else ""} for i in range(16)]
     catalog = write_jsonl(tmp_path / "c.jsonl", rows)
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # a `ray start` left behind on this machine (its address file names a dead cluster) is not joined:
+    # with no RAY_ADDRESS the job starts its own cluster
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths live under it
+    os.makedirs(os.path.join(ray_tmp, "ray"))
+    with open(os.path.join(ray_tmp, "ray", "ray_current_cluster"), "w") as f:
+        f.write("127.0.0.1:9")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
     log = open(tmp_path / "render.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "rayimg.cli", "render", f"catalog.source={catalog}", f"output.uri={out}", f"registry={registry}",

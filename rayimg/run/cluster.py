@@ -76,7 +76,10 @@ def connect(cfg: ClusterConfig) -> str:
     # A Ray without the dashboard's frontend (built from source, some wheels and images) would wait
     # a minute for a dashboard that cannot start: skip it there. include_dashboard=None elsewhere:
     # Ray starts it where it can and carries on where it cannot (e.g. its packages are missing).
-    ctx = ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+    # address="local": a new cluster, as documented. Without it Ray joins the cluster named in
+    # /tmp/ray/ray_current_cluster (the last `ray start` on this machine, running or long dead) and
+    # then refuses num_cpus/num_gpus.
+    ctx = ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                    include_dashboard=None if _dashboard_frontend() else False, dashboard_host="127.0.0.1",
                    dashboard_port=port, configure_logging=False, runtime_env={"env_vars": env})
     if getattr(ctx, "dashboard_url", None):
