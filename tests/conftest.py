@@ -25,6 +25,65 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Long self-contained subprocesses (the demo: ~3 minutes, its own Ray cluster) start when the
+# session's tests are known and run beside the other tests, which leave the CPUs idle most of the
+# time (Ray and subprocess start-ups, waits on HTTP); their fixtures then wait for the result.
+BACKGROUND: dict[str, "Background"] = {}
+
+
+class Background:
+    """One subprocess started at collection: ``result()`` waits for it and returns
+    (returncode, stdout, stderr)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], workdir: str):
+        import subprocess
+
+        self.workdir = workdir
+        self.out, self.err = (open(os.path.join(workdir, n), "w+") for n in ("stdout", "stderr"))
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.out, stderr=self.err, start_new_session=True)
+
+    def result(self, timeout: float) -> tuple[int, str, str]:
+        import subprocess
+
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            rc = -1
+        self.out.seek(0)
+        self.err.seek(0)
+        return rc, self.out.read(), self.err.read()
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the session this subprocess leads
+            self.proc.wait()
+
+
+def pytest_collection_finish(session):
+    import shutil
+    import sys
+    import tempfile
+
+    if session.config.option.collectonly or getattr(session.config, "workerinput", None) is not None:
+        return
+    if any(item.nodeid.split("::")[0].endswith("test_demo.py") for item in session.items):
+        workdir = tempfile.mkdtemp(prefix="rayimg-demo-test-")
+        env = {**os.environ, "RAYIMG_CACHE": os.path.join(workdir, "cache"), "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)
+        BACKGROUND["demo"] = Background([sys.executable, "-m", "rayimg.cli", "demo", f"output_dir={os.path.join(workdir, 'demo')}",
+                                         "cluster.num_cpus=2"], env, workdir)
+        session.config.add_cleanup(lambda: (BACKGROUND.pop("demo").stop(), shutil.rmtree(workdir, ignore_errors=True)))
+
+
+@pytest.fixture(scope="session")
+def background() -> dict[str, Background]:
+    """The subprocesses started at collection, by name."""
+    return BACKGROUND
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3-protocol server (moto) on 127.0.0.1 with a free port; boto3 reaches it over

@@ -5,9 +5,8 @@ the new concept is judged from the PNGs it wrote."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -15,17 +14,13 @@ from PIL import Image
 from rayimg.demo.judge import judge
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("demo")
-    out = tmp_path / "demo"
-    env = {**os.environ, "RAYIMG_CACHE": str(tmp_path / "cache")}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "rayimg.cli", "demo", f"output_dir={out}", "cluster.num_cpus=2"],
-        capture_output=True, text=True, timeout=900, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, proc, json.loads((out / "summary.json").read_text())
+def demo(background):
+    """The demo, started in the background when the session's tests were collected (conftest.py)."""
+    run = background["demo"]
+    rc, stdout, stderr = run.result(timeout=900)
+    assert rc == 0, stdout[-4000:] + stderr[-4000:]
+    out = Path(run.workdir) / "demo"
+    return out, subprocess.CompletedProcess(run.proc.args, rc, stdout, stderr), json.loads((out / "summary.json").read_text())
 
 
 def test_demo_runs_the_whole_flow(demo):
