@@ -135,9 +135,11 @@ class RenderRows:
         ``(width, height, guidance_scale)`` of the engine batch to compile (or load from the
         compile cache) before the first unit comes, while the catalog is still being validated
         and sorted (:meth:`Renderer.warm_up`)."""
+        entered = time.time()
         from rayimg.registry import AdapterStore
         from rayimg.render.renderer import Renderer
 
+        imports_s = time.time() - entered
         self.job = job
         self.progress = progress  # a Progress actor handle, or None
         self.label = _actor_label()
@@ -146,8 +148,9 @@ class RenderRows:
         self.renderer = Renderer(job.model, job.engine, self.storage, adapter_store=store, compile_cache=join(job.output.uri, ".compile-cache"))
         store.unet_config = self.renderer.pipe.unet.config
         startup = self.renderer.startup
-        since = f" (ready {time.time() - job_started:.1f}s after the job started)" if job_started else ""
-        print(f"[render actor {self.label}] model loaded in {startup['model_load_s']:.1f}s, engine set up in "
+        since = (f" (process up {entered - job_started:.1f}s and ready {time.time() - job_started:.1f}s after the job started)"
+                 if job_started else "")
+        print(f"[render actor {self.label}] imports {imports_s:.1f}s, model loaded in {startup['model_load_s']:.1f}s, engine set up in "
               f"{startup['engine_setup_s']:.1f}s{since}", flush=True)
         self._cache_events_sent = 0
         self._started_units = False
