@@ -100,8 +100,7 @@ def running_cluster(resources: dict, log_path: Path):
     """A `ray start --head --block` of its own on free ports (stopped by signalling that process,
     which stops what it started, never `ray stop`); yields its GCS address."""
     port = free_port()
-    cmd = [str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray",
-           "start", "--head", "--block", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats",
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats",
            f"--num-cpus={resources.get('num_cpus', os.cpu_count())}", f"--num-gpus={resources.get('num_gpus', 0)}"]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=common.job_env(**CLUSTER_ENV), start_new_session=True)
