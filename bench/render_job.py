@@ -31,6 +31,7 @@ import json
 import os
 import socket
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,7 +101,10 @@ def running_cluster(resources: dict, log_path: Path):
     """A `ray start --head --block` of its own on free ports (stopped by signalling that process,
     which stops what it started, never `ray stop`); yields its GCS address."""
     port = free_port()
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats",
+    # its own temp dir (short: Ray's socket paths live under it): its address file stays there, so
+    # no later ray.init() on this machine takes it for the current cluster
+    temp_dir = tempfile.mkdtemp(prefix="rjb-", dir="/tmp")
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", f"--temp-dir={temp_dir}", "--head", "--block", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats",
            f"--num-cpus={resources.get('num_cpus', os.cpu_count())}", f"--num-gpus={resources.get('num_gpus', 0)}"]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=common.job_env(**CLUSTER_ENV), start_new_session=True)
@@ -119,6 +123,7 @@ def running_cluster(resources: dict, log_path: Path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def main(argv=None) -> dict:

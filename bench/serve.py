@@ -623,7 +623,7 @@ def start_app(job, real: bool, names: list[str], rank: int, details: dict) -> st
     common.log("serve", f"published {len(names)} rank-{rank} adapters in {time.perf_counter() - t:.1f}s")
 
     # the replica's lines (its warm-up, compile cache, errors) in this bench's log
-    ray.init(num_cpus=os.cpu_count() if real else 2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    ray.init(address="local", num_cpus=os.cpu_count() if real else 2, include_dashboard=False, log_to_driver=True, configure_logging=False)
     t = time.perf_counter()
     url = start(job, renderer_factory=factory)
     details["app_startup_s"] = round(time.perf_counter() - t, 1)

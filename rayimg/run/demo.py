@@ -69,7 +69,7 @@ def run(cfg: DemoJob) -> dict:
     # dir (the jobs print their progress from this process).
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not ray.is_initialized() and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
-        ray.init(num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=False,
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, num_gpus=cfg.cluster.num_gpus, include_dashboard=False,
                  configure_logging=False, log_to_driver=False)
         mode = "local"
     else:
