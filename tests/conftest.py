@@ -17,6 +17,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    # Modules with background jobs (below) run last: their jobs get the whole session to finish.
+    late = {item.module.__name__ for item in items if getattr(item.module, "BACKGROUND_JOBS", None)}
+    items[:] = [i for i in items if i.module.__name__ not in late] + [i for i in items if i.module.__name__ in late]
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -25,22 +28,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-# Long self-contained subprocesses (the demo: ~3 minutes, its own Ray cluster) start when the
-# session's tests are known and run beside the other tests, which leave the CPUs idle most of the
-# time (Ray and subprocess start-ups, waits on HTTP); their fixtures then wait for the result.
-BACKGROUND: dict[str, "Background"] = {}
-
-
+# Background jobs. A test module may name long, self-contained subprocesses in a module-level
+# ``BACKGROUND_JOBS = {name: spec}``, where ``spec(workdir) -> (argv, env, cwd)`` (the demo: ~3
+# minutes with its own Ray cluster; the bench smoke runs). Once the session's tests are collected,
+# they run one after another at the lowest CPU priority beside the other tests, which leave the
+# CPUs idle most of the time (Ray and process start-ups, HTTP waits); their modules run last and
+# get each result from the ``background`` fixture, which starts a job at once if it has not begun.
 class Background:
-    """One subprocess started at collection: ``result()`` waits for it and returns
-    (returncode, stdout, stderr)."""
+    """One background subprocess; ``result(timeout)`` waits for it: (returncode, stdout, stderr)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], workdir: str):
+    def __init__(self, spec, workdir: str):
+        self.spec, self.workdir, self.proc = spec, workdir, None
+
+    def start(self, nice: bool) -> None:
         import subprocess
 
-        self.workdir = workdir
-        self.out, self.err = (open(os.path.join(workdir, n), "w+") for n in ("stdout", "stderr"))
-        self.proc = subprocess.Popen(argv, env=env, stdout=self.out, stderr=self.err, start_new_session=True)
+        argv, env, cwd = self.spec(self.workdir)
+        self.out, self.err = (open(os.path.join(self.workdir, n), "w+") for n in ("stdout", "stderr"))
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self.out, stderr=self.err, start_new_session=True)
+        if nice:  # before it starts anything (Python's start-up alone takes longer); its children inherit it
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
 
     def result(self, timeout: float) -> tuple[int, str, str]:
         import subprocess
@@ -57,31 +64,70 @@ class Background:
     def stop(self) -> None:
         import signal
 
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)  # the session this subprocess leads
             self.proc.wait()
 
 
+class BackgroundJobs:
+    def __init__(self, specs: dict, root: str):
+        import threading
+
+        self.jobs = {}
+        for name, spec in specs.items():
+            os.makedirs(os.path.join(root, name))
+            self.jobs[name] = Background(spec, os.path.join(root, name))
+        self.lock = threading.Lock()
+        self.stopped = False
+        threading.Thread(target=self._run, daemon=True, name="background-jobs").start()
+
+    def _run(self) -> None:
+        for job in self.jobs.values():
+            with self.lock:
+                if self.stopped:
+                    return
+                if job.proc is not None:  # a test asked for it first
+                    continue
+                job.start(nice=True)
+            job.proc.wait()
+
+    def job(self, name: str) -> Background:
+        job = self.jobs[name]
+        with self.lock:
+            if job.proc is None:
+                job.start(nice=False)
+        return job
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+        for job in self.jobs.values():
+            job.stop()
+
+
 def pytest_collection_finish(session):
     import shutil
-    import sys
     import tempfile
 
-    if session.config.option.collectonly or getattr(session.config, "workerinput", None) is not None:
+    if session.config.option.collectonly:
         return
-    if any(item.nodeid.split("::")[0].endswith("test_demo.py") for item in session.items):
-        workdir = tempfile.mkdtemp(prefix="rayimg-demo-test-")
-        env = {**os.environ, "RAYIMG_CACHE": os.path.join(workdir, "cache"), "PYTHONUNBUFFERED": "1"}
-        env.pop("RAY_ADDRESS", None)
-        BACKGROUND["demo"] = Background([sys.executable, "-m", "rayimg.cli", "demo", f"output_dir={os.path.join(workdir, 'demo')}",
-                                         "cluster.num_cpus=2"], env, workdir)
-        session.config.add_cleanup(lambda: (BACKGROUND.pop("demo").stop(), shutil.rmtree(workdir, ignore_errors=True)))
+    specs = {}
+    for item in session.items:
+        specs.update(getattr(item.module, "BACKGROUND_JOBS", None) or {})
+    if specs:
+        root = tempfile.mkdtemp(prefix="rayimg-test-bg-")
+        jobs = BackgroundJobs(specs, root)
+        session.config.stash[BACKGROUND_KEY] = jobs
+        session.config.add_cleanup(lambda: (jobs.stop(), shutil.rmtree(root, ignore_errors=True)))
+
+
+BACKGROUND_KEY = pytest.StashKey["BackgroundJobs"]()
 
 
 @pytest.fixture(scope="session")
-def background() -> dict[str, Background]:
-    """The subprocesses started at collection, by name."""
-    return BACKGROUND
+def background(request) -> BackgroundJobs:
+    """This session's background jobs (see above); ``background.job(name).result(timeout)``."""
+    return request.config.stash[BACKGROUND_KEY]
 
 
 @pytest.fixture(scope="session")

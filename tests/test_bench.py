@@ -14,12 +14,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_bench(tmp_path, only):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "bench/run.py", "--smoke", "--only", only, "--out", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    [path] = tmp_path.glob("*-smoke-cpu.json")
+def _bench_job(only: str):
+    def spec(workdir: str):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "OUT": workdir}
+        return [sys.executable, "bench/run.py", "--smoke", "--only", only, "--out", workdir], env, str(ROOT)
+    return spec
+
+
+# started with the session (conftest.py)
+BACKGROUND_JOBS = {"bench_render_serve_prepare": _bench_job("render,render_job,serve,prepare"), "bench_train": _bench_job("train")}
+
+
+def run_bench(background, name):
+    run = background.job(name)
+    rc, stdout, stderr = run.result(timeout=600)
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
+    [path] = Path(run.workdir).glob("*-smoke-cpu.json")
     return json.loads(path.read_text())
 
 
@@ -35,8 +45,8 @@ def check_headline(h, *, reference=True):
         assert h["ratio"] == pytest.approx(h["figure"]["value"] / h["reference"]["value"], rel=1e-2)
 
 
-def test_bench_smoke_render_serve_prepare(tmp_path):
-    result = run_bench(tmp_path, "render,render_job,serve,prepare")
+def test_bench_smoke_render_serve_prepare(background):
+    result = run_bench(background, "bench_render_serve_prepare")
     assert result["smoke"] and result["device"]["kind"] == "cpu"
     assert set(result["headlines"]) == {"render", "render_job", "serve", "prepare"}
     for h in result["headlines"].values():
@@ -55,11 +65,11 @@ def test_bench_smoke_render_serve_prepare(tmp_path):
     assert set(serve["phases"]) == {"mixed_step", "reference", "app", "single", "level 2", "level 3"}
 
 
-def test_bench_smoke_train(tmp_path):
+def test_bench_smoke_train(background):
     """The train job through jobs/train.py with the shipped sdxl_lora.yaml; the reference script
     lives in the git-ignored ref/, so it may be missing here, or its wheels built for another
     Python: then it is reported, not faked."""
-    result = run_bench(tmp_path, "train")
+    result = run_bench(background, "bench_train")
     h = result["headlines"]["train"]
     sys.path.insert(0, str(ROOT / "bench"))
     try:

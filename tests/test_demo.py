@@ -5,7 +5,9 @@ the new concept is judged from the PNGs it wrote."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,18 @@ from PIL import Image
 
 from rayimg.demo.judge import judge
 
+def _demo_job(workdir: str):
+    env = {**os.environ, "RAYIMG_CACHE": os.path.join(workdir, "cache"), "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return [sys.executable, "-m", "rayimg.cli", "demo", f"output_dir={os.path.join(workdir, 'demo')}", "cluster.num_cpus=2"], env, None
+
+
+BACKGROUND_JOBS = {"demo": _demo_job}  # started with the session (conftest.py)
+
+
 @pytest.fixture(scope="module")
 def demo(background):
-    """The demo, started in the background when the session's tests were collected (conftest.py)."""
-    run = background["demo"]
+    run = background.job("demo")
     rc, stdout, stderr = run.result(timeout=900)
     assert rc == 0, stdout[-4000:] + stderr[-4000:]
     out = Path(run.workdir) / "demo"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,11 +32,10 @@ def catalog(path: Path, tag: str) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
+def _two_nodes_job(workdir: str):
     """Both jobs in one cluster (starting one costs most of the time): 'balance' undisturbed,
     'remove' losing a node (and its actor) after its first images."""
-    d = tmp_path_factory.mktemp("scale")
+    d = Path(workdir)
     registry = d / "registry"
     registry.mkdir()
     runs = [["balance", job(catalog(d / "a.jsonl", "a"), str(d / "out-a"), str(registry)), 0],
@@ -45,12 +43,20 @@ def two_nodes(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["HF_HUB_OFFLINE"] = "1"
     script = Path(__file__).with_name("render_cluster_run.py")
-    proc = subprocess.run([sys.executable, str(script), json.dumps({"runs": runs})], env=env, capture_output=True,
-                          text=True, timeout=240, cwd=str(Path(__file__).parent.parent))
-    lines = proc.stdout.splitlines()
+    return [sys.executable, str(script), json.dumps({"runs": runs})], env, str(Path(__file__).parent.parent)
+
+
+BACKGROUND_JOBS = {"render_two_nodes": _two_nodes_job}  # started with the session (conftest.py)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(background):
+    run = background.job("render_two_nodes")
+    rc, stdout, stderr = run.result(timeout=600)
+    lines = stdout.splitlines()
     result = next((json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")), None)
-    assert proc.returncode == 0 and result and len(result) == 2, (proc.returncode, proc.stdout[-4000:], proc.stderr[-6000:])
-    return {"dir": d, "result": result, "lines": lines}
+    assert rc == 0 and result and len(result) == 2, (rc, stdout[-4000:], stderr[-6000:])
+    return {"dir": Path(run.workdir), "result": result, "lines": lines}
 
 
 def _manifest(out: Path) -> list[dict]:
