@@ -47,7 +47,10 @@ class Background:
         self.out, self.err = (open(os.path.join(self.workdir, n), "w+") for n in ("stdout", "stderr"))
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self.out, stderr=self.err, start_new_session=True)
         if nice:  # before it starts anything (Python's start-up alone takes longer); its children inherit it
-            os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
+            try:  # runs only while a CPU would otherwise idle
+                os.sched_setscheduler(self.proc.pid, os.SCHED_IDLE, os.sched_param(0))
+            except (AttributeError, OSError):
+                os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
 
     def result(self, timeout: float) -> tuple[int, str, str]:
         import subprocess
