@@ -42,10 +42,15 @@ class Background:
 
     def start(self, nice: bool) -> None:
         import subprocess
+        import sys
 
         argv, env, cwd = self.spec(self.workdir)
         self.out, self.err = (open(os.path.join(self.workdir, n), "w+") for n in ("stdout", "stderr"))
-        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self.out, stderr=self.err, start_new_session=True)
+        # its own process group (to stop it whole), but this session: with the kernel's autogroup
+        # scheduling a new session would be a CPU group of its own, sharing the CPUs equally with
+        # the tests whatever its priority
+        group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self.out, stderr=self.err, **group)
         if nice:  # before it starts anything (Python's start-up alone takes longer); its children inherit it
             try:  # runs only while a CPU would otherwise idle
                 os.sched_setscheduler(self.proc.pid, os.SCHED_IDLE, os.sched_param(0))
@@ -68,7 +73,7 @@ class Background:
         import signal
 
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the session this subprocess leads
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the process group this subprocess leads
             self.proc.wait()
 
 
