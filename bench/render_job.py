@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import re
 import shutil
 import signal
@@ -90,17 +89,13 @@ def run_job(config: dict, path: Path, log_path: Path, timeout: float, **env_extr
 CLUSTER_ENV = {"RAY_AUTH_MODE": "disabled"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_cluster(resources: dict, log_path: Path):
     """A `ray start --head --block` of its own on free ports (stopped by signalling that process,
     which stops what it started, never `ray stop`); yields its GCS address."""
-    port = free_port()
+    from rayimg.run.cluster import _free_port
+
+    port = _free_port()  # below the ephemeral range, which Ray's own processes draw from while it starts
     # its own temp dir (short: Ray's socket paths live under it): its address file stays there, so
     # no later ray.init() on this machine takes it for the current cluster
     temp_dir = tempfile.mkdtemp(prefix="rjb-", dir="/tmp")
@@ -162,12 +157,9 @@ def main(argv=None) -> dict:
         rows_file.write_text("".join(json.dumps({"id": f"{name}-{i:05d}", "prompt": p, "seed": 1000 + i}) + "\n"
                                      for i, p in enumerate(common.prompts(n))))
         cfg = job_config(out=str(work / f"out-{name}"), rows_file=rows_file, **kw)
-        run = lambda **e: run_job(cfg, work / f"{name}.yaml", common.out_dir() / f"render_job_{name}.log", timeout=240 if smoke else timeout, **e)  # noqa: E731
-        if name == "submitted":
-            with running_cluster(cfg["cluster"], work / "ray-head.log") as address:
-                runs[name] = run(RAY_ADDRESS=address, **CLUSTER_ENV)
-        else:
-            runs[name] = run()
+        with running_cluster(cfg["cluster"], work / "ray-head.log") if name == "submitted" else contextlib.nullcontext() as address:
+            runs[name] = run_job(cfg, work / f"{name}.yaml", common.out_dir() / f"render_job_{name}.log", timeout=240 if smoke else timeout,
+                                 **({"RAY_ADDRESS": address, **CLUSTER_ENV} if address else {}))
         common.log("render_job", f"{name}: {json.dumps(runs[name])}")
         if args.json:  # what is measured so far, in case the call is cut before the end
             common.write_json(args.json, {"name": "render_job", "partial": True, "runs": runs, "device": env})

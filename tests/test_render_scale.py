@@ -52,7 +52,7 @@ BACKGROUND_JOBS = {"render_two_nodes": _two_nodes_job}  # started with the sessi
 @pytest.fixture(scope="module")
 def two_nodes(background):
     run = background.job("render_two_nodes")
-    rc, stdout, stderr = run.result(timeout=600)
+    rc, stdout, stderr = run.result(timeout=240)
     lines = stdout.splitlines()
     result = next((json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")), None)
     assert rc == 0 and result and len(result) == 2, (rc, stdout[-4000:], stderr[-6000:])
