@@ -12,7 +12,9 @@ own process as a user would run it:
    (``--warm-rows``, default 32: its figure is the time to the first image);
 3. **submitted** (``--submitted``): the warm run again, on a Ray cluster already running
    (``ray start --head``), the way ``ray job submit`` runs a job's entrypoint (RAY_ADDRESS set):
-   the job's start without starting Ray.
+   the job's start without starting Ray;
+4. **kept** (``--keep-warm``): with ``--submitted``, both jobs on that cluster set ``keep_warm_s``:
+   the second renders on the actor the first one left warm (model loaded, graphs compiled).
 
 Each run reports its wall time (the process, Ray start included), the time from job start to
 the first image written, and its steady rate (images after the first written batch / time to the
@@ -48,7 +50,7 @@ DONE_LINE = re.compile(r"\[render\] done: (\d+) image\(s\) \((\d+) rendered, (\d
 
 
 def job_config(*, model_dir: Path, work: Path, out: str, rows_file: Path, batch: int, steps: int, size: int, guidance: float,
-               options: set[str], smoke: bool) -> dict:
+               options: set[str], smoke: bool, keep_warm_s: float = 0.0) -> dict:
     cfg = {
         "model": {"pretrained": str(model_dir), "family": "sdxl", "dtype": "float32" if smoke else "bfloat16", "device": "cpu" if smoke else "cuda"},
         "registry": str(work / "registry"),
@@ -60,6 +62,8 @@ def job_config(*, model_dir: Path, work: Path, out: str, rows_file: Path, batch:
         "num_gpus_per_actor": 0.0 if smoke else 1.0,
         "cluster": {"num_cpus": 2} if smoke else {"num_gpus": 1},
     }
+    if keep_warm_s:
+        cfg["keep_warm_s"] = keep_warm_s
     return cfg
 
 
@@ -79,10 +83,11 @@ def run_job(config: dict, path: Path, log_path: Path, timeout: float, **env_extr
         raise RuntimeError(f"the render job failed (rc {proc.returncode}); last lines of {log_path}:\n" + "\n".join(text.splitlines()[-30:]))
     cache = re.search(r"\[render\] compile cache: (.*)", text)
     progress = [line for line in text.splitlines() if re.match(r"\[render\] \d+/\d+ rows done \(", line)]
+    kept = re.search(r"\[render\] render actors: (\d+) kept warm", text)
     return {"command": " ".join(cmd[1:]), "wall_s": round(wall, 1), "job_s": float(m.group(4)), "images": int(m.group(1)),
             "rendered": int(m.group(2)), "first_image_s": m.group(5) and float(m.group(5)),
             "steady_images_per_s": m.group(6) and float(m.group(6)), "compile_cache": cache and cache.group(1),
-            "progress_lines": len(progress)}
+            "progress_lines": len(progress), "warm_actors": int(kept.group(1)) if kept else 0}
 
 
 # the bench's own loopback cluster: no token to hand around (`ray start` enables token auth by default)
@@ -130,6 +135,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=None, help="engine batch (GPU default 16)")
     ap.add_argument("--options", default=None, help=f"engine speed options (GPU default {render_bench.GPU_OPTIONS})")
     ap.add_argument("--submitted", action="store_true", help="a third, warm run on a running `ray start --head` cluster (RAY_ADDRESS set)")
+    ap.add_argument("--keep-warm", action="store_true", help="with --submitted: both jobs on the running cluster keep their actor "
+                    "warm (keep_warm_s), and a fourth run renders on the actor the third left")
+    ap.add_argument("--skip-warm", action="store_true", help="no warm run on a local cluster (with --submitted, to save device time)")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None, help="write this headline's JSON here")
@@ -151,18 +159,26 @@ def main(argv=None) -> dict:
     common.log("render_job", f"model dir {model_dir} in {time.perf_counter() - t:.1f}s")
     kw = dict(model_dir=model_dir, work=work, batch=batch, steps=steps, size=size, guidance=guidance, options=options, smoke=smoke)
     runs = {}
-    plan = [("cold", rows, 400), ("warm", warm_rows, 200)] + ([("submitted", warm_rows, 200)] if args.submitted else [])
-    for name, n, timeout in plan:
+    plan = [("cold", rows, 400)] + ([] if args.skip_warm else [("warm", warm_rows, 200)])
+    submitted = [("submitted", warm_rows, 200)] + ([("kept", warm_rows, 200)] if args.keep_warm else [])
+
+    def run(name: str, n: int, timeout: float, address: str | None) -> None:
         rows_file = work / f"catalog-{name}.jsonl"
         rows_file.write_text("".join(json.dumps({"id": f"{name}-{i:05d}", "prompt": p, "seed": 1000 + i}) + "\n"
                                      for i, p in enumerate(common.prompts(n))))
-        cfg = job_config(out=str(work / f"out-{name}"), rows_file=rows_file, **kw)
-        with running_cluster(cfg["cluster"], work / "ray-head.log") if name == "submitted" else contextlib.nullcontext() as address:
-            runs[name] = run_job(cfg, work / f"{name}.yaml", common.out_dir() / f"render_job_{name}.log", timeout=240 if smoke else timeout,
-                                 **({"RAY_ADDRESS": address, **CLUSTER_ENV} if address else {}))
+        cfg = job_config(out=str(work / f"out-{name}"), rows_file=rows_file, keep_warm_s=120.0 if args.keep_warm and address else 0.0, **kw)
+        runs[name] = run_job(cfg, work / f"{name}.yaml", common.out_dir() / f"render_job_{name}.log", timeout=240 if smoke else timeout,
+                             **({"RAY_ADDRESS": address, **CLUSTER_ENV} if address else {}))
         common.log("render_job", f"{name}: {json.dumps(runs[name])}")
         if args.json:  # what is measured so far, in case the call is cut before the end
             common.write_json(args.json, {"name": "render_job", "partial": True, "runs": runs, "device": env})
+
+    for name, n, timeout in plan:
+        run(name, n, timeout, None)
+    if args.submitted:  # one running cluster for the submitted runs (the kept actor lives in it)
+        with running_cluster(job_config(out="-", rows_file=work, **kw)["cluster"], work / "ray-head.log") as address:
+            for name, n, timeout in submitted:
+                run(name, n, timeout, address)
     ref = None
     if not args.skip_reference:
         from rayimg.config import ModelConfig
@@ -182,16 +198,18 @@ def main(argv=None) -> dict:
         ref = render_bench.engine_stream(renderer, batch=batch, calls=ref_calls, steps=steps, size=size, guidance=guidance, device=device)
         ref["compile_cache"] = [e["action"] for e in renderer.compile_cache_status]
         common.log("render_job", f"reference: engine stream {ref['images_per_s']:.3f} images/s (steady {ref['steady_images_per_s']})")
-    warm, cold = runs["warm"], runs["cold"]
+    cold = runs["cold"]
+    warm = runs.get("warm") or runs.get("submitted") or {}
     figure = cold["steady_images_per_s"]
     reference = ref and ref["steady_images_per_s"]
     details = {"rows": rows, "warm_rows": warm_rows, "batch": batch, "steps": steps, "size": size, "options": sorted(options), "cold": cold, "warm": warm,
-               "submitted": runs.get("submitted"), "engine_stream": ref, "baseline_96_rows_wall_s": 286,
+               "submitted": runs.get("submitted"), "kept": runs.get("kept"), "engine_stream": ref, "baseline_96_rows_wall_s": 286,
                "targets": {"steady_vs_stream": 0.95, "warm_first_image_s": 30}}
     result = common.headline(
         "render_job", figure=figure, unit="images/s",
         what=f"jobs/render.py end to end, {rows} rows, batch {batch}, {size}², {steps} steps, 1 GPU actor: steady rate "
-             f"(cold run: wall {cold['wall_s']} s, first image {cold['first_image_s']} s; warm run: wall {warm['wall_s']} s, first image {warm['first_image_s']} s)",
+             f"(cold run: wall {cold['wall_s']} s, first image {cold['first_image_s']} s; warm run: wall {warm.get('wall_s')} s, first image {warm.get('first_image_s')} s"
+             + (f"; on a kept actor: first image {runs['kept']['first_image_s']} s" if "kept" in runs else "") + ")",
         reference=reference, reference_what=f"Renderer.render_stream steady rate, batch {batch}, same process after the jobs",
         device=env, command=common.command_line(), seconds=time.perf_counter() - t0, details=details)
     common.report(result, args.json)

@@ -140,7 +140,8 @@ def test_rerun_skips_and_killed_run_resumes_exactly_once(ray_cluster, registry, 
     proc = subprocess.Popen(
         [sys.executable, "-m", "rayimg.cli", "render", f"catalog.source={catalog}", f"output.uri={out}", f"registry={registry}",
          "model.device=cpu", "defaults.steps=2", "defaults.width=64", "defaults.height=64", "defaults.guidance_scale=3.0",
-         "limits.max_width=128", "limits.max_height=128", "limits.max_steps=10", "engine.batch_size=2", "cluster.num_cpus=1"],
+         "limits.max_width=128", "limits.max_height=128", "limits.max_steps=10", "engine.batch_size=2", "cluster.num_cpus=1",
+         "keep_warm_s=30"],
         env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     images = out / "images"
     deadline = time.time() + 300
@@ -153,6 +154,8 @@ def test_rerun_skips_and_killed_run_resumes_exactly_once(ray_cluster, registry, 
     before = len(list(images.glob("*.png")))
     log.close()
     assert 3 <= before < 16, (before, (tmp_path / "render.log").read_text()[-3000:])
+    # its own cluster ends with it: no actor can be kept, and the job says so
+    assert "keep_warm_s=30 has no effect on a local cluster" in (tmp_path / "render.log").read_text()
     summary = render(job(catalog, str(out), registry))
     assert summary["images"] == 16 and summary["skipped_existing"] >= before - 2
     m = manifest(out)

@@ -125,6 +125,10 @@ class RenderJob:
     actor_resources: dict[str, float] = field(default_factory=dict, doc="custom Ray resources per render actor (e.g. {'render_slot': 1}): places actors on the nodes that have them")
     unit_batches: int = field(4, doc="engine batches per work unit: the rows of one batch key are cut into units of this many batches, each handed to one actor")
     progress_interval_s: float = field(10.0, doc="seconds between progress lines (rows done / total, images/s, ETA, per-actor counts)")
+    keep_warm_s: float = field(0.0, doc="on a running Ray cluster (RAY_ADDRESS, `ray job submit`): keep the render actors, their model "
+                               "loaded and graphs compiled, this many idle seconds after the job, holding their GPUs, so the next job "
+                               "with the same model, engine, registry and storage renders at once; 0: the actors end with the job "
+                               "(a local cluster ends with the job anyway)")
 
     def validate(self) -> None:
         _check_uri(self.registry, "registry")
@@ -134,4 +138,5 @@ class RenderJob:
         check(all(v >= 0 for v in self.actor_resources.values()), "actor_resources", "amounts must be >= 0")
         check(self.unit_batches >= 1, "unit_batches", "must be >= 1")
         check(self.progress_interval_s > 0, "progress_interval_s", "must be > 0")
+        check(self.keep_warm_s >= 0, "keep_warm_s", "must be >= 0 (seconds)")
         _check_defaults_within_limits(self.defaults, self.limits)

@@ -154,24 +154,31 @@ class RenderRows:
               f"{startup['engine_setup_s']:.1f}s{since}", flush=True)
         self._cache_events_sent = 0
         self._started_units = False
+        self.warmed: set[tuple] = set()  # shapes warmed up (or tried)
         if warm is not None:
-            try:
-                seconds = self.renderer.warm_up(*warm)
-            except Exception as e:  # noqa: BLE001 - the first unit compiles what it needs, as without a warm-up
-                seconds = None
-                print(f"[render actor {self.label}] WARNING: warm-up of {warm[0]}x{warm[1]} failed ({type(e).__name__}: {e}); "
-                      "the first unit compiles its shapes", flush=True)
-            if seconds is not None:
-                since = f" (ready {time.time() - job_started:.1f}s after the job started)" if job_started else ""
-                actions = [e["action"] for e in self.renderer.compile_cache_status]
-                cache = f"; compile cache: {', '.join(actions)}" if actions else ""
-                print(f"[render actor {self.label}] warmed up {warm[0]}x{warm[1]} in {seconds:.1f}s{cache}{since}", flush=True)
-                self._report_cache()
-                if self.progress is not None:
-                    try:
-                        self.progress.warmed_up.remote(self.label, list(warm), seconds)
-                    except Exception:
-                        pass
+            self.warm_up(warm, job_started)
+
+    def warm_up(self, warm: tuple[int, int, float], job_started: float | None = None) -> None:
+        """Compile (or load) the graphs of one engine batch of shape ``warm``; a failure is a
+        warning (the first unit compiles what it needs)."""
+        self.warmed.add(shape_key(*warm))
+        try:
+            seconds = self.renderer.warm_up(*warm)
+        except Exception as e:  # noqa: BLE001 - the first unit compiles what it needs, as without a warm-up
+            seconds = None
+            print(f"[render actor {self.label}] WARNING: warm-up of {warm[0]}x{warm[1]} failed ({type(e).__name__}: {e}); "
+                  "the first unit compiles its shapes", flush=True)
+        if seconds is not None:
+            since = f" (ready {time.time() - job_started:.1f}s after the job started)" if job_started else ""
+            actions = [e["action"] for e in self.renderer.compile_cache_status]
+            cache = f"; compile cache: {', '.join(actions)}" if actions else ""
+            print(f"[render actor {self.label}] warmed up {warm[0]}x{warm[1]} in {seconds:.1f}s{cache}{since}", flush=True)
+            self._report_cache()
+            if self.progress is not None:
+                try:
+                    self.progress.warmed_up.remote(self.label, list(warm), seconds)
+                except Exception:
+                    pass
 
     def __call__(self, batch: dict) -> dict:
         from rayimg.render.engine import GenerationRequest
@@ -189,6 +196,7 @@ class RenderRows:
                                     guidance_scale=s["guidance_scale"], width=s["width"], height=s["height"],
                                     scheduler=s["scheduler"], seed=s["seed"], adapters=tuple(tuple(a) for a in s["adapters"]))
             groups.setdefault(req.batch_key(), []).append((rid, req))
+            self.warmed.add(shape_key(req.width, req.height, req.guidance_scale))
         manifest, out = [], {"row_id": [], "rendered": []}
         chunks, paths = [], {}
         n_skipped = 0
@@ -265,6 +273,11 @@ class RenderRows:
                 pass
 
 
+def shape_key(width: int, height: int, guidance_scale: float) -> tuple[int, int, bool]:
+    """What decides the graphs a txt2img batch compiles: its size and whether it uses CFG."""
+    return int(width), int(height), guidance_scale > 1
+
+
 def _render_rows_for(job: RenderJob, progress, job_started: float | None = None, warm: tuple[int, int, float] | None = None):
     """RenderRows bound to this job: the arguments travel with the class, not as constructor
     arguments in the object store (which a restarted actor could find gone)."""
@@ -307,7 +320,11 @@ def run(job: RenderJob) -> dict:
     if not job.model.pretrained.startswith("s3://"):
         job = type(job)(**{**job.__dict__, "model": type(job.model)(**{**job.model.__dict__, "pretrained": str(model_dir)})})
     adapters = list_adapters(storage, job.registry)
-    connect(job.cluster)
+    mode = connect(job.cluster)
+    keep_warm = job.keep_warm_s > 0 and mode != "local"
+    if job.keep_warm_s > 0 and not keep_warm:
+        print(f"[render] note: keep_warm_s={job.keep_warm_s:g} has no effect on a local cluster, which ends with the job: "
+              "start one (`ray start --head`) and set RAY_ADDRESS, or submit with `ray job submit`", flush=True)
     connected = time.time() - wall0
     ds, estimate, head = read_catalog(job, storage, preview=True)
     print(f"[render] catalog {job.catalog.source} -> {job.output.uri} ({len(adapters)} adapter(s) in {job.registry}; "
@@ -324,6 +341,7 @@ def run(job: RenderJob) -> dict:
     # waits for every row, so no actor gets a unit before the total is known. Stateless tasks
     # validate; the render actors reserve no CPU (GPUs or actor_resources place them), or waiting
     # for their first unit they could hold every CPU the validation and the sort need.
+    warm = warm_shape(job, head)
     ds = ds.map_batches(Validate(job, adapters, base=(family, model_id, model_hash), progress=progress),
                         batch_size=VALIDATE_BATCH, batch_format="numpy")
     ds = ds.sort("group")
@@ -332,7 +350,6 @@ def run(job: RenderJob) -> dict:
     # the catalog's estimated row count: the exact one comes with the sort)
     unit = unit_rows(job, estimate)
     ds = ds.repartition(target_num_rows_per_block=unit)
-    warm = warm_shape(job, head)
 
     def split_line(snap: dict) -> str:
         validated = f"validated {snap['validated_at'] - wall0:.1f}s after the job started, " if snap["validated_at"] else ""
@@ -340,20 +357,30 @@ def run(job: RenderJob) -> dict:
                 f"work unit(s) of <= {unit} rows for {job.concurrency} actor(s) ({validated}"
                 f"first unit on an actor {(snap['split_at'] or time.time()) - wall0:.1f}s after the job started)")
 
+    pool = None
+    if keep_warm:  # the job's actors are kept ones (rayimg.run.resident); the driver hands them the units
+        from rayimg.run.resident import ResidentPool
+
+        pool = ResidentPool(job, model_hash, progress, wall0, warm)
     reporter = Reporter(progress, job.progress_interval_s, started, split_line)
-    # Ray Data restarts a dead actor and re-runs its unit (max_restarts/max_task_retries -1 by
-    # default). One unit in flight per actor: a unit waits in the shared queue, not behind a busy actor.
-    # batch_size = one unit: each block is one unit, and Ray Data refuses batch_size=None for GPU actors
-    ds = ds.map_batches(_render_rows_for(job, progress, wall0, warm), batch_size=unit, batch_format="numpy",
-                        compute=ActorPoolStrategy(size=job.concurrency, max_tasks_in_flight_per_actor=1),
-                        num_cpus=0, num_gpus=job.num_gpus_per_actor or None, resources=dict(job.actor_resources) or None)
     rendered = skipped = 0
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            n_new = int(np.sum(batch["rendered"])) if len(batch["rendered"]) else 0
-            rendered += n_new
-            skipped += len(batch["rendered"]) - n_new
+        if pool is not None:
+            rendered, skipped = pool.render(ds.iter_batches(batch_size=None, batch_format="numpy"))
+        else:
+            # Ray Data restarts a dead actor and re-runs its unit (max_restarts/max_task_retries -1 by
+            # default). One unit in flight per actor: a unit waits in the shared queue, not behind a busy actor.
+            # batch_size = one unit: each block is one unit, and Ray Data refuses batch_size=None for GPU actors
+            ds = ds.map_batches(_render_rows_for(job, progress, wall0, warm), batch_size=unit, batch_format="numpy",
+                                compute=ActorPoolStrategy(size=job.concurrency, max_tasks_in_flight_per_actor=1),
+                                num_cpus=0, num_gpus=job.num_gpus_per_actor or None, resources=dict(job.actor_resources) or None)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                n_new = int(np.sum(batch["rendered"])) if len(batch["rendered"]) else 0
+                rendered += n_new
+                skipped += len(batch["rendered"]) - n_new
     finally:
+        if pool is not None:
+            pool.release()
         snap = reporter.close()
         ray.kill(progress)
     # every actor is done: what a writer killed mid-write left is stale (its image was rendered again)
@@ -368,7 +395,7 @@ def run(job: RenderJob) -> dict:
     summary.update(rendered=rendered, skipped_existing=skipped, seconds=round(time.perf_counter() - t0, 2),
                    units=ds_units(snap.get("total", 0), unit), actors=snap.get("per_actor", {}),
                    first_image_s=round(first - wall0, 2) if first else None, steady_images_per_s=steady and round(steady, 4),
-                   compile_cache=snap.get("compile_cache", {}),
+                   compile_cache=snap.get("compile_cache", {}), warm_actors=pool.reused if pool is not None else 0,
                    warm_ups=[{**w, "at": round(w["at"] - wall0, 2)} for w in snap.get("warm_ups", [])])
     if summary["compile_cache"]:
         print("[render] compile cache: " + ", ".join(f"{n} {action}" for action, n in sorted(summary["compile_cache"].items()))
