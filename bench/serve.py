@@ -41,6 +41,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -172,7 +173,6 @@ def mixed_adapter_step(job, real: bool, *, rank: int, device: str, warm_rounds: 
     device syncs. Issue 22's bars: the mixed step within 1.10x of the base step; a warm load
     within 10 ms."""
     import dataclasses
-    import statistics
 
     import torch
 
@@ -257,8 +257,10 @@ def post(session, url: str, body: dict, timeout: float) -> dict:
         timings = r.json().get("timings") or {}
     except ValueError:
         timings = {}
+    split = {"engine_s": timings.get("engine_s"), "generator_s": timings.get("generator_s"), **((timings.get("images") or [{}])[0])}
     return {"status": r.status_code, "latency": latency, "adapters": bool(body["adapters"]),
-            "tiers": timings.get("adapter_tiers", {}), "batch": (timings.get("batch_sizes") or [0])[0]}
+            "tiers": timings.get("adapter_tiers", {}), "batch": (timings.get("batch_sizes") or [0])[0],
+            "split": {k: v for k, v in split.items() if v is not None}}
 
 
 def load_test(url: str, plan: list[dict], concurrency: int, max_seconds: float) -> tuple[list[dict], float]:
@@ -291,9 +293,15 @@ def single_requests(url: str, n: int, adapter: str) -> dict:
         results = [post(s, url, {"prompt": f"a blue square, single {i}", "seed": 20_000 + i,
                                  "adapters": [{"name": adapter, "scale": 0.8}] if i % 2 else []}, timeout=600) for i in range(n)]
     lat = [r["latency"] for r in results if r["status"] == 200]
+    # where a request's time goes, medians over the successful ones: the replica's split (step loop
+    # queue/denoise/decode, GPU spans, PNG; engine_s and generator_s) and the rest (Serve, HTTP, base64)
+    splits = [{**r["split"], "outside_generator_s": r["latency"] - r["split"]["generator_s"]}
+              for r in results if r["status"] == 200 and "generator_s" in r.get("split", {})]
+    split = {k: round(statistics.median(x[k] for x in splits if k in x), 4) for k in sorted({k for x in splits for k in x})}
     return {"n": n, "ok": len(lat), "errors": errors_of(results), "p50": round(common.percentile(lat, 50), 3) if lat else None,
-            "min": round(min(lat), 3) if lat else None, "max": round(max(lat), 3) if lat else None,
-            "latencies": [{"adapter": r["adapters"], "s": round(r["latency"], 3), "status": r["status"]} for r in results]}
+            "min": round(min(lat), 3) if lat else None, "max": round(max(lat), 3) if lat else None, "split_median_s": split,
+            "latencies": [{"adapter": r["adapters"], "s": round(r["latency"], 3), "status": r["status"], "split": r.get("split", {})}
+                          for r in results]}
 
 
 def errors_of(results: list[dict]) -> dict[str, int]:
@@ -551,7 +559,7 @@ def main(argv=None) -> dict:
                 with phases("single"):
                     details["single_request_s"] = single_requests(url, n_single, names[0])
                 s = details["single_request_s"]
-                common.log("serve", f"single requests: p50 {s['p50']} s, min {s['min']} s, max {s['max']} s")
+                common.log("serve", f"single requests: p50 {s['p50']} s, min {s['min']} s, max {s['max']} s; split (medians) {s['split_median_s']}")
         rng = random.Random(args.seed)
         weights = zipf_weights(len(names), args.zipf)
         for li, (clients, n_requests) in enumerate(zip(levels, counts)):

@@ -196,8 +196,10 @@ class GeneratorBase:
             return ApiError(422, "adapter_incompatible", str(e), field="adapters")
         engine_s = time.perf_counter() - start
         self.counters["images_rendered"] += 1
+        start = time.perf_counter()
         png = await asyncio.to_thread(self._png, request, slot.image)
-        return {"png": png, "batch_size": round(slot.batched / max(slot.step, 1), 2), "swap_s": 0.0, "engine_s": engine_s}
+        timings = {**slot.timings, "png_s": round(time.perf_counter() - start, 4)}
+        return {"png": png, "batch_size": round(slot.batched / max(slot.step, 1), 2), "swap_s": 0.0, "engine_s": engine_s, "timings": timings}
 
     def model_identity(self) -> dict:
         """What adapters are checked against: the model's family, id and content hash."""
@@ -309,6 +311,8 @@ class GeneratorBase:
                 info["batch_sizes"].append(r["batch_size"])
                 info["swap_s"] = max(info["swap_s"], r["swap_s"])
                 info["engine_s"] = max(info["engine_s"], r["engine_s"])
+                if r.get("timings"):  # the step loop's split of each image's time (StepBatcher.timings, png_s)
+                    info.setdefault("images", []).append(r["timings"])
             if self.job.image_cache.enabled or want_uri:
                 await asyncio.gather(*(asyncio.to_thread(self.images.put, keys[i], out[i]["png"]) for i in todo))
         images = []

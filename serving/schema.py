@@ -105,7 +105,8 @@ class GenerateResponse(BaseModel):
     adapters: list[ResolvedAdapter] = Field(description="the adapters applied, versions resolved")
     model: str = Field(description="the base model's id")
     replica: str = Field(description="the generator replica that answered")
-    timings: dict = Field(description="seconds spent: adapter loading, swaps, the engine; batch sizes")
+    timings: dict = Field(description="seconds spent: adapter loading, swaps, the engine; batch sizes; for images through the step loop, "
+                          "`images`: each one's queue_s, denoise_s, decode_s (and gpu_denoise_s, gpu_decode_s on a GPU) and png_s")
     warnings: Optional[list[str]] = Field(None, description="e.g. an adapter trained on another base model of the same family")
 
 

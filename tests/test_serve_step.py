@@ -65,6 +65,10 @@ def test_mixed_adapters_share_steps_and_match_fused_alone(step_app, tmp_path):
     samples = metric(url, "rayimg_denoise_samples_total") - samples_before
     assert samples == sum(b["steps"] for b in bodies)  # every request's steps ran in the step loop
     assert steps < samples  # and they shared UNet calls: a mean batch above one
+    for r in responses:  # where each image's time went, from the step loop (no GPU spans on CPU)
+        [split] = r.json()["timings"]["images"]
+        assert set(split) == {"queue_s", "denoise_s", "decode_s", "png_s"} and min(split.values()) >= 0, split
+        assert split["denoise_s"] > 0 and split["decode_s"] > 0
 
     # each image against the same request alone, adapters fused, through the project's engine
     from rayimg.config import ModelConfig

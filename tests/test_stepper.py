@@ -60,6 +60,7 @@ def test_joins_and_leaves_match_the_request_alone(engines, model):
     assert finished_at[id(slots[1])] == 2 and finished_at[id(slots[0])] == 5 and finished_at[id(slots[3])] == 3
     for slot in slots:
         torch.testing.assert_close(slot.image, alone(engine, slot.request), rtol=0, atol=1e-4)
+        assert set(slot.timings) == {"queue_s", "denoise_s", "decode_s"} and slot.timings["denoise_s"] > 0, slot.timings
 
 
 def test_guidance_off_waits_for_its_own_group_and_images_decode(engines):
@@ -70,6 +71,9 @@ def test_guidance_off_waits_for_its_own_group_and_images_decode(engines):
     finished_at = {id(s): step for step, s in events}
     # the CFG-free request shares no UNet call with the CFG group: it starts once that group drains
     assert finished_at[id(no_cfg)] > max(finished_at[id(slots[0])], finished_at[id(slots[2])])
+    # its time says so: it queued through the others' steps, and every image spent time decoding
+    assert no_cfg.timings["queue_s"] > max(slots[0].timings["queue_s"], slots[2].timings["queue_s"]) + slots[0].timings["denoise_s"] / 2
+    assert all(s.timings["decode_s"] > 0 for s in slots)
     import numpy as np
 
     for slot in slots:
@@ -96,6 +100,7 @@ def test_padding_and_cancel(engines):
     assert batcher.stats["unet_rows"] == 2 * (4 + 2 + 2 + 1)
     for slot in slots:
         torch.testing.assert_close(slot.image, alone(engine, slot.request), rtol=0, atol=1e-4)
+        assert set(slot.timings) == {"queue_s", "denoise_s", "decode_s"} and slot.timings["denoise_s"] > 0, slot.timings
 
 
 def test_bad_request_fails_alone(engines):

@@ -77,6 +77,10 @@ class Slot:
     step_kwargs: dict = field(default_factory=dict)
     adapters: Any = None  # the adapters hook's handle while running
     adapter_weights: list | None = None  # (LoraWeights, scale) pairs given at submit
+    # where its time went (see StepBatcher.timings): perf_counter stamps, and CUDA events on a GPU
+    stamps: dict = field(default_factory=dict)
+    events: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
@@ -134,6 +138,7 @@ class StepBatcher:
         if request.adapters and self.adapters is None and request.adapters != self.engine.adapter_identity:
             raise ValueError(f"adapters: {list(request.adapters)} are not applied and this batcher has no per-sample adapters")
         slot = Slot(request, cancelled=cancelled, on_done=on_done, adapter_weights=adapter_weights)
+        slot.stamps["submitted"] = time.perf_counter()
         self.waiting.append(slot)
         return slot
 
@@ -174,6 +179,7 @@ class StepBatcher:
                 end(slot, e)
                 continue
             self.waiting.remove(slot)
+            self._stamp(slot, "admitted")
             admitted.append(slot)
         if admitted and self.running:
             self.stats["joined_running"] += len(admitted)
@@ -228,8 +234,37 @@ class StepBatcher:
         except Exception:  # noqa: BLE001 - a broken check counts as cancelled
             return True
 
+    def _stamp(self, slot: Slot, name: str) -> None:
+        slot.stamps[name] = time.perf_counter()
+        if self.engine.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            slot.events[name] = event
+
+    @staticmethod
+    def timings(slot: Slot) -> dict:
+        """Seconds of a finished slot: ``queue_s`` (submitted to started: waiting, then its prompts
+        encoded and noise drawn), ``denoise_s`` (its steps, from its start to its last step queued
+        on the host), ``decode_s`` (to its pixels on the host); on a GPU also ``gpu_denoise_s`` and
+        ``gpu_decode_s``, the same spans on the GPU's clock (a denoise far shorter on the GPU than
+        end to end means the GPU waited for the host)."""
+        st, out = slot.stamps, {}
+        for name, a, b in (("queue_s", "submitted", "admitted"), ("denoise_s", "admitted", "denoised"), ("decode_s", "denoised", "decoded")):
+            if a in st and b in st:
+                out[name] = round(st[b] - st[a], 4)
+        ev = slot.events
+        try:
+            if "decoded" in ev and ev["decoded"].query():  # complete: the spans before it are too
+                out["gpu_denoise_s"] = round(ev["admitted"].elapsed_time(ev["denoised"]) / 1000, 4)
+                out["gpu_decode_s"] = round(ev["denoised"].elapsed_time(ev["decoded"]) / 1000, 4)
+        except (KeyError, RuntimeError):
+            pass
+        return out
+
     def _finish(self, slot: Slot, *, image=None, error: BaseException | None = None) -> None:
         slot.image, slot.error, slot.finished = image, error, time.perf_counter()
+        slot.timings = self.timings(slot)
+        slot.stamps, slot.events = {}, {}
         if slot.adapters is not None:
             handle, slot.adapters = slot.adapters, None
             self.adapters.release(handle)
@@ -261,7 +296,11 @@ class StepBatcher:
         done = [s for s in self.running if s.step >= s.total_steps]
         if done:
             self.running = [s for s in self.running if s.step < s.total_steps]
+            for slot in done:
+                self._stamp(slot, "denoised")
             images = self._decode(done) if self.output == "pil" else [s.latents[0] for s in done]
+            for slot in done:
+                self._stamp(slot, "decoded")
             for slot, image in zip(done, images):
                 if isinstance(image, BaseException):
                     self._finish(slot, error=image)

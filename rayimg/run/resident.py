@@ -33,7 +33,7 @@ from collections import deque
 from pathlib import Path
 
 from rayimg.config import RenderJob, to_dict
-from rayimg.run.render import RenderRows, shape_key
+from rayimg.run.render_rows import RenderRows, shape_key
 
 __all__ = ["NAMESPACE", "LEASE_S", "Resident", "pool_digest", "code_digest", "ResidentPool"]
 
