@@ -95,3 +95,37 @@ def test_keep_warm_must_not_be_negative():
 
     with pytest.raises(ValueError, match="keep_warm_s"):
         from_dict(RenderJob, {"catalog": {"source": "c.jsonl"}, "keep_warm_s": -1})
+
+
+def test_idle_kept_actors_give_way_to_a_job_that_needs_their_resources(ray_cluster, tmp_path):
+    """A render actor asking for 0.6 of this node's own resource: one fits at a time. A kept actor
+    that waited for its 600 s would hold the next job's actor back that long."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    one = {f"node:{ray.util.get_node_ip_address()}": 0.6}
+    registry = str(tmp_path / "registry")
+    pool = ThreadPoolExecutor(1)
+
+    def run(name: str, **kw) -> dict:  # bounded: a job stuck behind an idle actor fails the test
+        return pool.submit(render, job(write_jsonl(tmp_path / f"{name}.jsonl", rows(name, 2)), str(tmp_path / f"out-{name}"), registry,
+                                       actor_resources=one, **kw)).result(timeout=240)
+
+    try:
+        first = run("a", keep_warm_s=600)
+        assert first["images"] == 2 and len(kept()) == 1
+        held = kept()
+        # another kind of actor (other engine settings): the idle one ends so it can start
+        second = run("b", keep_warm_s=600, engine={"batch_size": 2, "png_compress_level": 3})
+        assert second["images"] == 2 and second["warm_actors"] == 0
+        assert len(kept()) == 1 and kept() != held
+        # a job on Ray Data's actor pool (no keep_warm_s) needs the same: the kept actor ends again
+        third = run("c")
+        assert third["images"] == 2 and kept() == []
+    finally:
+        pool.shutdown(wait=False)
+        import ray as _ray
+
+        for name in kept():  # nothing kept for 600 s beyond this test
+            _ray.kill(_ray.get_actor(name, namespace=NAMESPACE), no_restart=True)

@@ -201,6 +201,10 @@ def run(job: RenderJob) -> dict:
         from rayimg.run.resident import ResidentPool
 
         pool = ResidentPool(job, model_hash, progress, wall0, warm)
+    elif mode != "local":  # actors kept idle by earlier jobs give way to this job's
+        from rayimg.run.resident import make_room
+
+        make_room(job, job.concurrency)
     reporter = Reporter(progress, job.progress_interval_s, started, split_line)
     rendered = skipped = 0
     try:

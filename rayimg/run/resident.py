@@ -15,7 +15,9 @@ actor), where the default path lets Ray Data's actor pool do it: Ray Data's acto
 
 Leases: a job claims an actor for ``LEASE_S`` seconds, renewed by each unit and by the driver while
 it runs, released when it ends; a driver that dies leaves a lease that lapses. An actor with no
-lease, idle for ``keep_warm_s`` seconds, ends itself and gives its GPU back. Two jobs that create
+lease, idle for ``keep_warm_s`` seconds, ends itself and gives its GPU back. A job short of the
+resources its render actors ask for (kept or Ray Data's) ends idle kept actors first
+(:func:`make_room`). Two jobs that create
 the same missing actor at the same moment share it (their units run one after the other).
 
 Failures: an actor that dies mid-unit is replaced under its name (it starts as a new actor would)
@@ -35,7 +37,7 @@ from pathlib import Path
 from rayimg.config import RenderJob, to_dict
 from rayimg.run.render_rows import RenderRows, shape_key
 
-__all__ = ["NAMESPACE", "LEASE_S", "Resident", "pool_digest", "code_digest", "ResidentPool"]
+__all__ = ["NAMESPACE", "LEASE_S", "Resident", "pool_digest", "code_digest", "ResidentPool", "make_room"]
 
 NAMESPACE = "rayimg-render"
 LEASE_S = 120.0  # a job's claim on an actor, renewed while the job runs
@@ -57,6 +59,47 @@ def pool_digest(job: RenderJob, model_hash: str) -> str:
             "storage": to_dict(job.storage), "num_gpus": job.num_gpus_per_actor, "resources": dict(sorted(job.actor_resources.items())),
             "code": code_digest()}
     return "rr-" + hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_room(job: RenderJob, need: int, keep_prefix: str | None = None) -> int:
+    """End idle kept actors while the cluster lacks the resources ``need`` new render actors of
+    ``job`` ask for (GPUs, custom resources): an idle actor kept for a later job never makes a job
+    that runs now wait. Actors named ``keep_prefix...`` (the job's own kind) go last. Returns how
+    many ended."""
+    import ray
+
+    per = {"GPU": job.num_gpus_per_actor, **job.actor_resources}
+    per = {k: v * need for k, v in per.items() if v > 0}
+    if not per or need <= 0:
+        return 0
+
+    def short() -> bool:
+        free = ray.available_resources()
+        return any(free.get(k, 0.0) + 1e-9 < v for k, v in per.items())
+
+    if not short():
+        return 0
+    names = sorted((a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE),
+                   key=lambda n: (keep_prefix is not None and n.startswith(keep_prefix), n))
+    ended = 0
+    for name in names:
+        try:
+            handle = ray.get_actor(name, namespace=NAMESPACE)
+            ref = handle.evict.remote()
+            ready, _ = ray.wait([ref], timeout=CLAIM_WAIT_S)  # a busy actor answers late: it is in use
+            if not (ready and ray.get(ready[0])):
+                continue
+        except (ValueError, ray.exceptions.RayActorError):
+            continue
+        ended += 1
+        deadline = time.monotonic() + 10  # its resources come back once Ray sees it gone
+        while short() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not short():
+            break
+    if ended:
+        print(f"[render] ended {ended} idle kept render actor(s) to free the resources this job needs", flush=True)
+    return ended
 
 
 class Resident(RenderRows):
@@ -84,6 +127,18 @@ class Resident(RenderRows):
             self.jobs += 1
         self.holder, self.lease_until, self.keep_warm_s = job_id, now + lease_s, keep_warm_s
         return {"label": self.label, "jobs": self.jobs, "warm": sorted(self.warmed)}
+
+    def evict(self) -> bool:
+        """End now if no job holds a lease (a job that needs this actor's resources asks);
+        False when one does."""
+        import ray
+
+        if self.holder is not None and time.time() < self.lease_until:
+            return False
+        print(f"[render actor {self.label}] ending: another job needs its resources", flush=True)
+        me = ray.get_runtime_context().current_actor
+        threading.Timer(0.2, lambda: ray.kill(me, no_restart=True)).start()  # after this reply
+        return True
 
     def renew(self, job_id: str, lease_s: float = LEASE_S) -> None:
         """Extend ``job_id``'s lease if it still holds one (a renewal that arrives after the
@@ -169,6 +224,7 @@ class ResidentPool:
         import ray
 
         want = self.job.concurrency
+        made_room = False
         for i in range(4 * want + 4):  # bounded: names held by other jobs are passed over
             if len(self.actors) == want:
                 break
@@ -176,6 +232,9 @@ class ResidentPool:
             try:
                 handle = ray.get_actor(name, namespace=NAMESPACE)
             except ValueError:  # no such actor (or it ended): a new one, claimed by its constructor
+                if not made_room:
+                    made_room = True
+                    make_room(self.job, want - len(self.actors), keep_prefix=self.digest)
                 self.actors.append(self._create(name))
                 continue
             ref = handle.claim.remote(self.job_id, self.job.keep_warm_s)
