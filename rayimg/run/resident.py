@@ -17,8 +17,8 @@ Leases: a job claims an actor for ``LEASE_S`` seconds, renewed by each unit and 
 it runs, released when it ends; a driver that dies leaves a lease that lapses. An actor with no
 lease, idle for ``keep_warm_s`` seconds, ends itself and gives its GPU back. A job short of the
 resources its render actors ask for (kept or Ray Data's) ends idle kept actors first
-(:func:`make_room`). Two jobs that create
-the same missing actor at the same moment share it (their units run one after the other).
+(:func:`make_room`). Two jobs that create the same missing actor at the same moment share it
+(their units run one after the other).
 
 Failures: an actor that dies mid-unit is replaced under its name (it starts as a new actor would)
 and its unit goes to the next free actor; a unit is idempotent (keys already written are skipped),
