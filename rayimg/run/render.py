@@ -2,8 +2,9 @@
 
     catalog (JSONL/CSV/Parquet, streamed) -> validate rows (tasks; bad rows to errors/)
       -> sort by (adapters, size, steps, scheduler) so actors swap adapters rarely
-      -> render (actor pool, GPU actors on a cluster): skip keys already written, write PNGs
-         atomically, then the batch's manifest part -> manifest.parquet + errors.jsonl
+      -> render (Ray Data's actor pool, or with keep_warm_s on a running cluster actors kept
+         between jobs, rayimg.run.resident; rayimg.run.render_rows): skip keys already written,
+         write PNGs atomically, then the unit's manifest part -> manifest.parquet + errors.jsonl
 
 An image's path is its output key (``images/<key>.png``): the same row always maps to the same
 file, a re-run skips keys already there, and a PNG is either absent or complete (atomic write).
