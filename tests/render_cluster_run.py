@@ -6,8 +6,8 @@ in its own process (the test session already holds a Ray cluster of its own).
 Each node has 1 CPU and declares one GPU (Ray schedules it like a real one; the actors render on
 the CPU), and each render actor asks for a GPU as on a GPU cluster, so the two actors land one per
 node and the job takes the same Ray Data path as on GPUs. A run with ``remove_after_images`` > 0
-removes the worker node once that many PNGs exist and adds a fresh node in its place (as an
-autoscaler replaces a lost machine). Prints ``RESULT <json>`` with each run's summary.
+removes the worker node once that many PNGs exist (the job ends on the node left) and adds a
+fresh node in its place after the job (as an autoscaler replaces a lost machine). Prints ``RESULT <json>`` with each run's summary.
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ def main() -> None:
                         time.sleep(0.05)
                     info["images_before_removal"] = len(list(out.glob("*.png")))
                     cluster.remove_node(state["worker"], allow_graceful=False)
+                    state["worker"] = None
                     print(f"[test] removed a node after {info['images_before_removal']} image(s)", flush=True)
-                    state["worker"] = cluster.add_node(**node)
-                    print("[test] added a replacement node", flush=True)
 
                 watcher = threading.Thread(target=remove, daemon=True)
                 watcher.start()
@@ -53,6 +52,10 @@ def main() -> None:
             summary = run(job)
             info.update(summary=summary, seconds=round(time.time() - t, 1))
             results[name] = info
+            if state["worker"] is None:  # a fresh node in the lost one's place, for the next run (Ray adds
+                state["worker"] = cluster.add_node(**node)  # nodes from the main thread only: it sets signal handlers)
+                cluster.wait_for_nodes()
+                print("[test] added a replacement node", flush=True)
     finally:
         print("RESULT " + json.dumps(results), flush=True)
         ray.shutdown()

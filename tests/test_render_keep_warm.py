@@ -129,3 +129,22 @@ def test_idle_kept_actors_give_way_to_a_job_that_needs_their_resources(ray_clust
 
         for name in kept():  # nothing kept for 600 s beyond this test
             _ray.kill(_ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+
+
+def test_an_actor_that_cannot_start_holds_no_unit_back(ray_cluster, tmp_path):
+    """Two kept actors asked for, room for one (0.6 of this node's own resource each): the job
+    renders everything on the one that starts, and the other is not kept waiting for room."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    one = {f"node:{ray.util.get_node_ip_address()}": 0.6}
+    pool = ThreadPoolExecutor(1)
+    try:
+        summary = pool.submit(render, job(write_jsonl(tmp_path / "c.jsonl", rows("n", 12)), str(tmp_path / "out"), str(tmp_path / "registry"),
+                                          keep_warm_s=1, concurrency=2, unit_batches=1, actor_resources=one)).result(timeout=240)
+    finally:
+        pool.shutdown(wait=False)
+    assert summary["images"] == 12 and summary["rendered"] == 12 and len(summary["actors"]) == 1, summary["actors"]
+    assert sorted(r["row_id"] for r in manifest(tmp_path / "out")) == [f"n{i:02d}" for i in range(12)]
+    assert wait_until(lambda: not kept(), 60), kept()  # the one that never started is gone too

@@ -203,6 +203,8 @@ class ResidentPool:
         self.actors: list = []  # handles, this job's
         self.names: dict = {}  # handle's actor id -> name
         self.reused = 0
+        self.starting: dict = {}  # actors not yet up: a ready ref -> actor
+        self.reused_flags: list[bool] = []  # per actor of self.actors at the start: kept from an earlier job
         self.claim()
         self._done = threading.Event()
         threading.Thread(target=self._renew_loop, name="rayimg-render-lease", daemon=True).start()
@@ -236,6 +238,7 @@ class ResidentPool:
                     made_room = True
                     make_room(self.job, want - len(self.actors), keep_prefix=self.digest)
                 self.actors.append(self._create(name))
+                self.reused_flags.append(False)
                 continue
             ref = handle.claim.remote(self.job_id, self.job.keep_warm_s)
             ready, _ = ray.wait([ref], timeout=CLAIM_WAIT_S)
@@ -243,6 +246,7 @@ class ResidentPool:
                 held = ray.get(ready[0]) if ready else None
             except ray.exceptions.RayActorError:  # it ended while we asked: create it anew
                 self.actors.append(self._create(name))
+                self.reused_flags.append(False)
                 continue
             if not ready:
                 try:
@@ -253,6 +257,7 @@ class ResidentPool:
                 continue
             self.names[handle._actor_id.hex()] = name
             self.actors.append(handle)
+            self.reused_flags.append(True)
             self.reused += 1
             handle.prepare.remote(self.job, self.progress, self.job_id, self.job_started, self.warm)
         if len(self.actors) < want:
@@ -276,14 +281,24 @@ class ResidentPool:
         error). Returns (rendered, skipped)."""
         import ray
 
-        free = deque(self.actors)
         pending: dict = {}  # unit ref -> (actor, unit)
-        starting: dict = {}  # a replacement's ready ref -> actor
+        # an actor takes units once it is up: one that cannot start (no room for it) holds none back
+        free = deque(actor for actor, reused in zip(self.actors, self.reused_flags) if reused)
+        starting = self.starting  # an actor not yet up: its ready ref -> actor
+        for actor, reused in zip(self.actors, self.reused_flags):
+            if not reused:
+                starting[actor.__ray_ready__.remote()] = actor
         retry: deque = deque()
         units = iter(units)
         exhausted = False
         rendered = skipped = 0
         replacements = 2 * len(self.actors)
+        if not free:  # none up yet: the catalog is validated and sorted into units while they start
+            first = next(units, None)
+            if first is None:
+                exhausted = True
+            else:
+                retry.append(first)
         while True:
             while free and (retry or not exhausted):
                 unit = retry.popleft() if retry else next(units, None)
@@ -329,5 +344,11 @@ class ResidentPool:
         import ray
 
         self._done.set()
+        for ref, actor in self.starting.items():  # a replacement that never came up (no room for it): not kept
+            if not ray.wait([ref], timeout=0)[0]:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:
+                    pass
         refs = [handle.release.remote(self.job_id) for handle in self.actors]
         ray.wait(refs, num_returns=len(refs), timeout=10)
