@@ -19,6 +19,16 @@ import time
 from pathlib import Path
 
 
+def add_node(cluster, node: dict, timeout: float = 600):
+    """``cluster.add_node`` with a long wait for the node to join: this script runs beside a busy
+    test session at the lowest CPU priority, where Ray's own 30 s wait can run out."""
+    import ray
+
+    added = cluster.add_node(wait=False, **node)
+    ray._private.services.wait_for_node(added.gcs_address, added.plasma_store_socket_name, timeout)
+    return added
+
+
 def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
@@ -29,8 +39,7 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     node = {"num_cpus": 1, "num_gpus": 1}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-    state = {"worker": cluster.add_node(**node)}
-    cluster.wait_for_nodes()
+    state = {"worker": add_node(cluster, node)}
     results = {}
     try:
         for name, data, remove_after in spec["runs"]:
@@ -53,8 +62,7 @@ def main() -> None:
             info.update(summary=summary, seconds=round(time.time() - t, 1))
             results[name] = info
             if state["worker"] is None:  # a fresh node in the lost one's place, for the next run (Ray adds
-                state["worker"] = cluster.add_node(**node)  # nodes from the main thread only: it sets signal handlers)
-                cluster.wait_for_nodes()
+                state["worker"] = add_node(cluster, node)  # nodes from the main thread only: it sets signal handlers)
                 print("[test] added a replacement node", flush=True)
     finally:
         print("RESULT " + json.dumps(results), flush=True)

@@ -58,7 +58,8 @@ def two_nodes(background):
     rc, stdout, stderr = run.result(timeout=240)
     lines = stdout.splitlines()
     result = next((json.loads(line[len("RESULT "):]) for line in lines if line.startswith("RESULT ")), None)
-    assert rc == 0 and result and len(result) == 3, (rc, stdout[-4000:], stderr[-6000:])
+    error = stderr[stderr.find("Traceback"):][:4000] if "Traceback" in stderr else stderr[-4000:]  # the first one, not Ray's shutdown noise
+    assert rc == 0 and result and len(result) == 3, (rc, stdout[-3000:], error)
     return {"dir": Path(run.workdir), "result": result, "lines": lines}
 
 
