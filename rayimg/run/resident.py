@@ -202,12 +202,16 @@ class ResidentPool:
         self.digest = pool_digest(job, model_hash)
         self.actors: list = []  # handles, this job's
         self.names: dict = {}  # handle's actor id -> name
-        self.reused = 0
         self.starting: dict = {}  # actors not yet up: a ready ref -> actor
         self.reused_flags: list[bool] = []  # per actor of self.actors at the start: kept from an earlier job
         self.claim()
         self._done = threading.Event()
         threading.Thread(target=self._renew_loop, name="rayimg-render-lease", daemon=True).start()
+
+    @property
+    def reused(self) -> int:
+        """How many of the job's actors were kept from an earlier job."""
+        return sum(self.reused_flags)
 
     def _options(self, name: str) -> dict:
         return dict(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
@@ -221,6 +225,10 @@ class ResidentPool:
         handle = cls.remote(self.job, self.job.keep_warm_s, self.progress, self.job_started, self.warm, self.job_id)
         self.names[handle._actor_id.hex()] = name
         return handle
+
+    def _add(self, handle, reused: bool) -> None:
+        self.actors.append(handle)
+        self.reused_flags.append(reused)
 
     def claim(self) -> None:
         import ray
@@ -237,16 +245,14 @@ class ResidentPool:
                 if not made_room:
                     made_room = True
                     make_room(self.job, want - len(self.actors), keep_prefix=self.digest)
-                self.actors.append(self._create(name))
-                self.reused_flags.append(False)
+                self._add(self._create(name), reused=False)
                 continue
             ref = handle.claim.remote(self.job_id, self.job.keep_warm_s)
             ready, _ = ray.wait([ref], timeout=CLAIM_WAIT_S)
             try:
                 held = ray.get(ready[0]) if ready else None
             except ray.exceptions.RayActorError:  # it ended while we asked: create it anew
-                self.actors.append(self._create(name))
-                self.reused_flags.append(False)
+                self._add(self._create(name), reused=False)
                 continue
             if not ready:
                 try:
@@ -256,9 +262,7 @@ class ResidentPool:
             if held is None:
                 continue
             self.names[handle._actor_id.hex()] = name
-            self.actors.append(handle)
-            self.reused_flags.append(True)
-            self.reused += 1
+            self._add(handle, reused=True)
             handle.prepare.remote(self.job, self.progress, self.job_id, self.job_started, self.warm)
         if len(self.actors) < want:
             raise RuntimeError(f"found only {len(self.actors)} of {want} render actors: the others are held by running jobs")
