@@ -293,15 +293,20 @@ def single_requests(url: str, n: int, adapter: str) -> dict:
         results = [post(s, url, {"prompt": f"a blue square, single {i}", "seed": 20_000 + i,
                                  "adapters": [{"name": adapter, "scale": 0.8}] if i % 2 else []}, timeout=600) for i in range(n)]
     lat = [r["latency"] for r in results if r["status"] == 200]
-    # where a request's time goes, medians over the successful ones: the replica's split (step loop
-    # queue/denoise/decode, GPU spans, PNG; engine_s and generator_s) and the rest (Serve, HTTP, base64)
-    splits = [{**r["split"], "outside_generator_s": r["latency"] - r["split"]["generator_s"]}
-              for r in results if r["status"] == 200 and "generator_s" in r.get("split", {})]
-    split = {k: round(statistics.median(x[k] for x in splits if k in x), 4) for k in sorted({k for x in splits for k in x})}
     return {"n": n, "ok": len(lat), "errors": errors_of(results), "p50": round(common.percentile(lat, 50), 3) if lat else None,
-            "min": round(min(lat), 3) if lat else None, "max": round(max(lat), 3) if lat else None, "split_median_s": split,
+            "min": round(min(lat), 3) if lat else None, "max": round(max(lat), 3) if lat else None, "split_median_s": split_medians(results),
             "latencies": [{"adapter": r["adapters"], "s": round(r["latency"], 3), "status": r["status"], "split": r.get("split", {})}
                           for r in results]}
+
+
+def split_medians(results: list[dict]) -> dict[str, float]:
+    """Where a request's time went, medians over the successful ones: the replica's split (step
+    loop queue/denoise/decode, the same spans on the GPU's clock, PNG; engine_s and generator_s)
+    and the rest (Serve, HTTP, base64). ``gpu_denoise_s`` / steps is the GPU's time per denoising
+    step at the batch the request ran in."""
+    splits = [{**r["split"], "outside_generator_s": r["latency"] - r["split"]["generator_s"]}
+              for r in results if r["status"] == 200 and "generator_s" in r.get("split", {})]
+    return {k: round(statistics.median(x[k] for x in splits if k in x), 4) for k in sorted({k for x in splits for k in x})}
 
 
 def errors_of(results: list[dict]) -> dict[str, int]:
@@ -326,7 +331,7 @@ def level_summary(results: list[dict], elapsed: float, delta: dict[str, float], 
             "adapter_cache_hit_rate": round(len(hits) / max(len(with_adapters), 1), 3),
             "adapter_file_loads": int(delta.get("rayimg_adapter_loads_total", 0)), "adapter_swaps": int(swaps),
             "mean_swap_ms": round(1000 * delta.get("rayimg_adapter_swap_seconds_total", 0) / max(swaps, 1), 2),
-            "mean_batch_size": round(mean_batch, 2), "gpu_samples": gpu}
+            "mean_batch_size": round(mean_batch, 2), "split_median_s": split_medians(results), "gpu_samples": gpu}
 
 
 # --------------------------------------------------------------------------- phases
@@ -584,7 +589,7 @@ def main(argv=None) -> dict:
                     details.update({k: level[k] for k in HEADLINE_LEVEL_KEYS})
             common.log("serve", f"{clients} clients: {level['ok']}/{level['requests_sent']} ok ({n_requests} planned) in {level['seconds']} s, "
                                 f"{level['images_per_s']} images/s, p50 {level['latency_s']['p50']} s, p95 {level['latency_s']['p95']} s, "
-                                f"errors {level['errors']}, mean batch {level['mean_batch_size']}")
+                                f"errors {level['errors']}, mean batch {level['mean_batch_size']}; split (medians) {level['split_median_s']}")
     finally:
         if ray.is_initialized():
             from ray import serve
