@@ -408,6 +408,9 @@ def test_compiled_modules_keep_one_graph_across_loads_and_batches(loras):
     from torch._dynamo.backends.common import aot_autograd
     from torch._inductor.compile_fx import compile_fx
 
+    # dynamo's caches are per code object and process-wide: compiles by earlier tests of the session
+    # (the step loop's) can have used up this block's recompile budget, and it would then run eager
+    torch._dynamo.reset()
     # A block of the tiny UNet (resnets with conv1, conv_shortcut, time_emb_proj; attention, proj_in/out,
     # feed-forward), traced whole and through AOT autograd.
     pipe = tiny_sd()
