@@ -254,3 +254,54 @@ def test_step_loop_runs_its_first_call_on_its_own_thread_and_raises_its_error(en
 
     with pytest.raises(RuntimeError, match="warm-up failed: no room"):
         StepLoop(StepBatcher(engines["rayimg-tiny-sd"], max_batch=2), first=broken)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_graph_serves_every_padded_batch_with_one_compile(tmp_path, shared):
+    """``shared_graph``: the UNet's batch dimension is traced dynamic, so the graph compiled at the
+    first padded size serves every other size (with adapter slots: the slot forward's row check
+    stays out of the traced code), and the images equal the uncompiled step loop's. Without it,
+    the next size compiles again."""
+    from rayimg.models.tiny import build_tiny_sd
+    from rayimg.render.adapters import load_lora_file
+    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
+    from rayimg.render.stepper import SlotAdapters
+    from tests.test_render_engine import ATTN, make_lora
+
+    weights = {"a": load_lora_file(make_lora(tmp_path / "a", "sd", 1, rank=4, alpha=8, unet_targets=ATTN), name="a")}
+
+    def pairs(identity):
+        return [(weights[name], scale) for name, _version, scale in identity]
+
+    def batcher(compiled: bool) -> StepBatcher:
+        engine = Engine(build_tiny_sd(0))
+        slots = AdapterSlots(engine.pipe, SlotConfig(num_slots=2, max_rank=4, max_batch=4, max_adapters=1, text_targets=()))
+        if compiled:
+            engine.pipe.unet.compile(backend=counting, dynamic=None)
+        return StepBatcher(engine, max_batch=4, pad_to=(1, 2, 4), adapters=SlotAdapters(slots, pairs), output="latent",
+                           shared_graph=shared and compiled)
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    waves = [[req(seed=1, steps=2, adapters=[("a", "1", 0.8)])],
+             [req(seed=2, steps=2), req("a blue circle", seed=3, steps=2, adapters=[("a", "1", 1.0)])],
+             [req(seed=4 + i, steps=2, adapters=[("a", "1", 0.5)] if i % 2 else []) for i in range(3)]]  # pads to 4
+    compiled, plain = batcher(True), batcher(False)
+    after_first = None
+    for wave in waves:
+        got, _ = run(compiled, {0: wave})
+        want, _ = run(plain, {0: wave})
+        assert all(s.error is None for s in got + want), [s.error for s in got + want]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.image, w.image, rtol=0, atol=1e-5)
+        after_first = len(graphs) if after_first is None else after_first
+    assert after_first >= 1
+    if shared:
+        assert len(graphs) == after_first  # batches 2 and 4 reused the first graph
+    else:
+        assert len(graphs) > after_first  # another size: another compile
