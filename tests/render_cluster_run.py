@@ -30,7 +30,7 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     node = {"num_cpus": 1, "num_gpus": 1}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
-    state = {"worker": cluster.add_node(**node)}
+    worker = cluster.add_node(**node)
     cluster.wait_for_nodes()
     results = {}
     try:
@@ -43,7 +43,7 @@ def main() -> None:
                     while not (out.is_dir() and len(list(out.glob("*.png"))) >= remove_after):
                         time.sleep(0.05)
                     info["images_before_removal"] = len(list(out.glob("*.png")))
-                    cluster.remove_node(state["worker"], allow_graceful=False)
+                    cluster.remove_node(worker, allow_graceful=False)
                     print(f"[test] removed a node after {info['images_before_removal']} image(s)", flush=True)
 
                 watcher = threading.Thread(target=remove, daemon=True)

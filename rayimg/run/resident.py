@@ -348,7 +348,7 @@ class ResidentPool:
         import ray
 
         self._done.set()
-        for ref, actor in self.starting.items():  # a replacement that never came up (no room for it): not kept
+        for ref, actor in self.starting.items():  # an actor (first or replacement) that never came up, e.g. no room for it: not kept
             if not ray.wait([ref], timeout=0)[0]:
                 try:
                     ray.kill(actor, no_restart=True)
