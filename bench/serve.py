@@ -442,6 +442,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-reference", action="store_true", help="no reference stream (the ratio is then null)")
     ap.add_argument("--pad-to", default=None, help="batching.pad_to: the step batch sizes a replica compiles and warms before it "
                     "takes requests (default: the powers of two below --max-batch-size, and it); each costs a cold compile")
+    ap.add_argument("--shared-graph", action="store_true", help="batching.shared_graph: one step graph for every --pad-to size (the batch "
+                                                                  "dimension dynamic), compiled once; CUDA graphs still recorded per size")
     ap.add_argument("--slot-targets", default=None,
                     help="batching.slot_targets: comma list of UNet module names given adapter slots, or 'all' (every type adapters "
                          "may target); default: what the published adapters record (their attention projections)")
@@ -480,7 +482,7 @@ def main(argv=None) -> dict:
     env = common.device_info(device)
     pad_to = (int_list(ap, "--pad-to", args.pad_to) if args.pad_to
               else sorted({b for b in (1, 2, 4, 8, 16) if b < args.max_batch_size} | {args.max_batch_size}))
-    estimate = Estimates(real, "compile" in options, warm_sizes=len(pad_to) if args.batching == "step" else 1)
+    estimate = Estimates(real, "compile" in options, warm_sizes=len(pad_to) if args.batching == "step" and not args.shared_graph else 1)
 
     from rayimg.config import ServeJob, from_dict, to_dict
     from rayimg.config.train import LORA_TARGETS
@@ -502,7 +504,7 @@ def main(argv=None) -> dict:
                  "max_ongoing_requests": 8, "max_queued_requests": 4 * max(levels) + 8, "request_timeout_s": 600.0},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         "batching": {"mode": args.batching, "max_batch": args.max_batch_size,
-                     "pad_to": pad_to, "slot_targets": slot_targets,
+                     "pad_to": pad_to, "slot_targets": slot_targets, "shared_graph": args.shared_graph,
                      "num_slots": 16, "max_rank": rank},
         "adapter_cache": {"disk_dir": str(tmp / "adapter-cache"), "cpu_max_adapters": 16, "gpu_max_adapters": 4, "refresh_s": 30.0},
         "num_cpus_per_replica": 1.0 if real else 0.5, "num_gpus_per_replica": 1.0 if real else 0.0, "num_cpus_ingress": 0.25,
@@ -510,7 +512,7 @@ def main(argv=None) -> dict:
 
     details = {"adapters": len(names), "zipf_s": args.zipf, "rank": rank, "size": size, "steps": steps, "options": sorted(options),
                "compile_cache": args.compile_cache or None, "slot_targets": slot_targets or list(TARGETS),
-               "batching": args.batching, "max_batch_size": args.max_batch_size, "pad_to": pad_to, "concurrency_levels": levels, "requests_per_level": counts,
+               "batching": args.batching, "max_batch_size": args.max_batch_size, "pad_to": pad_to, "shared_graph": args.shared_graph, "concurrency_levels": levels, "requests_per_level": counts,
                "mixed_adapter_step": None, "reference_measure": None, "reference_batch": None if args.skip_reference else ref_batch,
                "single_request_s": None, "levels": {}}
     partial_path = Path(args.json) if args.json else (common.out_dir() if real else tmp) / "serve_partial.json"

@@ -148,7 +148,7 @@ class GeneratorBase:
         logger.info("rayimg step loop: adapter slots on the UNet's %s modules (%d modules, %.0f MiB a slot)",
                     ", ".join(self.slots.config.unet_targets), self.slots.num_modules, self.slots.row_nbytes / 2**20)
         batcher = StepBatcher(self.renderer.engine, max_batch=b.max_batch, pad_to=tuple(b.pad_to), adapters=SlotAdapters(self.slots),
-                              compile_cache=self.renderer.compile_cache)
+                              compile_cache=self.renderer.compile_cache, shared_graph=b.shared_graph)
         compiled = self.renderer.engine.config.compile or self.renderer.engine.config.compile_vae
         d = self.job.defaults
 

@@ -254,3 +254,87 @@ def test_step_loop_runs_its_first_call_on_its_own_thread_and_raises_its_error(en
 
     with pytest.raises(RuntimeError, match="warm-up failed: no room"):
         StepLoop(StepBatcher(engines["rayimg-tiny-sd"], max_batch=2), first=broken)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_shared_graph_serves_every_padded_batch_with_one_compile(tmp_path, shared):
+    """``shared_graph``: the UNet's batch dimension is traced dynamic, so the graph compiled at the
+    first padded size serves every other size (with adapter slots on the attention projections,
+    the app's default: the slot forward's row check stays out of the traced code), and the images
+    equal the uncompiled step loop's. Without it, the next size compiles again."""
+    from rayimg.models.tiny import build_tiny_sd
+    from rayimg.render.adapters import load_lora_file
+    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
+    from rayimg.render.stepper import SlotAdapters
+    from tests.test_render_engine import ATTN, make_lora
+
+    weights = {"a": load_lora_file(make_lora(tmp_path / "a", "sd", 1, rank=4, alpha=8, unet_targets=ATTN), name="a")}
+
+    def pairs(identity):
+        return [(weights[name], scale) for name, _version, scale in identity]
+
+    def batcher(compiled: bool) -> StepBatcher:
+        engine = Engine(build_tiny_sd(0))
+        slots = AdapterSlots(engine.pipe, SlotConfig(num_slots=2, max_rank=4, max_batch=4, max_adapters=1, text_targets=(),
+                                                     unet_targets=tuple(ATTN)))
+        if compiled:
+            engine.pipe.unet.compile(backend=counting, dynamic=False)  # as the engine compiles it
+        return StepBatcher(engine, max_batch=4, pad_to=(1, 2, 4), adapters=SlotAdapters(slots, pairs), output="latent",
+                           shared_graph=shared and compiled)
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    waves = [[req(seed=1, steps=2, adapters=[("a", "1", 0.8)])],
+             [req(seed=2, steps=2), req("a blue circle", seed=3, steps=2, adapters=[("a", "1", 1.0)])],
+             [req(seed=4 + i, steps=2, adapters=[("a", "1", 0.5)] if i % 2 else []) for i in range(3)]]  # pads to 4
+    compiled, plain = batcher(True), batcher(False)
+    after_first = None
+    for wave in waves:
+        got, _ = run(compiled, {0: wave})
+        want, _ = run(plain, {0: wave})
+        assert all(s.error is None for s in got + want), [s.error for s in got + want]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.image, w.image, rtol=0, atol=1e-5)
+        after_first = len(graphs) if after_first is None else after_first
+    assert after_first >= 1
+    if shared:
+        assert len(graphs) == after_first  # batches 2 and 4 reused the first graph
+    else:
+        assert len(graphs) > after_first  # another size: another compile
+
+
+def test_slot_math_keeps_a_dynamic_batch_through_inductor(tmp_path):
+    """What ``shared_graph`` needs from inductor's lowering, not only from tracing: a transformer
+    block of tiny SD with adapter slots on its attention projections, compiled by inductor as the
+    engine compiles (``dynamic=False``) with the batch marked, compiles once for 2, 4 and 8 rows
+    and matches the eager block."""
+    from rayimg.models.tiny import build_tiny_sd
+    from rayimg.render.adapters import load_lora_file
+    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
+    from tests.test_render_engine import ATTN, make_lora
+
+    torch.manual_seed(0)
+    pipe = build_tiny_sd(0)
+    lora = load_lora_file(make_lora(tmp_path / "a", "sd", 1, rank=4, alpha=8, unet_targets=ATTN), name="a")
+    slots = AdapterSlots(pipe, SlotConfig(num_slots=2, max_rank=4, max_batch=4, max_adapters=1, text_targets=(), unet_targets=tuple(ATTN)))
+    a, none = slots.acquire([(lora, 0.8)]), slots.acquire([])
+    block = pipe.unet.down_blocks[1].attentions[0]
+    channels, cross = pipe.unet.config.block_out_channels[1], pipe.unet.config.cross_attention_dim
+    compiled = torch.compile(block, backend="inductor", dynamic=False)
+    torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for samples in (1, 2, 4):  # 2, 4, 8 rows with guidance
+            slots.set_batch([a if i % 2 == 0 else none for i in range(samples)], guidance=True)
+            x, text = torch.randn(2 * samples, channels, 8, 8), torch.randn(2 * samples, 7, cross)
+            want = block(x, encoder_hidden_states=text, return_dict=False)[0]
+            for t in (x, text):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+            got = compiled(x, encoder_hidden_states=text, return_dict=False)[0]
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 1

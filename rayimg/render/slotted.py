@@ -32,6 +32,12 @@ class Rows:
             torch._dynamo.mark_static_address(self.scale)
 
     def check(self, module: nn.Module, rows: int) -> None:
+        """Eager calls only: traced, comparing the batch with a Python int would specialise the
+        graph's batch dimension (one graph per batch size even with a dynamic batch); compiled
+        callers set the rows of each call (:class:`~rayimg.render.stepper.StepBatcher` does by
+        construction)."""
+        if torch.compiler.is_compiling():
+            return
         if rows != self.count:
             what = "no batch is set" if self.count < 0 else f"the batch set has {self.count} rows"
             raise LoraError(f"adapter slots: {self.component} module {type(module).__name__} got {rows} rows but {what}; "

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch._dynamo
 
 from rayimg.render.multi_lora import SlotsExhausted
 from rayimg.render.output import to_pil
@@ -102,11 +103,16 @@ class StepBatcher:
     each UNet call shape (padded batch, size, guidance, slot layout) and decode shape are loaded
     before their first call and saved after it, so a new replica starts warm; :meth:`warm_up`
     makes those graphs before the first request.
+    ``shared_graph``: each UNet call's batch dimension is marked dynamic (torch honours the marks
+    under the engine's ``dynamic=False``; every other dimension stays static), so one compiled
+    graph serves every padded batch size. With CUDA graphs torch still records one graph per size.
+    Adapter slots on convolutions run a grouped convolution whose group count is the batch, which
+    inductor specialises: with those, each size compiles its own graph as without the option.
     Single-threaded: one thread calls :meth:`submit` and :meth:`step` (a server wraps it).
     """
 
     def __init__(self, engine, *, max_batch: int = 8, pad_to: tuple[int, ...] = (), adapters=None, output: str = "pil",
-                 compile_cache=None):
+                 compile_cache=None, shared_graph: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         self.engine = engine
@@ -123,6 +129,7 @@ class StepBatcher:
         self.stats = {"steps": 0, "unet_rows": 0, "samples": 0, "joined_running": 0}
         self.compile_cache = compile_cache
         self._shapes: set[str] = set()
+        self.shared_graph = shared_graph
 
     # ------------------------------------------------------------------ queue
     @property
@@ -401,9 +408,15 @@ class StepBatcher:
                      "time_ids": torch.cat([self._rows(slots, p, "time_ids", pad) for p in parts])}
         if self.adapters is not None:
             self.adapters.select([s.adapters for s in padded], cfg)
-        with self._compiling({"mode": "step", "batch": target, "width": slots[0].request.width, "height": slots[0].request.height,
-                              "guidance": cfg}, self.engine.config.compile):
-            out = self.pipe.unet(sample, t_rows.to(sample.device), encoder_hidden_states=encoder, timestep_cond=None,
+        t_rows = t_rows.to(sample.device)
+        shape = {"mode": "step", "batch": target, "width": slots[0].request.width, "height": slots[0].request.height, "guidance": cfg}
+        if self.shared_graph:
+            if sample.shape[0] > 1:  # one compile-cache entry for every size (the sizes after the first compile nothing);
+                shape["batch"] = "shared"  # a single UNet row (batch 1 without guidance) is always traced static
+            for tensor in (sample, t_rows, encoder, *(added or {}).values()):
+                torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        with self._compiling(shape, self.engine.config.compile):
+            out = self.pipe.unet(sample, t_rows, encoder_hidden_states=encoder, timestep_cond=None,
                                  cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False)[0]
         rows = target
         for b, s in enumerate(slots):
