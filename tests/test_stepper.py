@@ -256,6 +256,15 @@ def test_step_loop_runs_its_first_call_on_its_own_thread_and_raises_its_error(en
         StepLoop(StepBatcher(engines["rayimg-tiny-sd"], max_batch=2), first=broken)
 
 
+def attention_slots(pipe):
+    """Adapter slots on the UNet's attention projections only (the app's default layout): 2 slots,
+    rank <= 4, batches of up to 4 samples, one adapter each."""
+    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
+    from tests.test_render_engine import ATTN
+
+    return AdapterSlots(pipe, SlotConfig(num_slots=2, max_rank=4, max_batch=4, max_adapters=1, text_targets=(), unet_targets=tuple(ATTN)))
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_shared_graph_serves_every_padded_batch_with_one_compile(tmp_path, shared):
     """``shared_graph``: the UNet's batch dimension is traced dynamic, so the graph compiled at the
@@ -264,7 +273,6 @@ def test_shared_graph_serves_every_padded_batch_with_one_compile(tmp_path, share
     equal the uncompiled step loop's. Without it, the next size compiles again."""
     from rayimg.models.tiny import build_tiny_sd
     from rayimg.render.adapters import load_lora_file
-    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
     from rayimg.render.stepper import SlotAdapters
     from tests.test_render_engine import ATTN, make_lora
 
@@ -275,8 +283,7 @@ def test_shared_graph_serves_every_padded_batch_with_one_compile(tmp_path, share
 
     def batcher(compiled: bool) -> StepBatcher:
         engine = Engine(build_tiny_sd(0))
-        slots = AdapterSlots(engine.pipe, SlotConfig(num_slots=2, max_rank=4, max_batch=4, max_adapters=1, text_targets=(),
-                                                     unet_targets=tuple(ATTN)))
+        slots = attention_slots(engine.pipe)
         if compiled:
             engine.pipe.unet.compile(backend=counting, dynamic=False)  # as the engine compiles it
         return StepBatcher(engine, max_batch=4, pad_to=(1, 2, 4), adapters=SlotAdapters(slots, pairs), output="latent",
@@ -315,13 +322,12 @@ def test_slot_math_keeps_a_dynamic_batch_through_inductor(tmp_path):
     and matches the eager block."""
     from rayimg.models.tiny import build_tiny_sd
     from rayimg.render.adapters import load_lora_file
-    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
     from tests.test_render_engine import ATTN, make_lora
 
     torch.manual_seed(0)
     pipe = build_tiny_sd(0)
     lora = load_lora_file(make_lora(tmp_path / "a", "sd", 1, rank=4, alpha=8, unet_targets=ATTN), name="a")
-    slots = AdapterSlots(pipe, SlotConfig(num_slots=2, max_rank=4, max_batch=4, max_adapters=1, text_targets=(), unet_targets=tuple(ATTN)))
+    slots = attention_slots(pipe)
     a, none = slots.acquire([(lora, 0.8)]), slots.acquire([])
     block = pipe.unet.down_blocks[1].attentions[0]
     channels, cross = pipe.unet.config.block_out_channels[1], pipe.unet.config.cross_attention_dim
