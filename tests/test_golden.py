@@ -1,18 +1,28 @@
-"""Golden outputs: byte-identical PNGs, output keys, loss values and exported weights.
+"""Golden outputs: PNGs, output keys, loss values and exported weights.
 
 Written before the engine/training/registry refactor and kept after it: any change to the
-default numerics (or to the bytes the jobs write) shows up here. The expected digests live in
+default numerics (or to what the jobs write) shows up here. The expected values live in
 ``tests/golden.json``; ``RAYIMG_WRITE_GOLDEN=1 pytest tests/test_golden.py`` rewrites them (only
 for a change that is meant to alter outputs, said so in the commit).
+
+Keys, PNG metadata and the weights' layout must match exactly. Pixels, losses and weight values
+must match within float noise: float32 kernels round differently on different CPUs (AVX2 and
+AVX-512 machines give PNGs that differ by a level in a few pixels), so a byte-identical PNG
+passes at once and any other must have every 8×8 block's mean within ``BLOCK_TOL`` levels.
+Kernels of other instruction sets move a block by at most 0.14 levels here; a LoRA scale of
+0.78 instead of 0.8 moves one by 1.3.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -31,27 +41,66 @@ from tests.test_render_engine import ATTN, TEXT, make_lora
 GOLDEN = Path(__file__).with_name("golden.json")
 WRITE = os.environ.get("RAYIMG_WRITE_GOLDEN") == "1"
 SIZE = 64
+BLOCK = 8  # pixels per side of the blocks whose means are kept
+BLOCK_TOL = 0.5  # levels (of 255) a block's mean may move between CPUs (seen: up to 0.14, float8)
+LOSS_RTOL = 1e-5
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-7
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def safetensors_digest(path: Path) -> str:
-    """sha256 of a safetensors file's content: metadata and every tensor (name, dtype, shape,
-    bytes) in sorted order. The file's own bytes are not stable: safetensors writes its metadata
-    from a hash map, in an order that changes from process to process."""
+def safetensors_digest(path: Path) -> dict:
+    """A safetensors file's layout (metadata and every tensor's name, dtype and shape, in sorted
+    order: the file's own bytes are not stable, safetensors writes its metadata from a hash map)
+    and each tensor's L2 norm, in the same order."""
     from safetensors import safe_open
 
-    h = hashlib.sha256()
+    h, norms = hashlib.sha256(), []
     with safe_open(str(path), framework="pt") as f:
         h.update(json.dumps(f.metadata() or {}, sort_keys=True).encode())
         for key in sorted(f.keys()):
             tensor = f.get_tensor(key)
             h.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
-            tensor = tensor.contiguous().reshape(-1)
-            h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return h.hexdigest()
+            norms.append(float(f"{tensor.double().norm().item():.7g}"))
+    return {"layout": h.hexdigest(), "norms": norms}
+
+
+def image_digest(key: str, png: bytes) -> dict:
+    """The output key, the PNG's sha256, its text chunks' sha256 and its 8×8 block means."""
+    image = Image.open(io.BytesIO(png))
+    info = {k: v for k, v in image.info.items() if isinstance(v, str)}
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    h, w, c = pixels.shape
+    blocks = pixels.reshape(h // BLOCK, BLOCK, w // BLOCK, BLOCK, c).mean(axis=(1, 3))
+    return {"key": key, "png": sha(png), "info": sha(json.dumps(info, sort_keys=True).encode()),
+            "blocks": " ".join(f"{v:.2f}" for v in blocks.reshape(-1))}
+
+
+def mismatch(expected, got) -> str | None:
+    """Why ``got`` is not ``expected`` (see the module doc for what must match exactly), or None."""
+    if isinstance(expected, dict) and isinstance(got, dict) and "blocks" in expected:
+        for field in ("key", "info"):
+            if expected[field] != got.get(field):
+                return f"{field} changed"
+        if expected["png"] == got.get("png"):
+            return None
+        a, b = (np.array([float(v) for v in d["blocks"].split()]) for d in (expected, got))
+        if a.shape != b.shape:
+            return f"image size changed ({a.size} blocks, now {b.size})"
+        worst = float(np.abs(a - b).max())
+        return None if worst <= BLOCK_TOL else f"pixels changed: an 8×8 block's mean moved {worst:.2f} levels (allowed {BLOCK_TOL})"
+    if isinstance(expected, dict) and isinstance(got, dict) and "norms" in expected:
+        if expected["layout"] != got.get("layout"):
+            return "layout changed (metadata, tensor names, dtypes or shapes)"
+        ok = all(math.isclose(x, y, rel_tol=WEIGHT_RTOL, abs_tol=WEIGHT_ATOL) for x, y in zip(expected["norms"], got["norms"]))
+        return None if ok else "weights changed: " + ", ".join(
+            f"#{i} {x:g} -> {y:g}" for i, (x, y) in enumerate(zip(expected["norms"], got["norms"]))
+            if not math.isclose(x, y, rel_tol=WEIGHT_RTOL, abs_tol=WEIGHT_ATOL))[:1000]
+    if isinstance(expected, float) and isinstance(got, float):
+        return None if math.isclose(expected, got, rel_tol=LOSS_RTOL) else f"{expected!r} -> {got!r}"
+    return None if expected == got else f"{expected!r} -> {got!r}"
 
 
 def check(section: str, got: dict) -> None:
@@ -62,7 +111,9 @@ def check(section: str, got: dict) -> None:
         return
     assert section in golden, f"no golden values for {section!r}: run with RAYIMG_WRITE_GOLDEN=1 once"
     expected = golden[section]
-    diff = {k: (expected.get(k), got.get(k)) for k in sorted(set(expected) | set(got)) if expected.get(k) != got.get(k)}
+    missing = sorted(set(expected) ^ set(got))
+    assert not missing, f"{section}: outputs added or gone: {missing}"
+    diff = {k: why for k in sorted(expected) if (why := mismatch(expected[k], got[k]))}
     assert not diff, f"{section}: outputs changed: {json.dumps(diff, indent=1)[:4000]}"
 
 
@@ -78,13 +129,13 @@ def req(**kw) -> GenerationRequest:
     return GenerationRequest(**{**base, **kw})
 
 
-def png_digest(image, request: GenerationRequest, model_id: str, model_hash: str, numerics: str | None = None) -> str:
+def png_digest(image, request: GenerationRequest, model_id: str, model_hash: str, numerics: str | None = None) -> dict:
     params = request.params()
     if numerics:
         params["numerics"] = numerics
     key = output_key(model_id, model_hash, [{"name": n, "version": v, "scale": s} for n, v, s in request.adapters], params)
     png = png_bytes(image, {"rayimg:key": key, "rayimg:model": model_id, "parameters": request.params()}, 1)
-    return f"{key}:{sha(png)}"
+    return image_digest(key, png)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +155,7 @@ def adapters(tmp_path_factory):
 def test_golden_renders(tmp_path, adapters):
     """txt2img (three schedulers), two LoRAs with scales (attention, conv, feed-forward and text-encoder
     layers), a textual-inversion token, img2img, ControlNet, a batched call, the stream path
-    (pending output, PNGs through Renderer) and the CPU float8 engine: keys and PNG bytes."""
+    (pending output, PNGs through Renderer) and the CPU float8 engine: keys, PNG metadata and pixels."""
     got = {}
     loaded = load_model(ModelConfig(pretrained="rayimg-tiny-sd", device="cpu", cache_dir=str(tmp_path / "models")))
     mid, mhash = loaded.model_id, loaded.model_hash
@@ -143,19 +194,19 @@ def test_golden_render_stream_and_fp8(tmp_path):
     batches = [[req(seed=s), req(seed=s + 1, prompt="a yellow circle")] for s in (1, 3)]
     for b, out in enumerate(renderer.render_stream(batches)):
         for i, (image, _) in enumerate(out):
-            got[f"stream/{b}/{i}"] = f"{image.key}:{sha(image.png)}"
+            got[f"stream/{b}/{i}"] = image_digest(image.key, image.png)
     fp8 = Renderer(cfg, EngineConfig(fp8=True))
     for i, image in enumerate(fp8.render([req(seed=5)])):
-        got[f"fp8/{i}"] = f"{image.key}:{sha(image.png)}"
+        got[f"fp8/{i}"] = image_digest(image.key, image.png)
     xl = Renderer(ModelConfig(pretrained="rayimg-tiny-sdxl", device="cpu", cache_dir=str(tmp_path / "models")))
     for i, image in enumerate(xl.render([req(seed=9, steps=2)])):
-        got[f"sdxl/{i}"] = f"{image.key}:{sha(image.png)}"
+        got[f"sdxl/{i}"] = image_digest(image.key, image.png)
     check("stream", got)
 
 
 def test_golden_lora_training_run(ray_cluster, tmp_path):
     """A short LoRA run through the train job (Ray Train, 2 CPU workers, from a prepared cache):
-    every loss value and the exported weights, byte for byte."""
+    every loss value and the exported weights (layout exactly, values within float noise)."""
     from rayimg.run.prepare import run as prepare
     from rayimg.run.train import run as train
 
@@ -173,7 +224,7 @@ def test_golden_lora_training_run(ray_cluster, tmp_path):
     })
     result = train(job)
     adapter = tmp_path / "registry" / "adapters" / "golden" / "1"
-    got = {f"loss/{i}": repr(float(x)) for i, x in enumerate(result["losses"])}
+    got = {f"loss/{i}": float(x) for i, x in enumerate(result["losses"])}
     for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors"):
         if (adapter / name).exists():
             got[f"weights/{name}"] = safetensors_digest(adapter / name)

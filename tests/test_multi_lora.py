@@ -20,9 +20,9 @@ from tests.test_render_engine import ATTN, TEXT, make_lora
 
 SIZE = 64
 STEPS = 2
-# Latents are O(1); a batch of several samples differs from one alone by ~1e-5 in float32 on CPU
+# Latents are O(1); a batch of several samples differs from one alone by 1e-5 to 2e-5 in float32 on CPU
 # (kernels block differently by batch size), LoRA or not.
-TOL = dict(rtol=1e-5, atol=1e-5)
+TOL = dict(rtol=1e-5, atol=3e-5)
 
 
 @pytest.fixture(scope="module", autouse=True)
