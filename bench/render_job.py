@@ -167,7 +167,7 @@ def main(argv=None) -> dict:
         rows_file.write_text("".join(json.dumps({"id": f"{name}-{i:05d}", "prompt": p, "seed": 1000 + i}) + "\n"
                                      for i, p in enumerate(common.prompts(n))))
         cfg = job_config(out=str(work / f"out-{name}"), rows_file=rows_file, keep_warm_s=120.0 if args.keep_warm and address else 0.0, **kw)
-        runs[name] = run_job(cfg, work / f"{name}.yaml", common.out_dir() / f"render_job_{name}.log", timeout=240 if smoke else timeout,
+        runs[name] = run_job(cfg, work / f"{name}.yaml", common.out_dir() / f"render_job_{name}.log", timeout=600 if smoke else timeout,
                              **({"RAY_ADDRESS": address, **CLUSTER_ENV} if address else {}))
         common.log("render_job", f"{name}: {json.dumps(runs[name])}")
         if args.json:  # what is measured so far, in case the call is cut before the end

@@ -50,7 +50,7 @@ def main(argv=None) -> Path:
         with open(out / f"{name}.log", "w") as log:
             try:
                 rc = subprocess.run(cmd, cwd=common.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    timeout=300 if args.smoke else TIMEOUT_S[name]).returncode
+                                    timeout=900 if args.smoke else TIMEOUT_S[name]).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
         h = common.json.loads(part.read_text()) if part.is_file() else {"name": name}

@@ -433,7 +433,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-app", action="store_true", help="measure only what comes before the app (--mixed-step, the reference)")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="seconds from the start by which every phase should be done; a phase that would not be is skipped, a level's "
-                         "sending is cut short (GPU default 560: one 10-minute device call, less bench/run.py's margin; smoke 280)")
+                         "sending is cut short (GPU default 560: one 10-minute device call, less bench/run.py's margin; smoke 840, inside bench/run.py's 900 s)")
     ap.add_argument("--max-batch-size", type=int, default=4, help="http.max_batch_size and batching.max_batch (the step loop's batch)")
     ap.add_argument("--options", default="", help="engine speed options of the app and the reference: compile,cudagraphs,fuse_qkv,channels_last,compile_vae,fp8")
     ap.add_argument("--ref-batch", type=int, default=None, help="the reference stream's batch (default --max-batch-size; issue 22 compares "
@@ -477,7 +477,7 @@ def main(argv=None) -> dict:
     n_single = (5 if real else 2) if args.single is None else args.single
     ref_batch = args.ref_batch or args.max_batch_size
     ref_calls = args.ref_calls or (6 if real else 3)
-    deadline_s = (560.0 if real else 280.0) if args.deadline_s is None else args.deadline_s
+    deadline_s = (560.0 if real else 840.0) if args.deadline_s is None else args.deadline_s
     options = {o for o in args.options.split(",") if o}
     env = common.device_info(device)
     pad_to = (int_list(ap, "--pad-to", args.pad_to) if args.pad_to

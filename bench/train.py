@@ -134,11 +134,11 @@ def main(argv=None) -> dict:
 
     overrides = job_overrides(model_dir=model_dir, cache=cache, work=work, batch=batch, steps=steps, smoke=smoke)
     with common.GpuSampler() as gpu:
-        ours = run_job(overrides, common.out_dir() / "train_job.log", timeout=240 if smoke else 480)
+        ours = run_job(overrides, common.out_dir() / "train_job.log", timeout=600 if smoke else 480)
     common.log("train", f"job: {ours['images_per_s']} images/s (windows {ours['windows_images_per_s']}) in {ours['wall_s']}s")
     ref = {"skipped": True} if args.skip_reference else run_reference(
         model_dir=model_dir, data_dir=data_dir, work=work, batch=batch, resolution=resolution,
-        warmup=1 if smoke else 3, steps=3 if smoke else 10, timeout=240 if smoke else 300)
+        warmup=1 if smoke else 3, steps=3 if smoke else 10, timeout=600 if smoke else 300)
     common.log("train", f"reference: {ref}")
     details = {"batch": batch, "resolution": resolution, "job_steps": steps, "setup_s": round(setup_s, 1), "job": ours, "reference_run": ref,
                "gpu_samples": gpu.summary()}

@@ -31,9 +31,11 @@ def pytest_collection_modifyitems(config, items):
 # Background jobs. A test module may name long, self-contained subprocesses in a module-level
 # ``BACKGROUND_JOBS = {name: spec}``, where ``spec(workdir) -> (argv, env, cwd)`` (the demo: ~3
 # minutes with its own Ray cluster; the bench smoke runs). Once the session's tests are collected,
-# they run one after another at the lowest CPU priority beside the other tests, which leave the
-# CPUs idle most of the time (Ray and process start-ups, HTTP waits); their modules run last and
-# get each result from the ``background`` fixture, which starts a job at once if it has not begun.
+# they run one after another at a low CPU priority (nice 10: about a tenth of a busy CPU) beside
+# the other tests, which leave the CPUs idle much of the time (Ray and process start-ups, HTTP
+# waits); their modules run last and get each result from the ``background`` fixture, which starts
+# a job at once if it has not begun. Not the idle class (SCHED_IDLE): on a busy 2-core machine it
+# starved a job's Ray start-up past Ray's fixed 30 s wait for its raylet.
 class Background:
     """One background subprocess; ``result(timeout)`` waits for it: (returncode, stdout, stderr)."""
 
@@ -52,10 +54,7 @@ class Background:
         group = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self.out, stderr=self.err, **group)
         if nice:  # before it starts anything (Python's start-up alone takes longer); its children inherit it
-            try:  # runs only while a CPU would otherwise idle
-                os.sched_setscheduler(self.proc.pid, os.SCHED_IDLE, os.sched_param(0))
-            except (AttributeError, OSError):
-                os.setpriority(os.PRIO_PROCESS, self.proc.pid, 19)
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, 10)
 
     def result(self, timeout: float) -> tuple[int, str, str]:
         import subprocess

@@ -27,19 +27,21 @@ BACKGROUND_JOBS = {"bench_render_serve_prepare": _bench_job("render,render_job,s
 
 def run_bench(background, name):
     run = background.job(name)
-    rc, stdout, stderr = run.result(timeout=600)
+    rc, stdout, stderr = run.result(timeout=1200)
     assert rc == 0, stdout[-3000:] + stderr[-3000:]
     [path] = Path(run.workdir).glob("*-smoke-cpu.json")
     return json.loads(path.read_text())
 
 
 def check_headline(h, *, reference=True):
-    assert "error" not in h, h
+    assert "error" not in h, f"{h.get('name')}: {h['error']}\n" + "\n".join(h.get("log_tail", []))
     for key in ("name", "figure", "reference", "ratio", "device", "date", "command"):
         assert key in h, key
+    why = f"{h['name']}: reference {h['reference'].get('what')!r}, skipped {h['details'].get('skip_reasons')}, failed {h['details'].get('failed')}"
     assert h["figure"]["unit"] == h["reference"]["unit"] == "images/s"
-    assert math.isfinite(h["figure"]["value"]) and h["figure"]["value"] > 0
+    assert h["figure"]["value"] is not None and math.isfinite(h["figure"]["value"]) and h["figure"]["value"] > 0, why
     if reference:
+        assert h["reference"]["value"] is not None, why
         assert math.isfinite(h["reference"]["value"]) and h["reference"]["value"] > 0
         assert math.isfinite(h["ratio"]) and h["ratio"] > 0
         assert h["ratio"] == pytest.approx(h["figure"]["value"] / h["reference"]["value"], rel=1e-2)
