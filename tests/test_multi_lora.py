@@ -342,6 +342,13 @@ def test_slot_manager_lru_pins_and_refusals(loras):
     with pytest.raises(LoraError, match="2 rows"):
         slots.set_batch([pb], guidance=False)
         render(pipe, request)
+    # A compiled UNet's caller checks each call's rows outside the graph, with the same error.
+    slots.check_rows("unet", 1)
+    with pytest.raises(LoraError, match=r"unet call got 2 rows but the batch set has 1 rows"):
+        slots.check_rows("unet", 2)
+    slots.set_batch([pb], guidance=True)
+    slots.check_rows("unet", 2)
+    slots.check_rows("text_encoder", 1)
     slots.release(pb)
     with pytest.raises(LoraError, match="no batch is set"):
         render(pipe, request)

@@ -512,6 +512,13 @@ class AdapterSlots:
             self._copy_rows(rows, torch.cat([index, index]) if doubled else index, torch.cat([scale, scale]) if doubled else scale)
         self._batch = list(samples)
 
+    def check_rows(self, component: str, rows: int) -> None:
+        """Raise :class:`LoraError` unless ``component``'s next call, of ``rows`` rows, matches the
+        batch set. A compiled component cannot check inside its graph without pinning the batch
+        size: its caller checks here, before each call."""
+        if component in self.rows:
+            self.rows[component].verify("call", rows)
+
     @staticmethod
     def _copy_rows(rows: Rows, index: torch.Tensor, scale: torch.Tensor) -> None:
         full_index = torch.zeros(rows.index.shape, dtype=torch.long, pin_memory=rows.index.is_cuda)

@@ -33,14 +33,18 @@ class Rows:
 
     def check(self, module: nn.Module, rows: int) -> None:
         """Eager calls only: traced, comparing the batch with a Python int would specialise the
-        graph's batch dimension (one graph per batch size even with a dynamic batch); compiled
-        callers set the rows of each call (:class:`~rayimg.render.stepper.StepBatcher` does by
-        construction)."""
+        graph's batch dimension (one graph per batch size even with a dynamic batch). Compiled
+        callers check each call's rows before it, outside the graph (:meth:`verify`, through
+        :meth:`AdapterSlots.check_rows`, as :class:`~rayimg.render.stepper.StepBatcher` does)."""
         if torch.compiler.is_compiling():
             return
+        self.verify(f"module {type(module).__name__}", rows)
+
+    def verify(self, what: str, rows: int) -> None:
+        """Raise :class:`LoraError` unless ``rows`` is the row count set for the next call."""
         if rows != self.count:
-            what = "no batch is set" if self.count < 0 else f"the batch set has {self.count} rows"
-            raise LoraError(f"adapter slots: {self.component} module {type(module).__name__} got {rows} rows but {what}; "
+            have = "no batch is set" if self.count < 0 else f"the batch set has {self.count} rows"
+            raise LoraError(f"adapter slots: {self.component} {what} got {rows} rows but {have}; "
                             f"call AdapterSlots.set_batch with this call's samples (guidance=True when the UNet batch is doubled)")
 
 

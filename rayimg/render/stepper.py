@@ -21,8 +21,9 @@ mixed batch equals the same request rendered alone up to kernel rounding.
 
 ``adapters``: per-sample LoRA, e.g. :class:`SlotAdapters` over
 :class:`~rayimg.render.multi_lora.AdapterSlots`: ``acquire(request)`` when a request starts (its
-handle), ``release(handle)`` when it ends, ``select(handles, guidance)`` before each UNet call (one
-handle per sample, padding included) and ``encode(request, handle, encode)`` around its prompt
+handle), ``release(handle)`` when it ends, ``select(handles, guidance, rows)`` before each UNet call
+(one handle per sample, padding included; ``rows``: the UNet's batch, which the hook checks
+against what it set) and ``encode(request, handle, encode)`` around its prompt
 encoding. Without it, requests must name no adapters (or the engine's fused set).
 """
 
@@ -407,7 +408,7 @@ class StepBatcher:
             added = {"text_embeds": torch.cat([self._rows(slots, p, "text_embeds", pad) for p in parts]),
                      "time_ids": torch.cat([self._rows(slots, p, "time_ids", pad) for p in parts])}
         if self.adapters is not None:
-            self.adapters.select([s.adapters for s in padded], cfg)
+            self.adapters.select([s.adapters for s in padded], cfg, rows=sample.shape[0])
         t_rows = t_rows.to(sample.device)
         shape = {"mode": "step", "batch": target, "width": slots[0].request.width, "height": slots[0].request.height, "guidance": cfg}
         if self.shared_graph:
@@ -521,8 +522,12 @@ class SlotAdapters:
     def release(self, handle: tuple) -> None:
         self.slots.release(handle[0])
 
-    def select(self, handles: list, guidance: bool) -> None:
+    def select(self, handles: list, guidance: bool, rows: int | None = None) -> None:
+        """Set the next UNet call's adapters; ``rows``: that call's batch, checked here, outside a
+        compiled UNet's graph (inside it, only eager calls check)."""
         self.slots.set_batch([h[0] for h in handles], guidance=guidance)
+        if rows is not None:
+            self.slots.check_rows("unet", rows)
 
     def encode(self, request: GenerationRequest, handle: tuple, encode: Callable[..., dict]) -> dict:
         self.slots.set_batch([handle[0]], guidance=False)  # the text encoders see this request's row
