@@ -39,7 +39,7 @@ def test_committed_model_loads_by_name_and_is_small():
 
 @pytest.fixture(scope="module")
 def adherence():
-    result = measure_adherence(MODEL)
+    result = measure_adherence(MODEL, batch=16)  # 4× faster than one by one; verdicts may differ now and then
     print(f"adherence: colour {result['color_accuracy']:.1%}, shape {result['shape_accuracy']:.1%} over {result['count']}")
     return result
 

@@ -38,10 +38,14 @@ def adherence_grid(colors=tuple(COLORS), shapes=BASE_SHAPES, backgrounds=GRID_BA
 
 
 def measure_adherence(model: str, settings: GridSettings = GridSettings(), grid: list[dict] | None = None,
-                      renderer=None, adapters: tuple = ()) -> dict:
+                      renderer=None, adapters: tuple = (), batch: int = 1) -> dict:
     """Render ``grid`` (default :func:`adherence_grid`) with ``model`` (a name or dir for the
     model loader, or an existing ``renderer``) and judge each picture. Returns the colour and
-    shape accuracies, the count and the per-picture rows (with the judge's verdict)."""
+    shape accuracies, the count and the per-picture rows (with the judge's verdict).
+
+    ``batch`` > 1 renders that many pictures per pipeline call (about 4× faster on a CPU at 16);
+    they differ from pictures rendered one by one in the last bits (a level in a few pixels), so
+    a verdict can differ now and then. The committed model's figures were measured one by one."""
     from rayimg.config import ModelConfig
     from rayimg.render.engine import GenerationRequest
     from rayimg.render.renderer import Renderer
@@ -49,13 +53,20 @@ def measure_adherence(model: str, settings: GridSettings = GridSettings(), grid:
     grid = grid if grid is not None else adherence_grid()
     if renderer is None:
         renderer = Renderer(ModelConfig(pretrained=model, family="sd", dtype="float32", device="cpu"))
+    requests = [GenerationRequest(
+        prompt=row["prompt"], steps=settings.steps, guidance_scale=settings.guidance_scale, width=settings.resolution,
+        height=settings.resolution, scheduler=settings.scheduler, seed=row["seed"], adapters=adapters,
+    ) for row in grid]
+    batch = max(batch, 1)
+    engine = renderer.engine
+    invariant, engine.batch_invariant = engine.batch_invariant, batch == 1
+    try:
+        chunks = [requests[i:i + batch] for i in range(0, len(requests), batch)]
+        images = [image for chunk in chunks for image in (_render_with(renderer, chunk) if adapters else engine.generate(chunk))]
+    finally:
+        engine.batch_invariant = invariant
     rows = []
-    for row in grid:
-        request = GenerationRequest(
-            prompt=row["prompt"], steps=settings.steps, guidance_scale=settings.guidance_scale, width=settings.resolution,
-            height=settings.resolution, scheduler=settings.scheduler, seed=row["seed"], adapters=adapters,
-        )
-        image = renderer.engine.generate([request])[0] if not adapters else _render_with(renderer, request)
+    for row, image in zip(grid, images):
         verdict = judge(image)
         rows.append({**row, "judged_color": verdict.color, "judged_shape": verdict.shape, "image": image})
     n = len(rows)
@@ -68,9 +79,9 @@ def measure_adherence(model: str, settings: GridSettings = GridSettings(), grid:
     }
 
 
-def _render_with(renderer, request):
+def _render_with(renderer, requests):
     import io
 
     from PIL import Image
 
-    return Image.open(io.BytesIO(renderer.render([request])[0].png)).convert("RGB")
+    return [Image.open(io.BytesIO(out.png)).convert("RGB") for out in renderer.render(requests)]
