@@ -82,6 +82,31 @@ def test_guidance_off_waits_for_its_own_group_and_images_decode(engines):
         assert np.abs(np.asarray(slot.image, dtype=np.int16) - ref).max() <= 1
 
 
+def test_a_decode_is_finished_behind_the_next_step(engines):
+    """A sample whose steps end while others run has its decode queued and is finished by the next
+    step, once that step's UNet call is queued (the host takes its pixels while the device runs
+    the step); the last sample is finished at once; a failure while a sample decodes ends the
+    others, and that sample gets its own image."""
+    import numpy as np
+
+    engine = engines["rayimg-tiny-sd"]
+    batcher = StepBatcher(engine, max_batch=4)
+    short, long = batcher.submit(req(seed=11, steps=2)), batcher.submit(req(seed=12, steps=4))
+    assert batcher.step() == [] and batcher.step() == []
+    assert not short.done and [s for s, _ in batcher.decoding] == [short] and batcher.busy
+    assert batcher.step() == [short] and long.step == 3 and not batcher.decoding
+    assert batcher.step() == [long] and not batcher.busy  # nothing else running: finished in its own step
+    for slot in (short, long):
+        ref = np.asarray(engine.generate([slot.request])[0], dtype=np.int16)
+        assert slot.error is None and np.abs(np.asarray(slot.image, dtype=np.int16) - ref).max() <= 1
+        assert slot.timings["decode_s"] > 0
+
+    a, b = batcher.submit(req(seed=13, steps=1)), batcher.submit(req(seed=14, steps=3))
+    assert batcher.step() == [] and [s for s, _ in batcher.decoding] == [a]
+    assert batcher.fail(RuntimeError("stopped")) == [a, b] and not batcher.busy
+    assert a.error is None and a.image.size == (SIZE, SIZE) and "stopped" in str(b.error)
+
+
 def test_padding_and_cancel(engines):
     engine = engines["rayimg-tiny-sd"]
     batcher = StepBatcher(engine, max_batch=4, pad_to=(1, 2, 4), output="latent")

@@ -40,7 +40,7 @@ import torch
 import torch._dynamo
 
 from rayimg.render.multi_lora import SlotsExhausted
-from rayimg.render.output import to_pil
+from rayimg.render.output import to_pending, to_pil
 from rayimg.render.request import GenerationRequest
 from rayimg.render.schedulers import make_scheduler
 
@@ -131,11 +131,14 @@ class StepBatcher:
         self.compile_cache = compile_cache
         self._shapes: set[str] = set()
         self.shared_graph = shared_graph
+        # samples whose decode is queued on the device, with its pixels' copy to the host: each is
+        # finished by the next step, after that step's UNet call is queued behind the decode
+        self.decoding: list[tuple[Slot, Any]] = []
 
     # ------------------------------------------------------------------ queue
     @property
     def busy(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.decoding)
 
     def submit(self, request: GenerationRequest, *, cancelled=None, on_done=None, adapter_weights: list | None = None) -> Slot:
         """Queue ``request``; it joins at the next step that has room. ``adapter_weights``: its
@@ -284,8 +287,15 @@ class StepBatcher:
     # ------------------------------------------------------------------ one step of the batch
     @torch.no_grad()
     def step(self) -> list[Slot]:
-        """Admit what fits, run one denoising step of every running sample, decode the samples
-        whose steps are done; returns the slots that finished (or failed, or were cancelled)."""
+        """Admit what fits, run one denoising step of every running sample, queue the decode of
+        the samples whose steps are done; returns the slots that finished (or failed, or were
+        cancelled).
+
+        A decode is queued on the device with an asynchronous copy of its pixels to the host, and
+        its sample is finished by the next step once that step's UNet call is queued: the host
+        waits for the pixels (and makes the PIL image, and runs ``on_done``) while the device
+        runs the next step, instead of the device idling while the host does. When nothing is
+        left running, the decodes are finished at once."""
         finished: list[Slot] = []
         for slot in list(self.running):
             if self._cancelled(slot):
@@ -295,37 +305,58 @@ class StepBatcher:
         admitted, ended = self._admit()
         self.running += admitted
         finished += ended
-        if not self.running:
-            return finished
-        try:
-            self._denoise(self.running)
-        except Exception as e:  # noqa: BLE001 - the whole step failed: every sample in it fails
-            return finished + self.fail(e, waiting=False)
+        if self.running:
+            try:
+                self._denoise(self.running)
+            except Exception as e:  # noqa: BLE001 - the whole step failed: every sample in it fails
+                return finished + self._collect() + self.fail(e, waiting=False)
+        finished += self._collect()  # the previous step's decodes, behind this step's UNet call
         done = [s for s in self.running if s.step >= s.total_steps]
         if done:
             self.running = [s for s in self.running if s.step < s.total_steps]
             for slot in done:
                 self._stamp(slot, "denoised")
-            images = self._decode(done) if self.output == "pil" else [s.latents[0] for s in done]
-            for slot in done:
-                self._stamp(slot, "decoded")
-            for slot, image in zip(done, images):
-                if isinstance(image, BaseException):
-                    self._finish(slot, error=image)
-                else:
-                    self._finish(slot, image=image)
-            finished += done
+            if self.output == "pil":
+                self.decoding = list(zip(done, self._decode(done, pending=True)))
+                for slot in done:
+                    self._stamp(slot, "decoded")  # the GPU's clock; the host's is when the pixels arrive
+            else:
+                for slot in done:
+                    self._stamp(slot, "decoded")
+                    self._finish(slot, image=slot.latents[0])
+                finished += done
+        if not self.running:
+            finished += self._collect()
         return finished
 
+    def _collect(self) -> list[Slot]:
+        """Finish the samples whose decode was queued: each gets its PIL image once its pixels are
+        on the host, or the error that failed its decode."""
+        decoding, self.decoding = self.decoding, []
+        for slot, image in decoding:
+            try:
+                if not isinstance(image, BaseException):
+                    image = image.result()
+            except Exception as e:  # noqa: BLE001 - one bad decode fails its own sample only
+                image = e
+            slot.stamps["decoded"] = time.perf_counter()
+            if isinstance(image, BaseException):
+                self._finish(slot, error=image)
+            else:
+                self._finish(slot, image=image)
+        return [slot for slot, _ in decoding]
+
     def fail(self, error: BaseException, *, waiting: bool = True) -> list[Slot]:
-        """End every running request (and, with ``waiting``, every queued one) with ``error``."""
+        """End every running request (and, with ``waiting``, every queued one) with ``error``;
+        samples already decoding are finished with their own outcome."""
+        decoded = self._collect()
         slots = self.running + (list(self.waiting) if waiting else [])
         self.running = []
         if waiting:
             self.waiting.clear()
         for slot in slots:
             self._finish(slot, error=error)
-        return slots
+        return decoded + slots
 
     # ------------------------------------------------------------------ warm-up
     @torch.no_grad()
@@ -451,22 +482,23 @@ class StepBatcher:
         if first:
             self.compile_cache.after_call(shape)
 
-    def _decode(self, slots: list[Slot]) -> list:
+    def _decode(self, slots: list[Slot], pending: bool = False) -> list:
         """The pipelines' decode of each sample's final latents, one sample per call (one compiled
-        decode graph, however many samples finish together): PIL images, or in its place the
-        exception that failed a sample's decode (the others still decode)."""
+        decode graph, however many samples finish together): PIL images (``pending``:
+        :class:`~rayimg.render.output.PendingImage`, whose pixels are on their way to the host),
+        or in its place the exception that failed a sample's decode (the others still decode)."""
         images = []
         for slot in slots:
             req = slot.request
             try:
                 with self._compiling({"mode": "step-decode", "batch": 1, "width": req.width, "height": req.height},
                                      self.engine.config.compile_vae):
-                    images.append(self._decode_one(slot.latents))
+                    images.append(self._decode_one(slot.latents, pending))
             except Exception as e:  # noqa: BLE001 - one bad decode fails its own sample only
                 images.append(e)
         return images
 
-    def _decode_one(self, latents: torch.Tensor):
+    def _decode_one(self, latents: torch.Tensor, pending: bool = False):
         pipe, vae = self.pipe, self.pipe.vae
         if self.sdxl:
             needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
@@ -489,7 +521,7 @@ class StepBatcher:
         else:
             image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=None)[0]
             image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True])
-        return to_pil(image)[0]
+        return (to_pending(image) if pending else to_pil(image))[0]
 
 
 class SlotAdapters:
