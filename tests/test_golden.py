@@ -94,10 +94,9 @@ def mismatch(expected, got) -> str | None:
     if isinstance(expected, dict) and isinstance(got, dict) and "norms" in expected:
         if expected["layout"] != got.get("layout"):
             return "layout changed (metadata, tensor names, dtypes or shapes)"
-        ok = all(math.isclose(x, y, rel_tol=WEIGHT_RTOL, abs_tol=WEIGHT_ATOL) for x, y in zip(expected["norms"], got["norms"]))
-        return None if ok else "weights changed: " + ", ".join(
-            f"#{i} {x:g} -> {y:g}" for i, (x, y) in enumerate(zip(expected["norms"], got["norms"]))
-            if not math.isclose(x, y, rel_tol=WEIGHT_RTOL, abs_tol=WEIGHT_ATOL))[:1000]
+        moved = [f"#{i} {x:g} -> {y:g}" for i, (x, y) in enumerate(zip(expected["norms"], got["norms"]))
+                 if not math.isclose(x, y, rel_tol=WEIGHT_RTOL, abs_tol=WEIGHT_ATOL)]
+        return "weights changed: " + ", ".join(moved)[:1000] if moved else None
     if isinstance(expected, float) and isinstance(got, float):
         return None if math.isclose(expected, got, rel_tol=LOSS_RTOL) else f"{expected!r} -> {got!r}"
     return None if expected == got else f"{expected!r} -> {got!r}"

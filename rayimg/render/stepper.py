@@ -309,20 +309,20 @@ class StepBatcher:
             try:
                 self._denoise(self.running)
             except Exception as e:  # noqa: BLE001 - the whole step failed: every sample in it fails
-                return finished + self._collect() + self.fail(e, waiting=False)
+                return finished + self.fail(e, waiting=False)  # fail() finishes the decoding samples first
         finished += self._collect()  # the previous step's decodes, behind this step's UNet call
         done = [s for s in self.running if s.step >= s.total_steps]
         if done:
             self.running = [s for s in self.running if s.step < s.total_steps]
             for slot in done:
                 self._stamp(slot, "denoised")
-            if self.output == "pil":
-                self.decoding = list(zip(done, self._decode(done, pending=True)))
-                for slot in done:
-                    self._stamp(slot, "decoded")  # the GPU's clock; the host's is when the pixels arrive
+            images = self._decode(done, pending=True) if self.output == "pil" else None
+            for slot in done:
+                self._stamp(slot, "decoded")  # decoding: the GPU's clock here, the host's when its pixels arrive
+            if images is not None:
+                self.decoding = list(zip(done, images))
             else:
                 for slot in done:
-                    self._stamp(slot, "decoded")
                     self._finish(slot, image=slot.latents[0])
                 finished += done
         if not self.running:
