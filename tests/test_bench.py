@@ -58,6 +58,7 @@ def test_bench_smoke_render_serve_prepare(background):
     assert job["cold"]["first_image_s"] > 0 and job["cold"]["wall_s"] >= job["cold"]["job_s"]
     serve = result["headlines"]["serve"]["details"]
     assert serve["ok"] == serve["requests_sent"] > 0 and not serve["errors"]
+    assert serve["app_warmup_split_s"]["denoise_s"] > 0 and serve["app_warmup_split_s"]["generator_s"] > 0  # one request alone, split
     assert not serve["partial"] and not serve["skipped"] and set(serve["levels"]) == {"2", "3"}
     for clients, level in serve["levels"].items():
         assert level["concurrency"] == int(clients) and level["ok"] == level["requests_sent"] > 0 and not level["errors"]
