@@ -140,10 +140,7 @@ def test_errors_before_any_work(ray_cluster, tmp_path, s3_server):
     src = datasets.imagefolder(tmp_path / "ds", 2, caption_column="caption")
     with pytest.raises(ConfigError, match="data.caption_column='text'"):
         prepare(job(str(src), str(tmp_path / "c")))
-    # a cache built for another model is refused
-    prepare(job(str(src), str(tmp_path / "c"), data={"caption_column": "caption"}))
-    with pytest.raises(CacheError, match="model_id"):
-        prepare(job(str(src), str(tmp_path / "c"), data={"caption_column": "caption"}, model={"pretrained": "rayimg-tiny-sdxl", "device": "cpu"}))
+    # a cache built for another model is refused: checked on test_rerun_skips_finished_items' cache
     # nothing usable at all
     empty = tmp_path / "bad"
     empty.mkdir()
@@ -157,6 +154,9 @@ def test_errors_before_any_work(ray_cluster, tmp_path, s3_server):
 
 
 def test_rerun_skips_finished_items(ray_cluster, tmp_path, capsys):
+    """A second run over a grown dataset encodes only the new items and leaves old shards alone.
+    Its cache (built for rayimg-tiny-sd) also shows that a job for another model is refused before
+    any work (this check used to build a cache of its own in test_errors_before_any_work)."""
     src = datasets.imagefolder(tmp_path / "ds", 10)
     out = tmp_path / "c"
     prepare(job(str(src), str(out)))
@@ -176,3 +176,6 @@ def test_rerun_skips_finished_items(ray_cluster, tmp_path, capsys):
     second = manifest(out)
     assert {it["key"] for it in first} < {it["key"] for it in second}
     assert set(shards_before) <= {p.name for p in (out / "shards").iterdir()}  # old shards untouched
+    # a cache built for another model is refused
+    with pytest.raises(CacheError, match="model_id"):
+        prepare(job(str(src), str(out), model={"pretrained": "rayimg-tiny-sdxl", "device": "cpu"}))

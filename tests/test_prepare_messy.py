@@ -106,6 +106,8 @@ def test_messy_metadata_jsonl_skips_rows_with_their_line(ray_cluster, tmp_path, 
 
 
 def test_metadata_csv_with_broken_records(ray_cluster, tmp_path):
+    """Broken CSV records are skipped with their line. The cache's files also follow the umask of the
+    session cluster's workers and this driver (checked here rather than by a prepare of its own)."""
     src = tmp_path / "ds"
     images = write_images(src, 4, seed=1)
     rows = ["file_name,text"] + [f'{n},"{c}, seen closely"' for n, c in images]
@@ -117,6 +119,7 @@ def test_metadata_csv_with_broken_records(ray_cluster, tmp_path):
     assert [(s["source"], s["line"], s["reason"]) for s in jsonl(tmp_path / "cache" / "skipped.jsonl")] == [
         (meta, 6, "malformed_line"), (meta, 7, "malformed_line"), (meta, 8, "missing_image_path")]
     assert {it["caption"] for it in jsonl(tmp_path / "cache" / "manifest.jsonl")} == {f"{c}, seen closely" for _, c in images}
+    assert_files_follow_umask_in_process(tmp_path / "cache")
 
 
 def test_manifests_on_s3_with_malformed_rows(ray_cluster, storage, s3_bucket, tmp_path):
@@ -202,12 +205,10 @@ def _modes(root) -> dict[str, str]:
     return {str(p.relative_to(root)): oct(p.stat().st_mode & 0o777) for p in sorted(root.rglob("*"))}
 
 
-def test_cache_files_follow_the_umask_in_process(ray_cluster, tmp_path):
+def assert_files_follow_umask_in_process(out) -> None:
     """The session cluster's workers and this driver share the test process's umask (022 here):
-    shards (written by workers), header, manifest, report all get 0o666 & ~umask."""
-    src = datasets.imagefolder(tmp_path / "ds", 4)
-    out = tmp_path / "cache"
-    prepare(job(src, out))
+    shards (written by workers), header, manifest, report all get 0o666 & ~umask. Called on the
+    output of an in-process prepare on the session cluster (test_metadata_csv_with_broken_records)."""
     files = {k: v for k, v in _modes(out).items() if not (out / k).is_dir()}
     assert {"cache.json", "manifest.jsonl", "skipped.jsonl", "report.json"} <= set(files)
     assert any(k.endswith(".safetensors") for k in files)
