@@ -156,7 +156,7 @@ def test_errors_before_any_work(ray_cluster, tmp_path, s3_server):
 def test_rerun_skips_finished_items(ray_cluster, tmp_path, capsys):
     """A second run over a grown dataset encodes only the new items and leaves old shards alone.
     Its cache (built for rayimg-tiny-sd) also shows that a job for another model is refused before
-    any work (this check used to build a cache of its own in test_errors_before_any_work)."""
+    any work."""
     src = datasets.imagefolder(tmp_path / "ds", 10)
     out = tmp_path / "c"
     prepare(job(str(src), str(out)))

@@ -107,7 +107,7 @@ def test_messy_metadata_jsonl_skips_rows_with_their_line(ray_cluster, tmp_path, 
 
 def test_metadata_csv_with_broken_records(ray_cluster, tmp_path):
     """Broken CSV records are skipped with their line. The cache's files also follow the umask of the
-    session cluster's workers and this driver (checked here rather than by a prepare of its own)."""
+    session cluster's workers and this driver."""
     src = tmp_path / "ds"
     images = write_images(src, 4, seed=1)
     rows = ["file_name,text"] + [f'{n},"{c}, seen closely"' for n, c in images]
