@@ -652,7 +652,7 @@ def start_app(job, real: bool, names: list[str], rank: int, details: dict) -> st
     with requests.Session() as session:
         warm = post(session, url, {"prompt": "warm-up", "seed": 1, "adapters": []}, timeout=900)
     if warm["status"] != 200:
-        raise RuntimeError(f"the warm-up request failed: HTTP {warm['status']}")
+        raise RuntimeError(f"the warm-up request failed: {warm['status']}")  # an HTTP status or the client's exception
     details["app_warmup_s"] = round(warm["latency"], 3)
     details["app_warmup_split_s"] = warm["split"]
     common.log("serve", f"warm-up request: {details['app_warmup_s']:.2f}s; split {warm['split']}")
