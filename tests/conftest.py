@@ -12,6 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray's worker pool, for every cluster the tests start (the session's and those of subprocess
+# jobs, which inherit this environment): keep up to 8 idle workers for 10 minutes instead of
+# killing those above num_cpus after 1 s. A worker that ran a Ray Data task has imported Ray Data,
+# pyarrow and torch (seconds of CPU each on a 2-core machine); reused, the next stage or job skips
+# that start-up instead of starting a fresh process.
+os.environ.setdefault("RAY_num_workers_soft_limit", "8")
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "600000")
 
 
 def pytest_collection_modifyitems(config, items):
