@@ -1,6 +1,8 @@
 """Quiet, useful logs, over the real CLI in subprocesses: a tiny train job (2 CPU workers, 6 steps)
 and a tiny prepare job print one progress line per interval, each once, no progress bars or
-library chatter from inside workers, and their summary line; the whole output stays short."""
+library chatter from inside workers, and their summary line; the whole output stays short. The
+prepare job runs under umask 002, which its own Ray cluster's workers inherit: its cache files
+are group-writable."""
 
 from __future__ import annotations
 
@@ -35,13 +37,14 @@ def ray_tmp():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def rayimg(args: list[str], ray_tmp: Path, timeout: float = 600) -> list[str]:
-    """Run ``python -m rayimg.cli ARGS`` on a local Ray cluster of its own; its stdout and stderr
-    together, as lines without colour codes. Fails on a non-zero exit."""
+def rayimg(args: list[str], ray_tmp: Path, timeout: float = 600, umask: int | None = None) -> list[str]:
+    """Run ``python -m rayimg.cli ARGS`` on a local Ray cluster of its own (under ``umask`` if
+    given); its stdout and stderr together, as lines without colour codes. Fails on a non-zero exit."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     result = subprocess.run([sys.executable, "-m", "rayimg.cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, timeout=timeout)
+                            stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                            preexec_fn=None if umask is None else (lambda: os.umask(umask)))
     lines = [ANSI.sub("", line) for line in result.stdout.splitlines() if line.strip()]
     assert result.returncode == 0, "\n".join(lines[-40:])
     return lines
@@ -85,7 +88,7 @@ def test_tiny_prepare_job_prints_each_progress_line_once(tmp_path, ray_tmp):
         "data: {source: jobs/data/crosses, format: imagefolder}\n"
         "transforms: {resolution: 64}\n"
         f"cache: {{output: {tmp_path / 'cache'}, shard_size: 4, batch_size: 4}}\n")
-    lines = rayimg(["prepare", "--config", str(tmp_path / "prepare.yaml")], ray_tmp)
+    lines = rayimg(["prepare", "--config", str(tmp_path / "prepare.yaml")], ray_tmp, umask=0o002)
     # Our own lines: the job, a progress line per 5 s (one or two on 8 rows) and the summary (4);
     # Ray's token-auth notice and its one error-level line about the encoder actor's restarts;
     # 10 leaves room for a Ray warning worth reading.
@@ -95,3 +98,10 @@ def test_tiny_prepare_job_prints_each_progress_line_once(tmp_path, ray_tmp):
     for line in progress:
         assert re.search(r"[\d.]+ rows/s", line) and ("ETA" in line or line.startswith("[prepare] 8/8")), line
     assert any(line.startswith("[prepare] done: 8 row(s) read, 8 kept") for line in bare), "\n".join(lines)
+    # umask 002: files 0664 and directories 0775, the shards written by the job's workers included
+    cache = tmp_path / "cache"
+    modes = {str(p.relative_to(cache)): (p.is_dir(), oct(p.stat().st_mode & 0o777)) for p in sorted(cache.rglob("*"))}
+    files = {k: m for k, (is_dir, m) in modes.items() if not is_dir}
+    assert any(k.endswith(".safetensors") for k in files) and "manifest.jsonl" in files, modes
+    assert set(files.values()) == {"0o664"}, files
+    assert {m for is_dir, m in modes.values() if is_dir} <= {"0o775"}, modes

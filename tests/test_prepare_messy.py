@@ -5,11 +5,7 @@ names never collide; nothing usable is exit 2 naming the dataset; files get the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-import pytest
 import torch
 
 from rayimg.cli import main as cli
@@ -213,22 +209,3 @@ def assert_files_follow_umask_in_process(out) -> None:
     assert {"cache.json", "manifest.jsonl", "skipped.jsonl", "report.json"} <= set(files)
     assert any(k.endswith(".safetensors") for k in files)
     assert set(files.values()) == {oct(0o666 & ~current_umask())}, files
-
-
-@pytest.mark.parametrize("umask", [0o002])
-def test_cache_files_follow_the_umask_of_a_job(tmp_path, umask):
-    """A `rayimg prepare` process started under umask 002 (its own local Ray cluster, whose
-    workers inherit the umask) writes group-writable files: 0664, directories 0775."""
-    src = datasets.imagefolder(tmp_path / "ds", 4)
-    out = tmp_path / "cache"
-    env = {**os.environ}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "rayimg.cli", *cli_args(src, out, "cluster.num_cpus=1")],
-                          env=env, capture_output=True, text=True, timeout=400, preexec_fn=lambda: os.umask(umask))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    modes = _modes(out)
-    files = {k: v for k, v in modes.items() if not (out / k).is_dir()}
-    dirs = {k: v for k, v in modes.items() if (out / k).is_dir()}
-    assert any(k.endswith(".safetensors") for k in files) and "manifest.jsonl" in files
-    assert set(files.values()) == {oct(0o666 & ~umask)}, files
-    assert set(dirs.values()) == {oct(0o777 & ~umask)}, dirs
