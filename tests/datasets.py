@@ -1,4 +1,5 @@
-"""Small captioned datasets made by the tests (seeded), in every layout prepare reads."""
+"""Small captioned datasets made by the tests (seeded), in every layout prepare reads; and the
+file modes of what a job wrote."""
 
 from __future__ import annotations
 
@@ -74,3 +75,12 @@ def broken_files() -> dict[str, bytes]:
         "document.png": b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n",
         "small.png": tiny.getvalue(),
     }
+
+
+def file_modes(root: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(files, directories) under ``root``: each path relative to it -> its permission bits as
+    ``oct()`` gives them ('0o664')."""
+    files, dirs = {}, {}
+    for p in sorted(Path(root).rglob("*")):
+        (dirs if p.is_dir() else files)[str(p.relative_to(root))] = oct(p.stat().st_mode & 0o777)
+    return files, dirs

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import datasets
+
 REPO = Path(__file__).resolve().parents[1]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 WORKER_PREFIX = re.compile(r"^\((\w+) pid=\d+(?:, ip=[\d.]+)?\)\s?")
@@ -100,8 +102,7 @@ def test_tiny_prepare_job_prints_each_progress_line_once(tmp_path, ray_tmp):
     assert any(line.startswith("[prepare] done: 8 row(s) read, 8 kept") for line in bare), "\n".join(lines)
     # umask 002: files 0664 and directories 0775, the shards written by the job's workers included
     cache = tmp_path / "cache"
-    modes = {str(p.relative_to(cache)): (p.is_dir(), oct(p.stat().st_mode & 0o777)) for p in sorted(cache.rglob("*"))}
-    files = {k: m for k, (is_dir, m) in modes.items() if not is_dir}
-    assert any(k.endswith(".safetensors") for k in files) and "manifest.jsonl" in files, modes
+    files, dirs = datasets.file_modes(cache)
+    assert any(k.endswith(".safetensors") for k in files) and "manifest.jsonl" in files, files
     assert set(files.values()) == {"0o664"}, files
-    assert {m for is_dir, m in modes.values() if is_dir} <= {"0o775"}, modes
+    assert set(dirs.values()) == {"0o775"}, dirs

@@ -197,15 +197,11 @@ def test_nothing_usable_is_exit_2_naming_the_dataset(ray_cluster, tmp_path, caps
     assert len(jsonl(tmp_path / "c2" / "skipped.jsonl")) == 5
 
 
-def _modes(root) -> dict[str, str]:
-    return {str(p.relative_to(root)): oct(p.stat().st_mode & 0o777) for p in sorted(root.rglob("*"))}
-
-
 def assert_files_follow_umask_in_process(out) -> None:
     """The session cluster's workers and this driver share the test process's umask (022 here):
     shards (written by workers), header, manifest, report all get 0o666 & ~umask. Called on the
     output of an in-process prepare on the session cluster (test_metadata_csv_with_broken_records)."""
-    files = {k: v for k, v in _modes(out).items() if not (out / k).is_dir()}
+    files, _ = datasets.file_modes(out)
     assert {"cache.json", "manifest.jsonl", "skipped.jsonl", "report.json"} <= set(files)
     assert any(k.endswith(".safetensors") for k in files)
     assert set(files.values()) == {oct(0o666 & ~current_umask())}, files
