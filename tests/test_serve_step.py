@@ -93,7 +93,12 @@ def test_mixed_adapters_share_steps_and_match_fused_alone(step_app, tmp_path):
 
 
 def test_requests_the_loop_does_not_take_use_the_fused_path(step_app):
+    """They render with their adapters fused into the weights, and the step loop's requests after
+    (and beside) them render on the base weights again: the same request gives the same image."""
     url, _ = step_app
+    plain = {"prompt": "green grass", "seed": 9}
+    before = requests.post(f"{url}/v1/generate", json=plain, timeout=300)
+    assert before.status_code == 200, before.text[:300]
     three = {"prompt": "a red square", "seed": 7, "adapters": [{"name": "sa"}, {"name": "sb"}, {"name": "sc"}]}
     init = Image.new("RGB", (64, 64), (200, 30, 30))
     buf = io.BytesIO()
@@ -103,10 +108,14 @@ def test_requests_the_loop_does_not_take_use_the_fused_path(step_app):
     with ThreadPoolExecutor(3) as pool:
         a = pool.submit(requests.post, f"{url}/v1/generate", json=three, timeout=300)
         b = pool.submit(requests.post, f"{url}/v1/img2img", json=img2img, timeout=300)
-        c = pool.submit(requests.post, f"{url}/v1/generate", json={"prompt": "green grass", "seed": 9}, timeout=300)
+        c = pool.submit(requests.post, f"{url}/v1/generate", json=plain, timeout=300)
         results = [a.result(), b.result(), c.result()]
     assert [r.status_code for r in results] == [200, 200, 200], [r.text[:300] for r in results]
     assert metric(url, "rayimg_adapter_swaps_total") >= 1  # the three-adapter request and img2img were fused
+    after = requests.post(f"{url}/v1/generate", json=plain, timeout=300)
+    assert after.status_code == 200, after.text[:300]
+    for response in (results[2], after):  # no adapter fused for the other requests leaks into them
+        assert np.abs(image_of(response.json()) - image_of(before.json())).max() <= 2
 
 
 def test_replica_warms_up_its_step_loop_when_it_compiles(tmp_path, caplog):

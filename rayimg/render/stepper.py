@@ -297,6 +297,11 @@ class StepBatcher:
         runs the next step, instead of the device idling while the host does. When nothing is
         left running, the decodes are finished at once."""
         finished: list[Slot] = []
+        if self.adapters is not None and self.engine.adapter_identity:
+            # adapters fused into the weights by the engine's own path (img2img, sets the slots
+            # cannot hold) would be added to every sample here and in the prompt encodes below:
+            # the slots apply each sample's adapters to the base weights
+            self.engine.set_adapters([])
         for slot in list(self.running):
             if self._cancelled(slot):
                 self.running.remove(slot)
