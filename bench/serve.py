@@ -293,7 +293,10 @@ def single_requests(url: str, n: int, adapter: str) -> dict:
         results = [post(s, url, {"prompt": f"a blue square, single {i}", "seed": 20_000 + i,
                                  "adapters": [{"name": adapter, "scale": 0.8}] if i % 2 else []}, timeout=600) for i in range(n)]
     lat = [r["latency"] for r in results if r["status"] == 200]
+    by_kind = {kind: [r["latency"] for i, r in enumerate(results) if r["status"] == 200 and bool(i % 2) == with_adapter]
+               for kind, with_adapter in (("no_adapter", False), ("adapter", True))}
     return {"n": n, "ok": len(lat), "errors": errors_of(results), "p50": round(common.percentile(lat, 50), 3) if lat else None,
+            **{f"p50_{kind}": round(common.percentile(x, 50), 3) if x else None for kind, x in by_kind.items()},
             "min": round(min(lat), 3) if lat else None, "max": round(max(lat), 3) if lat else None, "split_median_s": split_medians(results),
             "latencies": [{"adapter": r["adapters"], "s": round(r["latency"], 3), "status": r["status"], "split": r.get("split", {})}
                           for r in results]}
@@ -444,6 +447,8 @@ def main(argv=None) -> dict:
                     "takes requests (default: the powers of two below --max-batch-size, and it); each costs a cold compile")
     ap.add_argument("--shared-graph", action="store_true", help="batching.shared_graph: one step graph for every --pad-to size (the batch "
                                                                   "dimension dynamic), compiled once; CUDA graphs still recorded per size")
+    ap.add_argument("--no-fuse-alone", action="store_true", help="batching.fuse_alone off: a request alone in the step loop runs on the "
+                                                                  "adapter slots instead of the base step with its adapters fused")
     ap.add_argument("--slot-targets", default=None,
                     help="batching.slot_targets: comma list of UNet module names given adapter slots, or 'all' (every type adapters "
                          "may target); default: what the published adapters record (their attention projections)")
@@ -504,7 +509,7 @@ def main(argv=None) -> dict:
                  "max_ongoing_requests": 8, "max_queued_requests": 4 * max(levels) + 8, "request_timeout_s": 600.0},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         "batching": {"mode": args.batching, "max_batch": args.max_batch_size,
-                     "pad_to": pad_to, "slot_targets": slot_targets, "shared_graph": args.shared_graph,
+                     "pad_to": pad_to, "slot_targets": slot_targets, "shared_graph": args.shared_graph, "fuse_alone": not args.no_fuse_alone,
                      "num_slots": 16, "max_rank": rank},
         "adapter_cache": {"disk_dir": str(tmp / "adapter-cache"), "cpu_max_adapters": 16, "gpu_max_adapters": 4, "refresh_s": 30.0},
         "num_cpus_per_replica": 1.0 if real else 0.5, "num_gpus_per_replica": 1.0 if real else 0.0, "num_cpus_ingress": 0.25,
@@ -512,7 +517,7 @@ def main(argv=None) -> dict:
 
     details = {"adapters": len(names), "zipf_s": args.zipf, "rank": rank, "size": size, "steps": steps, "options": sorted(options),
                "compile_cache": args.compile_cache or None, "slot_targets": slot_targets or list(TARGETS),
-               "batching": args.batching, "max_batch_size": args.max_batch_size, "pad_to": pad_to, "shared_graph": args.shared_graph, "concurrency_levels": levels, "requests_per_level": counts,
+               "batching": args.batching, "max_batch_size": args.max_batch_size, "pad_to": pad_to, "shared_graph": args.shared_graph, "fuse_alone": not args.no_fuse_alone, "concurrency_levels": levels, "requests_per_level": counts,
                "mixed_adapter_step": None, "reference_measure": None, "reference_batch": None if args.skip_reference else ref_batch,
                "single_request_s": None, "levels": {}}
     partial_path = Path(args.json) if args.json else (common.out_dir() if real else tmp) / "serve_partial.json"
@@ -567,9 +572,16 @@ def main(argv=None) -> dict:
         if url and n_single:
             if phases.fits("single", estimate.single(n_single)):
                 with phases("single"):
+                    before = counters(url)
                     details["single_request_s"] = single_requests(url, n_single, names[0])
+                    after = counters(url)
+                    swaps = after.get("rayimg_adapter_swaps_total", 0.0) - before.get("rayimg_adapter_swaps_total", 0.0)
+                    seconds = after.get("rayimg_adapter_swap_seconds_total", 0.0) - before.get("rayimg_adapter_swap_seconds_total", 0.0)
+                    details["single_request_s"].update(adapter_swaps=int(swaps), mean_swap_ms=round(1000 * seconds / max(swaps, 1), 2))
                 s = details["single_request_s"]
-                common.log("serve", f"single requests: p50 {s['p50']} s, min {s['min']} s, max {s['max']} s; split (medians) {s['split_median_s']}")
+                common.log("serve", f"single requests: p50 {s['p50']} s (no adapter {s['p50_no_adapter']} s, adapter {s['p50_adapter']} s), "
+                                    f"min {s['min']} s, max {s['max']} s; {s['adapter_swaps']} swaps, mean {s['mean_swap_ms']} ms; "
+                                    f"split (medians) {s['split_median_s']}")
         rng = random.Random(args.seed)
         weights = zipf_weights(len(names), args.zipf)
         for li, (clients, n_requests) in enumerate(zip(levels, counts)):

@@ -148,7 +148,7 @@ class GeneratorBase:
         logger.info("rayimg step loop: adapter slots on the UNet's %s modules (%d modules, %.0f MiB a slot)",
                     ", ".join(self.slots.config.unet_targets), self.slots.num_modules, self.slots.row_nbytes / 2**20)
         batcher = StepBatcher(self.renderer.engine, max_batch=b.max_batch, pad_to=tuple(b.pad_to), adapters=SlotAdapters(self.slots),
-                              compile_cache=self.renderer.compile_cache, shared_graph=b.shared_graph)
+                              compile_cache=self.renderer.compile_cache, shared_graph=b.shared_graph, fuse_alone=b.fuse_alone)
         compiled = self.renderer.engine.config.compile or self.renderer.engine.config.compile_vae
         d = self.job.defaults
 
@@ -428,7 +428,9 @@ class GeneratorBase:
         self.counters["seq"] += 1
         self.counters["image_cache_rejected"] = self.images.rejected
         steps = dict(self.step_loop.stats) if self.step_loop is not None else {}
-        counters = {**self.counters, "cancelled": self.counters["cancelled"] + steps.get("cancelled", 0)}
+        counters = {**self.counters, "cancelled": self.counters["cancelled"] + steps.get("cancelled", 0),
+                    "swaps": self.counters["swaps"] + steps.get("swaps", 0),
+                    "swap_seconds": self.counters["swap_seconds"] + steps.get("swap_s", 0.0)}
         return {"replica": self.replica, "store": self.store.stats.as_dict(), "tiers": self.store.tier_sizes(), "step_loop": steps, **counters}
 
 

@@ -63,7 +63,10 @@ def test_bench_smoke_render_serve_prepare(background):
     for clients, level in serve["levels"].items():
         assert level["concurrency"] == int(clients) and level["ok"] == level["requests_sent"] > 0 and not level["errors"]
     assert serve["levels"]["2"]["images_per_s"] == pytest.approx(result["headlines"]["serve"]["figure"]["value"], rel=1e-3)
-    assert serve["single_request_s"]["ok"] == 2 and serve["single_request_s"]["p50"] > 0
+    single = serve["single_request_s"]
+    assert single["ok"] == 2 and single["p50"] > 0 and single["p50_no_adapter"] > 0 and single["p50_adapter"] > 0
+    # alone in the step loop, the adapter request has its adapter fused (batching.fuse_alone): one swap
+    assert single["adapter_swaps"] == 1 and single["mean_swap_ms"] > 0
     assert serve["mixed_adapter_step"]["slot_load_ms_warm"] > 0 and serve["mixed_adapter_step"]["ratio"] > 0
     assert set(serve["phases"]) == {"mixed_step", "reference", "app", "single", "level 2", "level 3"}
 

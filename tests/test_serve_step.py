@@ -146,10 +146,11 @@ def test_replica_warms_up_its_step_loop_when_it_compiles(tmp_path, caplog):
     finally:
         logger.removeHandler(caplog.handler)
     looked_up = [e["key"]["shape"] for e in warm.renderer.compile_cache_status if e["action"] == "cold"]
-    assert [(s["mode"], s["batch"], s.get("guidance")) for s in looked_up] == [
-        ("step", 1, True), ("step", 2, True), ("step", 4, True), ("step-decode", 1, None)]  # 3 samples pad to 4; 8 unused
+    assert [(s["mode"], s["batch"], s.get("guidance"), s.get("slots")) for s in looked_up] == [
+        ("step", 1, True, "passthrough"), ("step", 2, True, None), ("step", 4, True, None),
+        ("step-decode", 1, None, None)]  # 3 samples pad to 4; 8 unused; one alone runs the base model's step (fuse_alone)
     assert all((s["width"], s["height"]) == (64, 64) for s in looked_up)  # serve_job's defaults
-    assert warm.step_loop.stats == {"steps": 0, "unet_rows": 0, "samples": 0, "joined_running": 0, "cancelled": 0}
+    assert warm.step_loop.stats == {"steps": 0, "unet_rows": 0, "samples": 0, "joined_running": 0, "swaps": 0, "swap_s": 0.0, "cancelled": 0}
     assert not any(warm.slots._pins) and not warm.step_loop.batcher.busy
     [record] = [r for r in caplog.records if "warmed up" in r.getMessage()]
     assert record.threadName == "rayimg-step-loop"  # where the steps record their CUDA graphs

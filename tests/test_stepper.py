@@ -172,6 +172,63 @@ def test_mixed_adapters_join_running_batch_and_match_fused_alone(tmp_path):
         torch.testing.assert_close(s.image, alone(fused, s.request), rtol=0, atol=1e-4)
 
 
+def test_a_lone_sample_renders_with_its_adapters_fused_and_a_join_restores_the_slots(tmp_path):
+    """``fuse_alone``: a request alone at batch 1 runs the base step with its UNet adapters fused
+    (the slotted modules compute their base output only); when a request with other adapters
+    joins, the base weights come back and both run on the slots; the survivor, alone again, gets
+    its own adapters fused. Each image equals the request rendered alone with its adapters fused.
+    An adapter with text-encoder layers keeps the slots (no swap), and so does a lone sample padded
+    above batch 1."""
+    from rayimg.models.tiny import build_tiny_sd
+    from rayimg.render.adapters import load_lora_file
+    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
+    from rayimg.render.stepper import SlotAdapters
+    from tests.test_render_engine import ATTN, TEXT, make_lora
+
+    files = {"a": make_lora(tmp_path / "a", "sd", 1, rank=4, alpha=8, unet_targets=ATTN),
+             "b": make_lora(tmp_path / "b", "sd", 2, rank=2, alpha=2, unet_targets=["to_k", "to_v"]),
+             "t": make_lora(tmp_path / "t", "sd", 3, rank=4, alpha=4, unet_targets=ATTN, text_targets=TEXT, text_alpha=1)}
+    weights = {n: load_lora_file(p, name=n) for n, p in files.items()}
+
+    def pairs(identity):
+        return [(weights[name], scale) for name, _version, scale in identity]
+
+    engine = Engine(build_tiny_sd(0))
+    slots = AdapterSlots(engine.pipe, SlotConfig(num_slots=2, max_rank=4, max_batch=4, max_adapters=1))
+    batcher = StepBatcher(engine, max_batch=4, pad_to=(1, 2, 4), adapters=SlotAdapters(slots, pairs), output="latent", fuse_alone=True)
+    slot_rows, hook = rows_seen(engine.pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_k)
+    a = req(seed=1, steps=5, adapters=[("a", "1", 0.8)])
+    b = req("a blue circle", seed=2, steps=2, adapters=[("b", "1", 1.0)])
+    try:
+        done, _ = run(batcher, {0: [a], 2: [b]})  # a alone (2 steps), a + b (2 steps), a alone (1 step)
+    finally:
+        hook.remove()
+    assert all(s.error is None for s in done), [s.error for s in done]
+    # fuse a, restore for the shared steps, fuse a again for its last step alone
+    assert batcher.stats["swaps"] == 3 and batcher.stats["swap_s"] > 0
+    assert engine.adapter_identity == (("a", "1", 0.8),) and slots.rows["unet"].passthrough
+    assert slot_rows == [2, 2, 4, 4, 2]  # the module ran at each step (guidance: two rows a sample, padded to 2)
+    fused = Engine(build_tiny_sd(0))
+    for s in done:
+        fused.set_adapters(pairs(s.request.adapters), s.request.adapters)
+        torch.testing.assert_close(s.image, alone(fused, s.request), rtol=0, atol=1e-4)
+
+    # the next step with slots restores the base weights first
+    plain = req("green grass", seed=4, steps=2)
+    joined, _ = run(batcher, {0: [plain, req(seed=5, steps=2, adapters=[("b", "1", 0.5)])]})
+    assert engine.adapter_identity == () and not slots.rows["unet"].passthrough and batcher.stats["swaps"] == 4
+    fused.set_adapters([])
+    torch.testing.assert_close(joined[0].image, alone(fused, plain), rtol=0, atol=1e-4)
+
+    text = req(seed=6, steps=2, adapters=[("t", "1", 1.0)])
+    for pad_to, request in (((1, 2, 4), text), ((2, 4), a)):
+        kept = StepBatcher(engine, max_batch=4, pad_to=pad_to, adapters=SlotAdapters(slots, pairs), output="latent", fuse_alone=True)
+        [lone], _ = run(kept, {0: [request]})
+        assert lone.error is None and kept.stats["swaps"] == 0 and engine.adapter_identity == ()
+        fused.set_adapters(pairs(request.adapters), request.adapters)
+        torch.testing.assert_close(lone.image, alone(fused, request), rtol=0, atol=1e-4)
+
+
 def rows_seen(module: torch.nn.Module) -> tuple[list[int], object]:
     """The batch rows of each forward of ``module`` (a list filled in place) and the hook's handle."""
     rows: list[int] = []

@@ -36,6 +36,10 @@ class BatchingConfig:
                                           "(slot_targets naming conv layers) pin the batch, and each size compiles as when off. The "
                                           "one graph takes about twice as long to compile as one per-size graph, so it pays from "
                                           "three sizes on; its step time against per-size graphs is not yet measured")
+    fuse_alone: bool = field(True, doc="step mode: a step with one request in it, run at batch 1 (pad_to holds 1), renders with "
+                                       "that request's adapters fused into the UNet weights and the base model's step instead of "
+                                       "the adapter slots' per-sample products; the next step with more requests restores the base "
+                                       "weights (one adapter swap each way). Adapters that touch the text encoders keep the slots")
     warm_up: bool = field(True, doc="at replica start, compile (or load from the compile cache) the step loop's graphs for every "
                                     "pad_to size at the default width/height and guidance, so no request waits on a compile; "
                                     "only with engine.compile or engine.compile_vae")

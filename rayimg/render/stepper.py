@@ -41,7 +41,7 @@ import torch._dynamo
 
 from rayimg.render.multi_lora import SlotsExhausted
 from rayimg.render.output import to_pending, to_pil
-from rayimg.render.request import GenerationRequest
+from rayimg.render.request import GenerationRequest, canonical_adapters
 from rayimg.render.schedulers import make_scheduler
 
 __all__ = ["StepBatcher", "Slot", "SlotAdapters", "compat_key", "padded_size"]
@@ -109,11 +109,18 @@ class StepBatcher:
     graph serves every padded batch size. With CUDA graphs torch still records one graph per size.
     Adapter slots on convolutions run a grouped convolution whose group count is the batch, which
     inductor specialises: with those, each size compiles its own graph as without the option.
+    ``fuse_alone`` (with ``adapters`` that support it, as :class:`SlotAdapters` does): a step with a
+    single sample that runs at batch 1 (``pad_to`` empty or holding 1) runs the base model's graph
+    with that sample's adapters fused into the UNet weights (the engine's
+    :meth:`~rayimg.render.engine.Engine.set_adapters`) and the slots passed through, instead of the
+    per-sample slot products; the first step with more samples restores the base weights. Each
+    change of the fused set is one swap (``stats["swaps"]``, ``stats["swap_s"]``). A sample whose
+    adapters touch the text encoders keeps the slots (fusing would change later prompt encodes).
     Single-threaded: one thread calls :meth:`submit` and :meth:`step` (a server wraps it).
     """
 
     def __init__(self, engine, *, max_batch: int = 8, pad_to: tuple[int, ...] = (), adapters=None, output: str = "pil",
-                 compile_cache=None, shared_graph: bool = False):
+                 compile_cache=None, shared_graph: bool = False, fuse_alone: bool = False):
         if max_batch < 1:
             raise ValueError(f"max_batch: must be >= 1, got {max_batch}")
         self.engine = engine
@@ -127,10 +134,13 @@ class StepBatcher:
         self.waiting: deque[Slot] = deque()
         self.running: list[Slot] = []
         self.sdxl = engine.family == "sdxl"
-        self.stats = {"steps": 0, "unet_rows": 0, "samples": 0, "joined_running": 0}
+        self.stats = {"steps": 0, "unet_rows": 0, "samples": 0, "joined_running": 0, "swaps": 0, "swap_s": 0.0}
         self.compile_cache = compile_cache
         self._shapes: set[str] = set()
         self.shared_graph = shared_graph
+        self.fuse_alone = fuse_alone and adapters is not None and hasattr(adapters, "fusable")
+        self._fused_here: tuple = ()  # the adapter set this batcher fused (fuse_alone), while the engine holds it
+        self._slots_off = False  # the next UNet call runs with the slots passed through (fuse_alone)
         # samples whose decode is queued on the device, with its pixels' copy to the host: each is
         # finished by the next step, after that step's UNet call is queued behind the decode
         self.decoding: list[tuple[Slot, Any]] = []
@@ -297,11 +307,11 @@ class StepBatcher:
         runs the next step, instead of the device idling while the host does. When nothing is
         left running, the decodes are finished at once."""
         finished: list[Slot] = []
-        if self.adapters is not None and self.engine.adapter_identity:
+        if self.adapters is not None and self.engine.adapter_identity and self.engine.adapter_identity != self._fused_here:
             # adapters fused into the weights by the engine's own path (img2img, sets the slots
             # cannot hold) would be added to every sample here and in the prompt encodes below:
             # the slots apply each sample's adapters to the base weights
-            self.engine.set_adapters([])
+            self._fuse((), ())
         for slot in list(self.running):
             if self._cancelled(slot):
                 self.running.remove(slot)
@@ -312,6 +322,7 @@ class StepBatcher:
         finished += ended
         if self.running:
             try:
+                self._set_weights(self.running)
                 self._denoise(self.running)
             except Exception as e:  # noqa: BLE001 - the whole step failed: every sample in it fails
                 return finished + self.fail(e, waiting=False)  # fail() finishes the decoding samples first
@@ -413,6 +424,30 @@ class StepBatcher:
         return {"width": width, "height": height, "guidance": self.engine.prompts.uses_cfg(request), "unet_batches": sizes,
                 "decode": output == "pil", "seconds": time.perf_counter() - start}
 
+    def _set_weights(self, slots: list[Slot]) -> None:
+        """fuse_alone: a lone sample at batch 1 gets its adapters fused and the slots passed
+        through; any other step gets the base weights and the slots."""
+        if not self.fuse_alone:
+            return
+        alone = None
+        if len(slots) == 1 and padded_size(1, self.pad_to) == 1:
+            alone = self.adapters.fusable(slots[0].adapters)
+        if alone is not None:
+            self._fuse(*alone)
+        elif self.engine.adapter_identity:
+            self._fuse((), ())
+        self._slots_off = alone is not None
+        self.adapters.passthrough(self._slots_off)
+
+    def _fuse(self, pairs, identity) -> None:
+        """Make ``identity`` (with its ``(weights, scale)`` ``pairs``) the engine's fused set."""
+        if canonical_adapters(identity) != self.engine.adapter_identity:
+            began = time.perf_counter()
+            self.engine.set_adapters(list(pairs), list(identity))
+            self.stats["swaps"] += 1
+            self.stats["swap_s"] += time.perf_counter() - began
+        self._fused_here = self.engine.adapter_identity if pairs else ()
+
     def _rows(self, slots: list[Slot], part: str, name: str, pad: int) -> torch.Tensor:
         tensors = [s.embeds[part][name] for s in slots]
         return torch.cat(tensors + tensors[-1:] * pad)
@@ -443,10 +478,12 @@ class StepBatcher:
         if self.sdxl:
             added = {"text_embeds": torch.cat([self._rows(slots, p, "text_embeds", pad) for p in parts]),
                      "time_ids": torch.cat([self._rows(slots, p, "time_ids", pad) for p in parts])}
-        if self.adapters is not None:
+        if self.adapters is not None and not self._slots_off:
             self.adapters.select([s.adapters for s in padded], cfg, rows=sample.shape[0])
         t_rows = t_rows.to(sample.device)
         shape = {"mode": "step", "batch": target, "width": slots[0].request.width, "height": slots[0].request.height, "guidance": cfg}
+        if self._slots_off:
+            shape["slots"] = "passthrough"  # the base model's graph (fuse_alone), not the slotted one
         if self.shared_graph:
             if sample.shape[0] > 1:  # one compile-cache entry for every size (the sizes after the first compile nothing);
                 shape["batch"] = "shared"  # a single UNet row (batch 1 without guidance) is always traced static
@@ -548,13 +585,26 @@ class SlotAdapters:
                 "unet_targets": list(c.unet_targets), "text_targets": list(c.text_targets)}
 
     def acquire(self, request: GenerationRequest, pairs: list | None = None) -> tuple:
-        """``(pinned slots, whether they touch the text encoders)``."""
+        """``(pinned slots, whether they touch the text encoders, (weights, scale) pairs, the
+        request's adapter identity)``."""
         if pairs is None:
             if request.adapters and self.weights_for is None:
                 raise ValueError(f"adapters: no weights given for {list(request.adapters)}")
             pairs = self.weights_for(request.adapters) if request.adapters else []
         text = any(modules for weights, _ in pairs for component, modules in weights.layers.items() if component != "unet")
-        return self.slots.acquire(pairs), text
+        return self.slots.acquire(pairs), text, list(pairs), tuple(request.adapters)
+
+    def fusable(self, handle: tuple) -> tuple | None:
+        """``(pairs, identity)`` to fuse this sample's adapters into the weights in place of its
+        slots (:meth:`StepBatcher._set_weights`); None when they touch the text encoders."""
+        _, text, pairs, identity = handle
+        if text or len(pairs) != len(identity):
+            return None
+        return pairs, identity
+
+    def passthrough(self, on: bool) -> None:
+        """The slotted modules compute their base output only (``on``) or add the slots' products."""
+        self.slots.set_passthrough(on)
 
     def release(self, handle: tuple) -> None:
         self.slots.release(handle[0])
