@@ -163,7 +163,27 @@ def engine_bulk_rate(job, real: bool, *, batch: int, calls: int, device: str) ->
     return out
 
 
-def mixed_adapter_step(job, real: bool, *, rank: int, device: str, warm_rounds: int = 2) -> dict:
+def kernel_profile(fn, calls: int = 2, top: int = 25) -> dict:
+    """Device time of ``calls`` calls of ``fn`` under torch.profiler: the total per call and the
+    ``top`` kernels (or ops, on a CPU) by self time per call, in milliseconds."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = sorted(((e.key, getattr(e, attr) / 1000 / calls, e.count // calls) for e in prof.key_averages() if getattr(e, attr) > 0),
+                  key=lambda r: -r[1])
+    return {"ms_per_call": round(sum(r[1] for r in rows), 3),
+            "top": [{"name": name[:120], "ms": round(ms, 3), "count": count} for name, ms, count in rows[:top]]}
+
+
+def mixed_adapter_step(job, real: bool, *, rank: int, device: str, warm_rounds: int = 2, profile: bool = False) -> dict:
     """One UNet step of ``batching.max_batch`` samples (CFG: twice the rows) with the app's engine
     settings: the base UNet, then the same batch with as many different adapters in AdapterSlots
     laid out as the app's (``serving.generator.slot_config``), called as the step loop calls the
@@ -205,6 +225,7 @@ def mixed_adapter_step(job, real: bool, *, rank: int, device: str, warm_rounds: 
                  return_dict=False)
 
     base = common.measure(step, warmup=warmup, calls=calls, device=device)
+    profiles = {"base": kernel_profile(step)} if profile else None
     shapes = lora_shapes(unet)
     slots = AdapterSlots(pipe, slot_config(job.batching, job.batching.slot_targets or TARGETS))  # the app's: what the adapters record
     weights = [lora_from_state_dict(random_lora(shapes, rank, 100 + i), name=f"a{i}", fingerprint=f"{i:064d}", unet_config=unet.config).to(device)
@@ -221,6 +242,8 @@ def mixed_adapter_step(job, real: bool, *, rank: int, device: str, warm_rounds: 
     pinned = [p for p, _ in cold]
     slots.set_batch(pinned, guidance=True)
     mixed = common.measure(step, warmup=warmup, calls=calls, device=device)
+    if profile:
+        profiles["mixed"] = kernel_profile(step)
     warm_ms = []
     for _ in range(warm_rounds):
         for p in pinned:
@@ -239,7 +262,7 @@ def mixed_adapter_step(job, real: bool, *, rank: int, device: str, warm_rounds: 
             "base_warmup_s": base["warmup_s"], "mixed_warmup_s": mixed["warmup_s"],
             "slot_load_ms_incl_first_image": round(statistics.mean(cold_ms), 2), "slot_load_ms_cold_max": round(max(cold_ms), 2),
             "slot_load_ms_warm": round(statistics.median(warm_ms), 3), "slot_load_ms_warm_max": round(max(warm_ms), 3), "warm_loads": len(warm_ms),
-            "slot_row_mib": round(slots.row_nbytes / 2**20, 1), "slot_bytes": slots.nbytes}
+            "slot_row_mib": round(slots.row_nbytes / 2**20, 1), "slot_bytes": slots.nbytes, "profile": profiles}
 
 
 # --------------------------------------------------------------------------- the load
@@ -457,6 +480,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--mixed-step", action="store_true", help="also time one UNet step of --max-batch-size samples with as many different "
                                                                 "adapters against the base step, and the slot loads (before the app starts; "
                                                                 "always with --smoke)")
+    ap.add_argument("--profile", action="store_true", help="with --mixed-step: the device time of the base and the mixed step by "
+                                                           "kernel (torch.profiler), top kernels in the JSON")
     ap.add_argument("--compile-cache", default="", help="engine.compile_cache of the app and the reference: a dir or s3:// prefix that "
                     "a later run (a new replica, the next call on the same machine) loads its compiled graphs from (default: none, all cold)")
     ap.add_argument("--seed", type=int, default=0)
@@ -506,7 +531,7 @@ def main(argv=None) -> dict:
         "limits": {"max_width": size, "max_height": size, "max_steps": steps, "max_num_images": 1},
         "engine": engine,
         "http": {"host": "127.0.0.1", "port": port, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": 0.02,
-                 "max_ongoing_requests": 8, "max_queued_requests": 4 * max(levels) + 8, "request_timeout_s": 600.0},
+                 "max_ongoing_requests": max(8, args.max_batch_size), "max_queued_requests": 4 * max(levels) + 8, "request_timeout_s": 600.0},
         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         "batching": {"mode": args.batching, "max_batch": args.max_batch_size,
                      "pad_to": pad_to, "slot_targets": slot_targets, "shared_graph": args.shared_graph, "fuse_alone": not args.no_fuse_alone,
@@ -544,7 +569,7 @@ def main(argv=None) -> dict:
     if args.mixed_step or args.smoke:
         if phases.fits("mixed_step", estimate.mixed_step()):
             with phases("mixed_step"):
-                details["mixed_adapter_step"] = mixed_adapter_step(job, real, rank=rank, device=device)
+                details["mixed_adapter_step"] = mixed_adapter_step(job, real, rank=rank, device=device, profile=args.profile)
                 free_device(device)  # its models are gone with its frame
             common.log("serve", f"mixed-adapter step: {json.dumps(details['mixed_adapter_step'])}")
     if args.skip_reference:
