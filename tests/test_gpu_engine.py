@@ -161,9 +161,10 @@ def test_pending_calls_decode_on_their_own_stream_with_the_same_pixels():
 
 def step_loop_against_fused_alone(tmp_path, *, device: str, dtype: str, engine_cfg: EngineConfig):
     """The serving step loop as a replica runs it (per-sample adapter slots, padded batch sizes,
-    warmed up first): mixed-adapter requests that join a running batch, against each request
-    rendered alone with its adapters fused on an eager engine. Returns (relative errors, graphs
-    compiled after the warm-up, the batcher's stats)."""
+    ``fuse_alone``, warmed up first): a request alone (its adapters fused into the weights), then
+    mixed-adapter requests that join the running batch (the base weights restored, the slots in
+    use), against each request rendered alone with its adapters fused on an eager engine.
+    Returns (relative errors, graphs compiled after the warm-up, the batcher's stats)."""
     import torch._dynamo
 
     from rayimg.render.adapters import load_lora_file
@@ -183,15 +184,15 @@ def step_loop_against_fused_alone(tmp_path, *, device: str, dtype: str, engine_c
 
     engine = Engine(pipe, engine_cfg)
     slots = AdapterSlots(pipe, SlotConfig(num_slots=4, max_rank=4, max_batch=4, max_adapters=2))
-    batcher = StepBatcher(engine, max_batch=4, pad_to=(1, 2, 4), adapters=SlotAdapters(slots, pairs), output="latent")
+    batcher = StepBatcher(engine, max_batch=4, pad_to=(1, 2, 4), adapters=SlotAdapters(slots, pairs), output="latent", fuse_alone=True)
     batcher.warm_up(64, 64)
     torch._dynamo.utils.counters.clear()
 
     def req(prompt, seed, steps, adapters=()):
         return GenerationRequest(prompt=prompt, steps=steps, width=64, height=64, guidance_scale=5.0, seed=seed, adapters=tuple(adapters))
 
-    schedule = {0: [req("a red square", 1, 4, [("a", "1", 0.8)]), req("a blue circle", 2, 5)],
-                2: [req("a blue circle", 3, 3, [("a", "1", 1.0), ("b", "1", 0.5)]), req("a red square", 4, 4, [("b", "1", 1.0)])]}
+    schedule = {0: [req("a red square", 1, 6, [("a", "1", 0.8)])], 2: [req("a blue circle", 2, 5)],
+                4: [req("a blue circle", 3, 3, [("a", "1", 1.0), ("b", "1", 0.5)]), req("a red square", 4, 4, [("b", "1", 1.0)])]}
     submitted, step = [], 0
     while batcher.busy or any(k >= step for k in schedule):
         submitted += [batcher.submit(r) for r in schedule.get(step, [])]
@@ -213,9 +214,11 @@ def test_compiled_step_loop_with_adapter_slots_matches_fused_alone(tmp_path):
     """The serve replica's step loop with the render speed settings (compile with CUDA graphs,
     fused QKV, channels-last, float8 linears, compiled VAE): after its warm-up, mixed-adapter
     requests that join mid-run compile nothing more, and each is close to the same request
-    rendered alone by an eager bf16 engine with its adapters fused (float8's tolerance, as above)."""
+    rendered alone by an eager bf16 engine with its adapters fused (float8's tolerance, as above).
+    A request alone renders with its adapters fused into the weights the graphs read in place."""
     settings = EngineConfig(compile=True, compile_mode="reduce-overhead", fuse_qkv=True, channels_last=True, fp8=True, compile_vae=True)
     errors, compiled_after, stats = step_loop_against_fused_alone(tmp_path, device="cuda", dtype="bfloat16", engine_cfg=settings)
     assert compiled_after == 0, compiled_after
-    assert stats["joined_running"] == 2 and stats["samples"] > stats["steps"], stats
+    assert stats["joined_running"] == 3 and stats["samples"] > stats["steps"], stats
+    assert stats["swaps"] >= 2, stats  # the first request's adapters fused while alone, the base weights back when one joined
     assert all(0 <= e < 0.15 for e in errors), errors
