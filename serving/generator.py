@@ -199,7 +199,7 @@ class GeneratorBase:
         start = time.perf_counter()
         png = await asyncio.to_thread(self._png, request, slot.image)
         timings = {**slot.timings, "png_s": round(time.perf_counter() - start, 4)}
-        return {"png": png, "batch_size": round(slot.batched / max(slot.step, 1), 2), "swap_s": 0.0, "engine_s": engine_s, "timings": timings}
+        return {"png": png, "batch_size": round(slot.batched / max(slot.step, 1), 2), "swap_s": round(slot.swap_s, 4), "engine_s": engine_s, "timings": timings}
 
     def model_identity(self) -> dict:
         """What adapters are checked against: the model's family, id and content hash."""

@@ -116,6 +116,11 @@ def test_requests_the_loop_does_not_take_use_the_fused_path(step_app):
     assert after.status_code == 200, after.text[:300]
     for response in (results[2], after):  # no adapter fused for the other requests leaks into them
         assert np.abs(image_of(response.json()) - image_of(before.json())).max() <= 2
+    # alone in the loop, a request renders with its adapter fused (batching.fuse_alone) and reports the swap it waited for
+    swaps = metric(url, "rayimg_adapter_swaps_total")
+    lone = requests.post(f"{url}/v1/generate", json={"prompt": "a red square", "seed": 10, "adapters": [{"name": "sb"}]}, timeout=300)
+    assert lone.status_code == 200 and lone.json()["timings"]["swap_s"] > 0, lone.text[:300]
+    assert metric(url, "rayimg_adapter_swaps_total") == swaps + 1
 
 
 def test_replica_warms_up_its_step_loop_when_it_compiles(tmp_path, caplog):

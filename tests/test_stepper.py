@@ -206,6 +206,7 @@ def test_a_lone_sample_renders_with_its_adapters_fused_and_a_join_restores_the_s
     assert all(s.error is None for s in done), [s.error for s in done]
     # fuse a, restore for the shared steps, fuse a again for its last step alone
     assert batcher.stats["swaps"] == 3 and batcher.stats["swap_s"] > 0
+    assert done[0].swap_s > 0 and done[1].swap_s > 0  # a waited for all three swaps, b for the restore when it joined
     assert engine.adapter_identity == (("a", "1", 0.8),) and slots.rows["unet"].passthrough
     assert slot_rows == [2, 2, 4, 4, 2]  # the module ran at each step (guidance: two rows a sample, padded to 2)
     fused = Engine(build_tiny_sd(0))

@@ -70,6 +70,7 @@ class Slot:
     error: BaseException | None = None
     step: int = 0  # denoising steps done
     batched: int = 0  # samples in the UNet calls of its steps, summed (mean batch = batched / step)
+    swap_s: float = 0.0  # seconds its steps waited for adapter swaps (fuse_alone)
     # running state
     scheduler: Any = None
     timesteps: Any = None
@@ -311,7 +312,7 @@ class StepBatcher:
             # adapters fused into the weights by the engine's own path (img2img, sets the slots
             # cannot hold) would be added to every sample here and in the prompt encodes below:
             # the slots apply each sample's adapters to the base weights
-            self._fuse((), ())
+            self._fuse((), (), self.running)
         for slot in list(self.running):
             if self._cancelled(slot):
                 self.running.remove(slot)
@@ -433,19 +434,23 @@ class StepBatcher:
         if len(slots) == 1 and padded_size(1, self.pad_to) == 1:
             alone = self.adapters.fusable(slots[0].adapters)
         if alone is not None:
-            self._fuse(*alone)
+            self._fuse(*alone, slots)
         elif self.engine.adapter_identity:
-            self._fuse((), ())
+            self._fuse((), (), slots)
         self._slots_off = alone is not None
         self.adapters.passthrough(self._slots_off)
 
-    def _fuse(self, pairs, identity) -> None:
-        """Make ``identity`` (with its ``(weights, scale)`` ``pairs``) the engine's fused set."""
+    def _fuse(self, pairs, identity, waiting: list[Slot]) -> None:
+        """Make ``identity`` (with its ``(weights, scale)`` ``pairs``) the engine's fused set;
+        the swap's time is added to each of the ``waiting`` slots."""
         if canonical_adapters(identity) != self.engine.adapter_identity:
             began = time.perf_counter()
             self.engine.set_adapters(list(pairs), list(identity))
+            seconds = time.perf_counter() - began
             self.stats["swaps"] += 1
-            self.stats["swap_s"] += time.perf_counter() - began
+            self.stats["swap_s"] += seconds
+            for slot in waiting:
+                slot.swap_s += seconds
         self._fused_here = self.engine.adapter_identity if pairs else ()
 
     def _rows(self, slots: list[Slot], part: str, name: str, pad: int) -> torch.Tensor:
