@@ -316,7 +316,7 @@ def single_requests(url: str, n: int, adapter: str) -> dict:
         results = [post(s, url, {"prompt": f"a blue square, single {i}", "seed": 20_000 + i,
                                  "adapters": [{"name": adapter, "scale": 0.8}] if i % 2 else []}, timeout=600) for i in range(n)]
     lat = [r["latency"] for r in results if r["status"] == 200]
-    by_kind = {kind: [r["latency"] for i, r in enumerate(results) if r["status"] == 200 and bool(i % 2) == with_adapter]
+    by_kind = {kind: [r["latency"] for r in results if r["status"] == 200 and r["adapters"] == with_adapter]
                for kind, with_adapter in (("no_adapter", False), ("adapter", True))}
     return {"n": n, "ok": len(lat), "errors": errors_of(results), "p50": round(common.percentile(lat, 50), 3) if lat else None,
             **{f"p50_{kind}": round(common.percentile(x, 50), 3) if x else None for kind, x in by_kind.items()},
@@ -339,6 +339,17 @@ def errors_of(results: list[dict]) -> dict[str, int]:
     return {str(s): sum(r["status"] == s for r in results) for s in {r["status"] for r in results} - {200}}
 
 
+def counter_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What each /metrics counter (:func:`counters`) grew by between two reads."""
+    return {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+
+
+def swap_summary(delta: dict[str, float]) -> dict:
+    """The adapter swaps in a :func:`counter_delta` and their mean time."""
+    swaps = delta.get("rayimg_adapter_swaps_total", 0)
+    return {"adapter_swaps": int(swaps), "mean_swap_ms": round(1000 * delta.get("rayimg_adapter_swap_seconds_total", 0) / max(swaps, 1), 2)}
+
+
 def level_summary(results: list[dict], elapsed: float, delta: dict[str, float], *, clients: int, planned: int, max_seconds: float,
                   batching: str, gpu: dict) -> dict:
     """One load level: throughput, latency percentiles, errors, adapter cache and batch sizes."""
@@ -346,7 +357,6 @@ def level_summary(results: list[dict], elapsed: float, delta: dict[str, float], 
     lat = [r["latency"] for r in ok]
     with_adapters = [r for r in ok if r["adapters"]]
     hits = [r for r in with_adapters if all(t in ("resident", "device", "cpu") for t in r["tiers"].values())]
-    swaps = delta.get("rayimg_adapter_swaps_total", 0)
     if batching == "step":  # samples per UNet call of the step loop
         mean_batch = delta.get("rayimg_denoise_samples_total", 0) / max(delta.get("rayimg_denoise_steps_total", 0), 1)
     else:
@@ -355,8 +365,7 @@ def level_summary(results: list[dict], elapsed: float, delta: dict[str, float], 
             "max_seconds": round(max_seconds, 1), "seconds": round(elapsed, 2), "images_per_s": round(len(ok) / elapsed, 4) if ok else None,
             "latency_s": {q: round(common.percentile(lat, p), 3) for q, p in (("p50", 50), ("p95", 95), ("p99", 99))},
             "adapter_cache_hit_rate": round(len(hits) / max(len(with_adapters), 1), 3),
-            "adapter_file_loads": int(delta.get("rayimg_adapter_loads_total", 0)), "adapter_swaps": int(swaps),
-            "mean_swap_ms": round(1000 * delta.get("rayimg_adapter_swap_seconds_total", 0) / max(swaps, 1), 2),
+            "adapter_file_loads": int(delta.get("rayimg_adapter_loads_total", 0)), **swap_summary(delta),
             "mean_batch_size": round(mean_batch, 2), "split_median_s": split_medians(results), "gpu_samples": gpu}
 
 
@@ -599,10 +608,7 @@ def main(argv=None) -> dict:
                 with phases("single"):
                     before = counters(url)
                     details["single_request_s"] = single_requests(url, n_single, names[0])
-                    after = counters(url)
-                    swaps = after.get("rayimg_adapter_swaps_total", 0.0) - before.get("rayimg_adapter_swaps_total", 0.0)
-                    seconds = after.get("rayimg_adapter_swap_seconds_total", 0.0) - before.get("rayimg_adapter_swap_seconds_total", 0.0)
-                    details["single_request_s"].update(adapter_swaps=int(swaps), mean_swap_ms=round(1000 * seconds / max(swaps, 1), 2))
+                    details["single_request_s"].update(swap_summary(counter_delta(before, counters(url))))
                 s = details["single_request_s"]
                 common.log("serve", f"single requests: p50 {s['p50']} s (no adapter {s['p50_no_adapter']} s, adapter {s['p50_adapter']} s), "
                                     f"min {s['min']} s, max {s['max']} s; {s['adapter_swaps']} swaps, mean {s['mean_swap_ms']} ms; "
@@ -623,8 +629,7 @@ def main(argv=None) -> dict:
                 before = counters(url)
                 with common.GpuSampler() as gpu:
                     results, elapsed = load_test(url, plan, clients, max_seconds)
-                after = counters(url)
-                delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+                delta = counter_delta(before, counters(url))
                 level = details["levels"][str(clients)] = level_summary(results, elapsed, delta, clients=clients, planned=n_requests,
                                                                         max_seconds=max_seconds, batching=args.batching, gpu=gpu.summary())
                 if li == 0:  # the headline's level, also at the top level (the keys from before the levels)

@@ -140,7 +140,8 @@ class GeneratorBase:
         With a compiled UNet or VAE decoder and ``batching.warm_up``, the loop's graphs at the
         default size and guidance are made first, so no request waits on a compile."""
         from rayimg.render.multi_lora import AdapterSlots
-        from rayimg.render.stepper import SlotAdapters, StepBatcher
+        from rayimg.render.slot_adapters import SlotAdapters
+        from rayimg.render.stepper import StepBatcher
         from serving.stepping import StepLoop
 
         b = self.job.batching

@@ -170,7 +170,8 @@ def step_loop_against_fused_alone(tmp_path, *, device: str, dtype: str, engine_c
     from rayimg.render.adapters import load_lora_file
     from rayimg.render.engine import Engine, GenerationRequest
     from rayimg.render.multi_lora import AdapterSlots, SlotConfig
-    from rayimg.render.stepper import SlotAdapters, StepBatcher
+    from rayimg.render.slot_adapters import SlotAdapters
+    from rayimg.render.stepper import StepBatcher
     from tests.test_render_engine import ATTN, make_lora
 
     cfg = ModelConfig(pretrained=SDXL, device=device, dtype=dtype)

@@ -146,7 +146,7 @@ def test_mixed_adapters_join_running_batch_and_match_fused_alone(tmp_path):
     from rayimg.models.tiny import build_tiny_sd
     from rayimg.render.adapters import load_lora_file
     from rayimg.render.multi_lora import AdapterSlots, SlotConfig
-    from rayimg.render.stepper import SlotAdapters
+    from rayimg.render.slot_adapters import SlotAdapters
     from tests.test_render_engine import ATTN, TEXT, make_lora
 
     files = {"a": make_lora(tmp_path / "a", "sd", 1, rank=4, alpha=8, unet_targets=ATTN + ["conv1"], text_targets=TEXT, text_alpha=1),
@@ -182,7 +182,7 @@ def test_a_lone_sample_renders_with_its_adapters_fused_and_a_join_restores_the_s
     from rayimg.models.tiny import build_tiny_sd
     from rayimg.render.adapters import load_lora_file
     from rayimg.render.multi_lora import AdapterSlots, SlotConfig
-    from rayimg.render.stepper import SlotAdapters
+    from rayimg.render.slot_adapters import SlotAdapters
     from tests.test_render_engine import ATTN, TEXT, make_lora
 
     files = {"a": make_lora(tmp_path / "a", "sd", 1, rank=4, alpha=8, unet_targets=ATTN),
@@ -281,7 +281,7 @@ def test_warm_up_runs_every_padded_size_once_and_leaves_no_trace():
 
     from rayimg.models.tiny import build_tiny_sd
     from rayimg.render.multi_lora import AdapterSlots, SlotConfig
-    from rayimg.render.stepper import SlotAdapters
+    from rayimg.render.slot_adapters import SlotAdapters
 
     engine = Engine(build_tiny_sd(0))
     slots = AdapterSlots(engine.pipe, SlotConfig(num_slots=2, max_rank=4, max_batch=4, max_adapters=2))
@@ -356,7 +356,7 @@ def test_shared_graph_serves_every_padded_batch_with_one_compile(tmp_path, share
     equal the uncompiled step loop's. Without it, the next size compiles again."""
     from rayimg.models.tiny import build_tiny_sd
     from rayimg.render.adapters import load_lora_file
-    from rayimg.render.stepper import SlotAdapters
+    from rayimg.render.slot_adapters import SlotAdapters
     from tests.test_render_engine import ATTN, make_lora
 
     weights = {"a": load_lora_file(make_lora(tmp_path / "a", "sd", 1, rank=4, alpha=8, unet_targets=ATTN), name="a")}

@@ -19,7 +19,7 @@ oldest first. Each sample's math is the diffusers pipeline's for that request al
 scheduler's ``scale_model_input``, CFG, ``scheduler.step``, the VAE decode), so an image from a
 mixed batch equals the same request rendered alone up to kernel rounding.
 
-``adapters``: per-sample LoRA, e.g. :class:`SlotAdapters` over
+``adapters``: per-sample LoRA, e.g. :class:`~rayimg.render.slot_adapters.SlotAdapters` over
 :class:`~rayimg.render.multi_lora.AdapterSlots`: ``acquire(request)`` when a request starts (its
 handle), ``release(handle)`` when it ends, ``select(handles, guidance, rows)`` before each UNet call
 (one handle per sample, padding included; ``rows``: the UNet's batch, which the hook checks
@@ -44,7 +44,7 @@ from rayimg.render.output import to_pending, to_pil
 from rayimg.render.request import GenerationRequest, canonical_adapters
 from rayimg.render.schedulers import make_scheduler
 
-__all__ = ["StepBatcher", "Slot", "SlotAdapters", "compat_key", "padded_size"]
+__all__ = ["StepBatcher", "Slot", "compat_key", "padded_size"]
 
 
 def padded_size(n: int, pad_to) -> int:
@@ -110,7 +110,7 @@ class StepBatcher:
     graph serves every padded batch size. With CUDA graphs torch still records one graph per size.
     Adapter slots on convolutions run a grouped convolution whose group count is the batch, which
     inductor specialises: with those, each size compiles its own graph as without the option.
-    ``fuse_alone`` (with ``adapters`` that support it, as :class:`SlotAdapters` does): a step with a
+    ``fuse_alone`` (with ``adapters`` that support it, as :class:`~rayimg.render.slot_adapters.SlotAdapters` does): a step with a
     single sample that runs at batch 1 (``pad_to`` empty or holding 1) runs the base model's graph
     with that sample's adapters fused into the UNet weights (the engine's
     :meth:`~rayimg.render.engine.Engine.set_adapters`) and the slots passed through, instead of the
@@ -141,7 +141,6 @@ class StepBatcher:
         self.shared_graph = shared_graph
         self.fuse_alone = fuse_alone and adapters is not None and hasattr(adapters, "fusable")
         self._fused_here: tuple = ()  # the adapter set this batcher fused (fuse_alone), while the engine holds it
-        self._slots_off = False  # the next UNet call runs with the slots passed through (fuse_alone)
         # samples whose decode is queued on the device, with its pixels' copy to the host: each is
         # finished by the next step, after that step's UNet call is queued behind the decode
         self.decoding: list[tuple[Slot, Any]] = []
@@ -323,8 +322,7 @@ class StepBatcher:
         finished += ended
         if self.running:
             try:
-                self._set_weights(self.running)
-                self._denoise(self.running)
+                self._denoise(self.running, slots_off=self._set_weights(self.running))
             except Exception as e:  # noqa: BLE001 - the whole step failed: every sample in it fails
                 return finished + self.fail(e, waiting=False)  # fail() finishes the decoding samples first
         finished += self._collect()  # the previous step's decodes, behind this step's UNet call
@@ -425,11 +423,12 @@ class StepBatcher:
         return {"width": width, "height": height, "guidance": self.engine.prompts.uses_cfg(request), "unet_batches": sizes,
                 "decode": output == "pil", "seconds": time.perf_counter() - start}
 
-    def _set_weights(self, slots: list[Slot]) -> None:
+    def _set_weights(self, slots: list[Slot]) -> bool:
         """fuse_alone: a lone sample at batch 1 gets its adapters fused and the slots passed
-        through; any other step gets the base weights and the slots."""
+        through; any other step gets the base weights and the slots. Returns whether the slots
+        are passed through."""
         if not self.fuse_alone:
-            return
+            return False
         alone = None
         if len(slots) == 1 and padded_size(1, self.pad_to) == 1:
             alone = self.adapters.fusable(slots[0].adapters)
@@ -437,8 +436,8 @@ class StepBatcher:
             self._fuse(*alone, slots)
         elif self.engine.adapter_identity:
             self._fuse((), (), slots)
-        self._slots_off = alone is not None
-        self.adapters.passthrough(self._slots_off)
+        self.adapters.passthrough(alone is not None)
+        return alone is not None
 
     def _fuse(self, pairs, identity, waiting: list[Slot]) -> None:
         """Make ``identity`` (with its ``(weights, scale)`` ``pairs``) the engine's fused set;
@@ -457,7 +456,7 @@ class StepBatcher:
         tensors = [s.embeds[part][name] for s in slots]
         return torch.cat(tensors + tensors[-1:] * pad)
 
-    def _denoise(self, slots: list[Slot]) -> None:
+    def _denoise(self, slots: list[Slot], slots_off: bool = False) -> None:
         n = len(slots)
         target = padded_size(n, self.pad_to)
         pad = target - n
@@ -483,11 +482,11 @@ class StepBatcher:
         if self.sdxl:
             added = {"text_embeds": torch.cat([self._rows(slots, p, "text_embeds", pad) for p in parts]),
                      "time_ids": torch.cat([self._rows(slots, p, "time_ids", pad) for p in parts])}
-        if self.adapters is not None and not self._slots_off:
+        if self.adapters is not None and not slots_off:
             self.adapters.select([s.adapters for s in padded], cfg, rows=sample.shape[0])
         t_rows = t_rows.to(sample.device)
         shape = {"mode": "step", "batch": target, "width": slots[0].request.width, "height": slots[0].request.height, "guidance": cfg}
-        if self._slots_off:
+        if slots_off:
             shape["slots"] = "passthrough"  # the base model's graph (fuse_alone), not the slotted one
         if self.shared_graph:
             if sample.shape[0] > 1:  # one compile-cache entry for every size (the sizes after the first compile nothing);
@@ -569,58 +568,3 @@ class StepBatcher:
             image = vae.decode(latents / vae.config.scaling_factor, return_dict=False, generator=None)[0]
             image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True])
         return (to_pending(image) if pending else to_pil(image))[0]
-
-
-class SlotAdapters:
-    """The :class:`StepBatcher` adapters hook over :class:`~rayimg.render.multi_lora.AdapterSlots`.
-
-    ``weights_for(adapters)``: the ``(LoraWeights, scale)`` pairs of a request's adapter identity
-    (``(name, version, scale)`` triples) when they were not given at submit. A request whose
-    adapters touch the text encoders has its prompts encoded with its own adapters selected (and
-    not cached: the prompt cache holds base-encoder texts only)."""
-
-    def __init__(self, slots, weights_for: Callable[[tuple], list] | None = None):
-        self.slots = slots
-        self.weights_for = weights_for
-
-    def signature(self) -> dict:
-        """What of the slot layout changes the compiled graphs (part of compile-cache keys)."""
-        c = self.slots.config
-        return {"num_slots": c.num_slots, "max_rank": c.max_rank, "max_batch": c.max_batch, "max_adapters": c.max_adapters,
-                "unet_targets": list(c.unet_targets), "text_targets": list(c.text_targets)}
-
-    def acquire(self, request: GenerationRequest, pairs: list | None = None) -> tuple:
-        """``(pinned slots, whether they touch the text encoders, (weights, scale) pairs, the
-        request's adapter identity)``."""
-        if pairs is None:
-            if request.adapters and self.weights_for is None:
-                raise ValueError(f"adapters: no weights given for {list(request.adapters)}")
-            pairs = self.weights_for(request.adapters) if request.adapters else []
-        text = any(modules for weights, _ in pairs for component, modules in weights.layers.items() if component != "unet")
-        return self.slots.acquire(pairs), text, list(pairs), tuple(request.adapters)
-
-    def fusable(self, handle: tuple) -> tuple | None:
-        """``(pairs, identity)`` to fuse this sample's adapters into the weights in place of its
-        slots (:meth:`StepBatcher._set_weights`); None when they touch the text encoders."""
-        _, text, pairs, identity = handle
-        if text or len(pairs) != len(identity):
-            return None
-        return pairs, identity
-
-    def passthrough(self, on: bool) -> None:
-        """The slotted modules compute their base output only (``on``) or add the slots' products."""
-        self.slots.set_passthrough(on)
-
-    def release(self, handle: tuple) -> None:
-        self.slots.release(handle[0])
-
-    def select(self, handles: list, guidance: bool, rows: int | None = None) -> None:
-        """Set the next UNet call's adapters; ``rows``: that call's batch, checked here, outside a
-        compiled UNet's graph (inside it, only eager calls check)."""
-        self.slots.set_batch([h[0] for h in handles], guidance=guidance)
-        if rows is not None:
-            self.slots.check_rows("unet", rows)
-
-    def encode(self, request: GenerationRequest, handle: tuple, encode: Callable[..., dict]) -> dict:
-        self.slots.set_batch([handle[0]], guidance=False)  # the text encoders see this request's row
-        return encode(cached=not handle[1])
