@@ -583,18 +583,35 @@ def test_fp8_engine_stays_close_follows_swaps_and_changes_the_key(cache_dir, sd,
     rel = float((base8 - base).norm() / base.norm())
     assert 0 < rel < 0.1, rel  # float8 products: close to the exact engine, not equal
 
-    lora_a = load_lora_file(loras["a"], name="a")
-    engine.set_adapters([(lora_a, 1.0)], [("a", "1", 1.0)])
-    for m in converted:  # the float8 copies follow the fused weights
+    base_copies = {n: (m.w8.clone(), m.w_scale.clone()) for n, m in named.items()}
+
+    def follows(m) -> bool:
         deq, w = m.w8.float() * m.w_scale.t(), m.weight.detach().float()
-        assert float((deq - w).abs().max()) <= float(w.abs().max()) / 8
+        return float((deq - w).abs().max()) <= float(w.abs().max()) / 8
+
+    def at_base(name) -> bool:
+        return all(torch.equal(t, b) for t, b in zip((named[name].w8, named[name].w_scale), base_copies[name]))
+
+    lora_a, lora_b = load_lora_file(loras["a"], name="a"), load_lora_file(loras["b"], name="b")
+    # b adapts to_k and to_v only: after a -> b the q projections are back at their base
+    # weights and their float8 copies back at the base's, bit for bit; the others follow b
+    engine.set_adapters([(lora_b, 1.0)], [("b", "1", 1.0)])
+    engine.set_adapters([(lora_a, 1.0)], [("a", "1", 1.0)])
+    engine.set_adapters([(lora_b, 1.0)], [("b", "1", 1.0)])
+    queries = [n for n in named if n.endswith("to_q")]
+    assert queries and all(at_base(n) for n in queries)
+    assert all(follows(named[n]) for n in named) and not all(at_base(n) for n in named if n.endswith("to_k"))
+    engine.set_adapters([(lora_a, 1.0)], [("a", "1", 1.0)])
+    assert all(follows(m) for m in converted)  # the float8 copies follow the fused weights
+    assert not any(at_base(n) for n in queries)
     adapted = latents(engine, [req(seed=5, adapters=[("a", "1", 1.0)])])
     exact.set_adapters([(lora_a, 1.0)], [("a", "1", 1.0)])
     adapted_exact = latents(exact, [req(seed=5, adapters=[("a", "1", 1.0)])])
     exact.set_adapters([], [])
     assert float((adapted - base8).norm()) > 0.5 * float((adapted_exact - base).norm())  # the adapter shows
     engine.set_adapters([], [])
-    assert torch.equal(latents(engine, [req(seed=5)]), base8)  # restore and requantize: bit for bit
+    assert all(at_base(n) for n in named)  # restored: the base's float8 copies, bit for bit
+    assert torch.equal(latents(engine, [req(seed=5)]), base8)
 
     r8 = Renderer.from_pipeline(model.pipeline, model.model_id, model.model_hash, model.family, EngineConfig(fp8=True))
     plain = Renderer.from_pipeline(sd.pipeline, sd.model_id, sd.model_hash, sd.family)

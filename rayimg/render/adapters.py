@@ -459,6 +459,11 @@ class FusedAdapters:
         derived from the weights, such as float8 copies, must refresh after a swap)."""
         return {id(self._targets[key].param) for key in self._originals}
 
+    def modified_parameters(self) -> set[int]:
+        """``id()`` of every weight Parameter that now holds an adapter (the rest of
+        :meth:`touched_parameters` hold their base values)."""
+        return {id(self._targets[key].param) for key in self._modified}
+
     def restore(self) -> None:
         """Put the base weights back (bit-exact copies of the originals)."""
         keys = sorted(self._modified)
