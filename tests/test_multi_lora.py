@@ -438,6 +438,13 @@ def test_compiled_modules_keep_one_graph_across_loads_and_batches(loras):
         with slots.batch(batch, guidance=False):
             assert torch.equal(block(x, temb, encoder_hidden_states=text)[0], expected)
     assert len(graphs) == 1 and (eager[0] - eager[1]).abs().max() > 1e-3
+    # each slotted module's low-rank product accumulates into its base output in place (no copy of it)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    from rayimg.render.slotted import is_slotted
+
+    slotted = sum(is_slotted(m) for m in block.modules())
+    assert slotted and targets.count("rayimg.add_low_rank_.default") == slotted, (slotted, sorted(set(targets)))
+    assert not any("baddbmm" in t for t in targets), sorted(set(targets))
 
     # inductor's kernels for the gathers, the grouped conv and the batched products
     holder = type("Holder", (), {"unet": TinyNet()})()
