@@ -75,7 +75,7 @@ class EngineConfig:
     compile_cache: str = field("", doc="dir or s3:// prefix of the compiled-graph cache (rayimg.render.compile_cache): with compile or compile_vae, "
                                        "each batch and image size loads its compiled graphs from here, or compiles and saves them, so later actors and jobs start warm; "
                                        "empty: the render job uses <output.uri>/.compile-cache, the server <image_cache.uri>/.compile-cache", path=True)
-    png_compress_level: int = field(1, doc="zlib level of the PNGs, 0-9: 1 encodes several times faster than PIL's default 6 for files somewhat larger; the pixels are the same")
+    png_compress_level: int = field(1, doc="zlib level of the PNGs, 0-9: 1 encodes several times faster than 6 for files somewhat larger; the pixels are the same")
 
     def validate(self) -> None:
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
