@@ -15,6 +15,7 @@ import torch
 from rayimg.models.tiny import build_tiny_sd, build_tiny_sdxl
 from rayimg.render.adapters import FusedAdapters, LoraError, LoraLayer, LoraWeights, load_lora_file
 from rayimg.render.multi_lora import AdapterSlots, SlotConfig, SlotsExhausted, targets_of
+from rayimg.render.slotted import is_slotted
 
 from tests.test_render_engine import ATTN, TEXT, make_lora
 
@@ -440,8 +441,6 @@ def test_compiled_modules_keep_one_graph_across_loads_and_batches(loras):
     assert len(graphs) == 1 and (eager[0] - eager[1]).abs().max() > 1e-3
     # each slotted module's low-rank product accumulates into its base output in place (no copy of it)
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
-    from rayimg.render.slotted import is_slotted
-
     slotted = sum(is_slotted(m) for m in block.modules())
     assert slotted and targets.count("rayimg.add_low_rank_.default") == slotted, (slotted, sorted(set(targets)))
     assert not any("baddbmm" in t for t in targets), sorted(set(targets))

@@ -84,8 +84,7 @@ class Engine:
         self._embeddings: dict[str, tuple[str, AdapterId | None]] = {}  # token -> (sha256, identity)
         self._warm_keys: set[tuple] = set()
         self._decode_stream = None
-        self._fp8_modules: list | None = None  # the UNet's Float8Linear modules (fp8), found at the first swap
-        self._fp8_base: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> the base's (w8, w_scale)
+        self._fp8 = None  # engine.fp8: the UNet's float8 copies (rayimg.render.fp8.Float8Copies), from the first swap
 
     @classmethod
     def from_config(cls, pipe, cfg: EngineConfig, **kwargs) -> "Engine":
@@ -140,35 +139,12 @@ class Engine:
         if changed and (text_before or any(c.startswith("text_encoder") for c in self.fused.modified_components)):
             self.prompts.invalidate()
         if changed and self.config.fp8:
-            self._refresh_fp8()
+            if self._fp8 is None:
+                from rayimg.render.fp8 import Float8Copies
+
+                self._fp8 = Float8Copies(self.pipe.unet)
+            self._fp8.refresh(self.fused.touched_parameters(), self.fused.modified_parameters())
         return changed
-
-    def _refresh_fp8(self) -> None:
-        """The float8 copies after a swap: a weight holding an adapter is requantised; one back at
-        its base value gets the base's float8 copy back, kept from before its first fusion (what
-        requantising it would give, bit for bit, without the pass over the weight)."""
-        from rayimg.render.fp8 import Float8Linear
-
-        if self._fp8_modules is None:
-            model = getattr(self.pipe.unet, "_orig_mod", self.pipe.unet)
-            self._fp8_modules = [m for m in model.modules() if isinstance(m, Float8Linear)]
-        touched, modified = self.fused.touched_parameters(), self.fused.modified_parameters()
-        restore: list[Float8Linear] = []
-        with torch.no_grad():
-            for module in self._fp8_modules:
-                key = id(module.weight)
-                if key not in touched:
-                    continue
-                if key not in self._fp8_base:  # first fusion: w8 still holds the base's copy
-                    self._fp8_base[key] = (module.w8.clone(), module.w_scale.clone())
-                if key in modified:
-                    module.quantize_weight()
-                else:
-                    restore.append(module)
-            if restore:
-                saved = [self._fp8_base[id(m.weight)] for m in restore]
-                torch._foreach_copy_([m.w8 for m in restore] + [m.w_scale for m in restore],
-                                     [w8 for w8, _ in saved] + [scale for _, scale in saved])
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None, identity: Any = None) -> str:
         """Load a textual-inversion embedding (safetensors only: the registry's

@@ -10,8 +10,8 @@ Only the linears that read a LayerNorm's output are converted (:data:`NORM_FED`)
 ``torch.compile`` their per-row scaling fuses into the norm's kernel. Elsewhere the scaling would
 be a kernel of its own that costs more than the float8 product saves (docs/BENCHMARKS.md).
 
-The cached copy must follow the weight: :func:`requantize` rewrites it in place (same storage,
-so a compiled UNet keeps its graph) and the engine calls it after every adapter swap.
+The cached copy must follow the weight: :class:`Float8Copies` rewrites it in place (same storage,
+so a compiled UNet keeps its graph) and the engine refreshes it after every adapter swap.
 
 Pixels differ from bf16 (fewer significant bits in each product's inputs), so the render output
 key records it (see ``Renderer.key``).
@@ -20,12 +20,10 @@ key records it (see ``Renderer.key``).
 from __future__ import annotations
 
 import re
-from typing import Iterable
-
 import torch
 from torch import nn
 
-__all__ = ["FP8_MAX", "NORM_FED", "Float8Linear", "convert_unet", "fp8_unavailable", "quantize_rows", "requantize"]
+__all__ = ["FP8_MAX", "NORM_FED", "Float8Linear", "convert_unet", "fp8_unavailable", "quantize_rows", "Float8Copies"]
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -111,14 +109,36 @@ def convert_unet(unet: nn.Module) -> int:
     return count
 
 
-def requantize(modules: Iterable[nn.Module] | nn.Module, weights: set[int] | None = None) -> int:
-    """Refresh the float8 copies of the :class:`Float8Linear` modules (of a model, or an iterable
-    of modules) after their weights changed; ``weights``: only those whose ``id(weight)`` is in it."""
-    if isinstance(modules, nn.Module):
-        modules = getattr(modules, "_orig_mod", modules).modules()
-    count = 0
-    for module in modules:
-        if isinstance(module, Float8Linear) and (weights is None or id(module.weight) in weights):
-            module.quantize_weight()
-            count += 1
-    return count
+class Float8Copies:
+    """Keeps the float8 copies of a UNet's :class:`Float8Linear` modules in step with their
+    weights across adapter swaps (:meth:`refresh`), in place (same storage, so a compiled UNet
+    keeps its graph). A weight back at its base value gets the base's float8 copy back, kept (on
+    the weight's device) from before its first change: bit for bit what requantising it gives,
+    without the pass over the weight."""
+
+    def __init__(self, unet: nn.Module):
+        model = getattr(unet, "_orig_mod", unet)
+        self.modules = [m for m in model.modules() if isinstance(m, Float8Linear)]
+        self.base: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> the base's (w8, w_scale)
+
+    def refresh(self, touched: set[int], modified: set[int]) -> None:
+        """After a swap: ``touched``, the ``id()`` of every weight ever changed (whose float8 copy
+        may be stale); ``modified``, those that now differ from their base value (requantised).
+        Call it after every change, before the copies are used: a weight first seen in
+        ``touched`` must still have its base's float8 copy."""
+        restore: list[Float8Linear] = []
+        with torch.no_grad():
+            for module in self.modules:
+                key = id(module.weight)
+                if key not in touched:
+                    continue
+                if key not in self.base:  # first change: w8 still holds the base's copy
+                    self.base[key] = (module.w8.clone(), module.w_scale.clone())
+                if key in modified:
+                    module.quantize_weight()
+                else:
+                    restore.append(module)
+            if restore:
+                saved = [self.base[id(m.weight)] for m in restore]
+                torch._foreach_copy_([m.w8 for m in restore] + [m.w_scale for m in restore],
+                                     [w8 for w8, _ in saved] + [scale for _, scale in saved])

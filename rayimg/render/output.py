@@ -35,7 +35,7 @@ def output_key(model_id: str, model_hash: str, adapters: list[dict], params: dic
 
 _PNG_PART_BYTES = 256 * 1024  # filtered bytes per deflate part compressed on its own thread
 _PNG_MAX_PARTS = 8
-_PNG_COLOUR = {"L": 0, "RGB": 2, "RGBA": 6}
+_PNG_COLOUR = {"L": (0, 1), "RGB": (2, 3), "RGBA": (6, 4)}  # mode: (PNG colour type, bytes per pixel)
 _ZLIB_FLG = (0x01, 0x01, 0x5E, 0x5E, 0x5E, 0x5E, 0x9C, 0xDA, 0xDA, 0xDA)  # by level: FLEVEL, check bits for CMF 0x78
 _png_pool: ThreadPoolExecutor | None = None
 _png_pool_lock = threading.Lock()
@@ -54,20 +54,18 @@ def png_bytes(image: Image.Image, metadata: dict, compress_level: int = 6) -> by
     Encoding is deterministic: the same pixels, metadata and level give the same bytes.
     """
     texts = [(key, value if isinstance(value, str) else json.dumps(value, sort_keys=True)) for key, value in metadata.items()]
-    colour = _PNG_COLOUR.get(image.mode)
-    if colour is None:
+    if image.mode not in _PNG_COLOUR:
         info = PngImagePlugin.PngInfo()
         for key, value in texts:
             info.add_text(key, value)
         buf = io.BytesIO()
         image.save(buf, format="PNG", pnginfo=info, optimize=False, compress_level=compress_level)
         return buf.getvalue()
-    pixels = np.asarray(image, dtype=np.uint8)
+    colour, bpp = _PNG_COLOUR[image.mode]
     height, width = image.height, image.width
-    bpp = pixels.size // max(height * width, 1)
-    rows = pixels.reshape(height, width * bpp)
+    rows = np.asarray(image, dtype=np.uint8).reshape(height, width * bpp)
     filtered = np.empty((height, width * bpp + 1), dtype=np.uint8)
-    if compress_level == 0 or width < 2:
+    if compress_level == 0:
         filtered[:, 0] = 0
         filtered[:, 1:] = rows
     else:  # Sub: each byte minus the same channel of the pixel before it, modulo 256
