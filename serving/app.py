@@ -55,6 +55,7 @@ from rayimg.storage import Storage
 from serving.errors import ApiError, error_responses
 from serving.generator import generator_deployment
 from serving.image_cache import ImageStore, is_key
+from serving.jsonbody import JSONBody
 from serving.metrics import CONTENT_TYPE, ServeMetrics
 from serving.schema import GenerateBody, Img2ImgBody, adapter_set_id, settings_for
 
@@ -269,7 +270,7 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
             try:
                 result = await fn()
                 status = 200
-                return result
+                return JSONBody(result)  # images' base64 bytes go into the body as they are
             except ApiError as e:
                 status = e.status
                 raise

@@ -250,7 +250,9 @@ class GeneratorBase:
     # ------------------------------------------------------------------ requests
     async def generate(self, payload: dict) -> dict:
         """One request: ``payload`` holds the checked settings with resolved adapter versions.
-        Returns ``{"images": [...], ...}`` or ``{"error": ApiError.as_dict()}``."""
+        Returns ``{"images": [...], ...}`` (an image's ``b64_json``: base64 ``bytes``, which
+        :func:`serving.jsonbody.json_bytes` writes as a JSON string) or
+        ``{"error": ApiError.as_dict()}``."""
         ticket = Ticket(payload.get("deadline"))
         try:
             return await self._generate(payload, ticket)
@@ -323,7 +325,7 @@ class GeneratorBase:
                 if item["cached"] or i in todo:
                     image["uri"] = self.images.uri_of(key)
             else:
-                image["b64_json"] = base64.b64encode(item["png"]).decode("ascii")
+                image["b64_json"] = base64.b64encode(item["png"])  # bytes: the ingress writes them into its JSON body as they are
             images.append(image)
         info["generator_s"] = time.perf_counter() - started
         return {"images": images, "model": self.renderer.model_id, "replica": self.replica, "timings": info, "stats": self.snapshot()}
