@@ -18,8 +18,9 @@ skipped (``details["skipped"]``):
    (``--skip-reference``: none, and no ratio).
 3. ``app``: ``--adapters`` random LoRAs (rank 16 on to_q/to_k/to_v/to_out.0 at real size)
    published to a fresh local registry, the app started, one warm-up request.
-4. ``single``: ``--single`` sequential requests from one client (no adapter and the most popular
-   adapter in turn): p50/min/max latency.
+4. ``single``: ``--single`` sequential requests from one client (a third with no adapter back to
+   back, then no adapter and the most popular adapter in turn): p50/min/max latency, and p50 of
+   each kind (no adapter with no swap, no adapter after an adapter, adapter).
 5. ``level <clients>`` for each of ``--concurrency`` (e.g. ``8,32``), against the same app:
    ``--requests`` requests from that many client threads, each naming one adapter drawn from a
    Zipf law (rank k has probability proportional to 1/k^s; 10 % name none) and its own seed (the
@@ -309,20 +310,29 @@ def load_test(url: str, plan: list[dict], concurrency: int, max_seconds: float) 
 
 
 def single_requests(url: str, n: int, adapter: str) -> dict:
-    """``n`` requests one after another from one client, no adapter and ``adapter`` in turn."""
+    """``n`` requests one after another from one client: a third with no adapter back to back
+    (nothing to swap), then ``adapter`` and no adapter in turn (each request swaps the fused
+    weights: the adapter in, then the base weights back)."""
     import requests
 
+    steady = n // 3
+    with_adapter = [False] * steady + [(i - steady) % 2 == 0 for i in range(steady, n)]
     with requests.Session() as s:
         results = [post(s, url, {"prompt": f"a blue square, single {i}", "seed": 20_000 + i,
-                                 "adapters": [{"name": adapter, "scale": 0.8}] if i % 2 else []}, timeout=600) for i in range(n)]
+                                 "adapters": [{"name": adapter, "scale": 0.8}] if with_adapter[i] else []}, timeout=600) for i in range(n)]
+    for i, r in enumerate(results):
+        r["after_adapter"] = i > 0 and with_adapter[i - 1]
     lat = [r["latency"] for r in results if r["status"] == 200]
-    by_kind = {kind: [r["latency"] for r in results if r["status"] == 200 and r["adapters"] == with_adapter]
-               for kind, with_adapter in (("no_adapter", False), ("adapter", True))}
+    kinds = {"no_adapter": lambda r: not r["adapters"], "adapter": lambda r: r["adapters"],
+             "no_adapter_no_swap": lambda r: not r["adapters"] and not r["after_adapter"],
+             "no_adapter_after_adapter": lambda r: not r["adapters"] and r["after_adapter"]}
+    by_kind = {kind: [r["latency"] for r in results if r["status"] == 200 and pick(r)] for kind, pick in kinds.items()}
     return {"n": n, "ok": len(lat), "errors": errors_of(results), "p50": round(common.percentile(lat, 50), 3) if lat else None,
             **{f"p50_{kind}": round(common.percentile(x, 50), 3) if x else None for kind, x in by_kind.items()},
             "min": round(min(lat), 3) if lat else None, "max": round(max(lat), 3) if lat else None, "split_median_s": split_medians(results),
-            "latencies": [{"adapter": r["adapters"], "s": round(r["latency"], 3), "status": r["status"], "split": r.get("split", {})}
-                          for r in results]}
+            "split_median_no_swap_s": split_medians([r for r in results if kinds["no_adapter_no_swap"](r)]),
+            "latencies": [{"adapter": r["adapters"], "after_adapter": r["after_adapter"], "s": round(r["latency"], 3), "status": r["status"],
+                           "split": r.get("split", {})} for r in results]}
 
 
 def split_medians(results: list[dict]) -> dict[str, float]:
@@ -610,9 +620,10 @@ def main(argv=None) -> dict:
                     details["single_request_s"] = single_requests(url, n_single, names[0])
                     details["single_request_s"].update(swap_summary(counter_delta(before, counters(url))))
                 s = details["single_request_s"]
-                common.log("serve", f"single requests: p50 {s['p50']} s (no adapter {s['p50_no_adapter']} s, adapter {s['p50_adapter']} s), "
+                common.log("serve", f"single requests: p50 {s['p50']} s (no adapter {s['p50_no_adapter']} s: {s['p50_no_adapter_no_swap']} s with no swap, "
+                                          f"{s['p50_no_adapter_after_adapter']} s after an adapter; adapter {s['p50_adapter']} s), "
                                     f"min {s['min']} s, max {s['max']} s; {s['adapter_swaps']} swaps, mean {s['mean_swap_ms']} ms; "
-                                    f"split (medians) {s['split_median_s']}")
+                                    f"split (medians) {s['split_median_s']}; no swap {s['split_median_no_swap_s']}")
         rng = random.Random(args.seed)
         weights = zipf_weights(len(names), args.zipf)
         for li, (clients, n_requests) in enumerate(zip(levels, counts)):
