@@ -117,6 +117,76 @@ def test_background_prompt_encoding_equals_encoding_in_place(tmp_path):
     assert torch.equal(ours, in_place_latents(pipe, adapted))
 
 
+def test_text_encoder_graphs_replay_the_eager_encode_bit_for_bit(tmp_path):
+    """rayimg.render.text_graphs (on with compile_mode reduce-overhead): a prompt's encode replays
+    CUDA graphs of both text encoders and gives the eager encode bit for bit: for other prompts,
+    on a side stream, with a text-encoder adapter fused in place (no new capture), with adapter
+    slots (passed through or not) and after the embedding table grows. Outputs are copies."""
+    from rayimg.render import text_graphs
+    from rayimg.render.adapters import FusedAdapters, load_lora_file
+    from rayimg.render.multi_lora import AdapterSlots, SlotConfig
+    from tests.test_render_engine import TEXT, make_lora
+
+    pipe = load_pipeline(ModelConfig(pretrained=SDXL, device="cuda", dtype="bfloat16"))
+    forwards = text_graphs.install(pipe)
+    assert len(forwards) == 2 and text_graphs.install(pipe) == []
+
+    @torch.no_grad()
+    def encode(text):
+        out = pipe.encode_prompt(prompt=[text], device=torch.device("cuda"), num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return out[0], out[2]
+
+    def eager(text):
+        saved = [pipe.text_encoder.__dict__.pop("forward"), pipe.text_encoder_2.__dict__.pop("forward")]
+        try:
+            return encode(text)
+        finally:
+            pipe.text_encoder.forward, pipe.text_encoder_2.forward = saved
+
+    def same(text):
+        got, want = encode(text), eager(text)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), text
+        return got
+
+    def captures():
+        return [f.stats["captures"] for f in forwards]
+
+    first = same("a blue star")
+    kept = first[0].clone()
+    other = same("a red circle")
+    assert not torch.equal(other[0], first[0]) and torch.equal(first[0], kept)  # a later replay leaves earlier outputs alone
+    assert captures() == [1, 1] and all(f.stats["replays"] == 2 for f in forwards)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        on_side = encode("a blue star")
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(on_side[0], first[0]) and torch.equal(encode("a red circle")[0], other[0])
+
+    lora = load_lora_file(make_lora(tmp_path / "t", "sdxl", 2, rank=4, alpha=4, unet_targets=["to_q"], text_targets=TEXT)
+                          / "pytorch_lora_weights.safetensors", name="t", unet_config=pipe.unet.config)
+    fused = FusedAdapters(pipe)
+    fused.apply([(lora, 1.0)])
+    adapted = same("a blue star")
+    assert not torch.equal(adapted[0], first[0]) and captures() == [1, 1]
+    fused.apply([])
+    assert torch.equal(encode("a blue star")[0], first[0])
+
+    slots = AdapterSlots(pipe, SlotConfig(num_slots=2, max_rank=4, max_batch=2))
+    pinned = slots.acquire([(lora, 1.0)])
+    slots.set_batch([pinned], guidance=False)
+    slotted = same("a blue star")
+    torch.testing.assert_close(slotted[0].float(), adapted[0].float(), rtol=0.05, atol=0.05)
+    slots.set_passthrough(True)
+    assert torch.equal(same("a blue star")[0], first[0])
+    slots.set_passthrough(False)
+    slots.release(pinned)
+    table = pipe.text_encoder.get_input_embeddings().num_embeddings
+    pipe.text_encoder.resize_token_embeddings(table + 1)
+    same("a blue star")
+    assert captures()[0] >= 4
+
+
 def test_vae_decoder_speedups_on_cuda_match_diffusers():
     """rayimg.render.vae_decode on CUDA (bf16): the GroupNorm statistics from cuBLAS products and the
     float32-score attention give diffusers' GroupNorm / SDPA up to bf16 rounding, in both layouts."""

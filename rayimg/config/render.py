@@ -65,7 +65,7 @@ class EngineConfig:
     attention_slicing: bool = field(False, doc="compute attention in slices (less memory, slower)")
     compile: bool = field(False, doc="torch.compile the UNet (adapters swap without recompiling); use on a GPU for long runs: the first call of each batch and image size compiles")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = field(
-        "default", doc="torch.compile mode of the UNet: 'reduce-overhead' replays CUDA graphs, which helps most at small batches, where the step is launch-bound (adapters still swap in place)")
+        "default", doc="torch.compile mode of the UNet: 'reduce-overhead' replays CUDA graphs, which helps most at small batches, where the step is launch-bound (adapters still swap in place); with it, a prompt's encode by the text encoders replays a CUDA graph too (rayimg.render.text_graphs)")
     compile_vae: bool = field(False, doc="torch.compile the VAE decoder (one graph per batch and image size), with its GroupNorm statistics from cuBLAS products and its attention as float32-score GEMMs + softmax (rayimg.render.vae_decode); use on a GPU with large batches")
     fp8: bool = field(False, doc="float8 matmuls for the UNet's LayerNorm-fed linears (self-attention q/k/v, cross-attention q, feed-forward GEGLU proj; H100/Ada GPUs with a bfloat16 model, or CPU); faster with compile; pixels differ slightly from bf16, so the output key records it")
     fuse_qkv: bool = field(False, doc="fuse each attention's q/k/v projections into one matmul (adapters still apply)")

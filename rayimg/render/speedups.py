@@ -1,7 +1,8 @@
 """Speed-ups applied to a loaded pipeline from outside: :func:`apply` takes a plain diffusers
 pipeline and an :class:`~rayimg.config.EngineConfig` and changes the pipeline in place (memory
 options, fused QKV, channels-last, float8 linears, ``torch.compile`` of the UNet and of the VAE
-decoder, the VAE decode in chunks, a cheap execution-device lookup). The engine generates with
+decoder, CUDA graphs of the text encoders' one-prompt forward, the VAE decode in chunks, a cheap
+execution-device lookup). The engine generates with
 whatever pipeline it is given; nothing here changes which images a request gets, except
 ``fp8`` (recorded in the output key).
 """
@@ -53,6 +54,11 @@ def apply(pipe, settings) -> None:
         # instead of a slower dynamic-shape one. "reduce-overhead" replays CUDA graphs, which
         # read the weights in place, so adapter swaps need no recompile either.
         pipe.unet.compile(mode=None if settings.compile_mode == "default" else settings.compile_mode, dynamic=False)
+        if settings.compile_mode == "reduce-overhead":
+            from rayimg.render import text_graphs
+
+            # a prompt's encode, alone and launch-bound like a small UNet step, replays a CUDA graph too
+            text_graphs.install(pipe)
     if settings.compile_vae:
         from rayimg.render.vae_decode import speed_up_decoder
 
