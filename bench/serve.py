@@ -281,10 +281,23 @@ def post(session, url: str, body: dict, timeout: float) -> dict:
         timings = r.json().get("timings") or {}
     except ValueError:
         timings = {}
-    split = {"engine_s": timings.get("engine_s"), "generator_s": timings.get("generator_s"), **((timings.get("images") or [{}])[0])}
+    split = {"engine_s": timings.get("engine_s"), "generator_s": timings.get("generator_s"), "ingress_s": server_timing(r.headers, "ingress"),
+             **((timings.get("images") or [{}])[0])}
     return {"status": r.status_code, "latency": latency, "adapters": bool(body["adapters"]),
             "tiers": timings.get("adapter_tiers", {}), "batch": (timings.get("batch_sizes") or [0])[0],
             "split": {k: v for k, v in split.items() if v is not None}}
+
+
+def server_timing(headers, name: str) -> float | None:
+    """Seconds of metric ``name`` in a ``Server-Timing`` header (``name;dur=<ms>``), or None."""
+    for metric in headers.get("Server-Timing", "").split(","):
+        key, _, rest = metric.strip().partition(";")
+        if key == name and rest.startswith("dur="):
+            try:
+                return float(rest[4:]) / 1000
+            except ValueError:
+                return None
+    return None
 
 
 def load_test(url: str, plan: list[dict], concurrency: int, max_seconds: float) -> tuple[list[dict], float]:
@@ -338,10 +351,20 @@ def single_requests(url: str, n: int, adapter: str) -> dict:
 def split_medians(results: list[dict]) -> dict[str, float]:
     """Where a request's time went, medians over the successful ones: the replica's split (step
     loop queue/denoise/decode, the same spans on the GPU's clock, PNG; engine_s and generator_s)
-    and the rest (Serve, HTTP, base64). ``gpu_denoise_s`` / steps is the GPU's time per denoising
-    step at the batch the request ran in."""
-    splits = [{**r["split"], "outside_generator_s": r["latency"] - r["split"]["generator_s"]}
-              for r in results if r["status"] == 200 and "generator_s" in r.get("split", {})]
+    and the rest (Serve, HTTP, base64): ``outside_generator_s``, of it ``ingress_hop_s`` (the
+    ingress replica's time less the generator's: the handle call both ways and the JSON body) and
+    ``proxy_http_s`` (the client's time less the ingress replica's: Serve's proxy, HTTP, reading
+    the body). ``gpu_denoise_s`` / steps is the GPU's time per denoising step at the batch the
+    request ran in."""
+    splits = []
+    for r in results:
+        split = r.get("split", {})
+        if r["status"] != 200 or "generator_s" not in split:
+            continue
+        split = {**split, "outside_generator_s": r["latency"] - split["generator_s"]}
+        if split.get("ingress_s") is not None:
+            split.update(ingress_hop_s=split["ingress_s"] - split["generator_s"], proxy_http_s=r["latency"] - split["ingress_s"])
+        splits.append(split)
     return {k: round(statistics.median(x[k] for x in splits if k in x), 4) for k in sorted({k for x in splits for k in x})}
 
 

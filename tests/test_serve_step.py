@@ -69,6 +69,9 @@ def test_mixed_adapters_share_steps_and_match_fused_alone(step_app, tmp_path):
         [split] = r.json()["timings"]["images"]
         assert set(split) == {"queue_s", "denoise_s", "decode_s", "png_s"} and min(split.values()) >= 0, split
         assert split["denoise_s"] > 0 and split["decode_s"] > 0
+        # the ingress replica's own time, its body encoded: at least the generator's
+        name, _, dur = r.headers["Server-Timing"].partition(";dur=")
+        assert name == "ingress" and float(dur) / 1000 >= r.json()["timings"]["generator_s"], r.headers["Server-Timing"]
 
     # each image against the same request alone, adapters fused, through the project's engine
     from rayimg.config import ModelConfig
