@@ -138,11 +138,16 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
 
         dependencies = [Depends(authorize)]
 
-    def documented(model, *statuses: int) -> dict:
+    def documented(model, *statuses: int, timed: bool = True) -> dict:
+        """FastAPI's dependencies and responses of a route: its errors, and its 200 (``model``, and with
+        ``timed`` the Server-Timing header that routes answering through ``_measured`` send)."""
         responses = error_responses(*statuses, auth=auth)
-        if model is not None:
-            responses[200] = {"model": model, "description": "success", "headers": {"Server-Timing": {
-                "description": "the ingress's time on the request in ms, e.g. `ingress;dur=12.3`", "schema": {"type": "string"}}}}
+        success = {"model": model} if model is not None else {}
+        if timed:
+            success["headers"] = {"Server-Timing": {"description": "the ingress's time on the request in ms, e.g. `ingress;dur=12.3`",
+                                                    "schema": {"type": "string"}}}
+        if success:
+            responses[200] = {**success, "description": "success"}
         return {"dependencies": dependencies, "responses": responses}
 
     generating = (404, 405, 422, 500, 503, 504)
@@ -320,7 +325,7 @@ def ingress_deployment(job: ServeJob, api_key_sha256: str | None):
                  response_class=Response, openapi_extra={"parameters": [
                      {"name": "key", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
                       "description": "the image's output key"}]},
-                 **documented(None, 404, 500), response_description="the PNG (image/png)")
+                 **documented(None, 404, 500, timed=False), response_description="the PNG (image/png)")
         async def image_file(self, request: Request):
             key = request.path_params["key"]
             if not is_key(key):

@@ -195,6 +195,9 @@ def test_openapi_lists_both_apis_with_auth(api_app):
         assert operation["security"] == [{"HTTPBearer": []}]
         assert {"401", "404", "422", "503", "504"} <= set(operation["responses"])
         assert operation["responses"]["401"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/ErrorBody"
+        assert "Server-Timing" in operation["responses"]["200"]["headers"]
+    assert "Server-Timing" in schema["paths"]["/v1/adapters"]["get"]["responses"]["200"]["headers"]
+    assert "headers" not in schema["paths"]["/v1/images/{key}.png"]["get"]["responses"]["200"]
     props = schema["components"]["schemas"]
     assert {"prompt", "n", "size", "response_format", "model"} <= set(props["OpenAIImagesBody"]["properties"])
     assert {"prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "seed", "sampler_name", "batch_size"} \
