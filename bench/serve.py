@@ -18,7 +18,7 @@ skipped (``details["skipped"]``):
    (``--skip-reference``: none, and no ratio).
 3. ``app``: ``--adapters`` random LoRAs (rank 16 on to_q/to_k/to_v/to_out.0 at real size)
    published to a fresh local registry, the app started, one warm-up request.
-4. ``single``: ``--single`` sequential requests from one client (a third with no adapter back to
+4. ``single``: ``--single`` sequential requests from one client (a third, at least one, with no adapter back to
    back, then no adapter and the most popular adapter in turn): p50/min/max latency, and p50 of
    each kind (no adapter with no swap, no adapter after an adapter, adapter).
 5. ``level <clients>`` for each of ``--concurrency`` (e.g. ``8,32``), against the same app:
@@ -323,12 +323,12 @@ def load_test(url: str, plan: list[dict], concurrency: int, max_seconds: float) 
 
 
 def single_requests(url: str, n: int, adapter: str) -> dict:
-    """``n`` requests one after another from one client: a third with no adapter back to back
-    (nothing to swap), then ``adapter`` and no adapter in turn (each request swaps the fused
-    weights: the adapter in, then the base weights back)."""
+    """``n`` requests one after another from one client: a third (at least one) with no adapter
+    back to back (nothing to swap), then ``adapter`` and no adapter in turn (each request swaps the
+    fused weights: the adapter in, then the base weights back)."""
     import requests
 
-    steady = n // 3
+    steady = max(1, n // 3)
     with_adapter = [False] * steady + [(i - steady) % 2 == 0 for i in range(steady, n)]
     with requests.Session() as s:
         results = [post(s, url, {"prompt": f"a blue square, single {i}", "seed": 20_000 + i,
