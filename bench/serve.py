@@ -19,7 +19,7 @@ skipped (``details["skipped"]``):
 3. ``app``: ``--adapters`` random LoRAs (rank 16 on to_q/to_k/to_v/to_out.0 at real size)
    published to a fresh local registry, the app started, one warm-up request.
 4. ``single``: ``--single`` sequential requests from one client (a third, at least one, with no adapter back to
-   back, then no adapter and the most popular adapter in turn): p50/min/max latency, and p50 of
+   back, then the most popular adapter and no adapter in turn): p50/min/max latency, and p50 of
    each kind (no adapter with no swap, no adapter after an adapter, adapter).
 5. ``level <clients>`` for each of ``--concurrency`` (e.g. ``8,32``), against the same app:
    ``--requests`` requests from that many client threads, each naming one adapter drawn from a
