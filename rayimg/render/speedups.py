@@ -2,9 +2,8 @@
 pipeline and an :class:`~rayimg.config.EngineConfig` and changes the pipeline in place (memory
 options, fused QKV, channels-last, float8 linears, ``torch.compile`` of the UNet and of the VAE
 decoder, CUDA graphs of the text encoders' one-prompt forward, the VAE decode in chunks, a cheap
-execution-device lookup). The engine generates with
-whatever pipeline it is given; nothing here changes which images a request gets, except
-``fp8`` (recorded in the output key).
+execution-device lookup). The engine generates with whatever pipeline it is given; nothing here
+changes which images a request gets, except ``fp8`` (recorded in the output key).
 """
 
 from __future__ import annotations

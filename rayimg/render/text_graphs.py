@@ -55,15 +55,13 @@ class GraphedForward:
         self.last_stream = None
         self.stats = {"replays": 0, "captures": 0, "eager": 0}
 
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, output_attentions=None,
-                 output_hidden_states=None, return_dict=None, **kwargs):
-        if (kwargs or attention_mask is not None or position_ids is not None or output_attentions or return_dict is False
-                or not self._graphable(input_ids)):
+    def __call__(self, input_ids=None, *args, **kwargs):
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        hidden = bool(given.pop("output_hidden_states", False))
+        plain = not args and not given.pop("output_attentions", False) and given.pop("return_dict", True) is True and not given
+        if not plain or not self._graphable(input_ids):
             self.stats["eager"] += 1
-            return self.eager(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                              output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-                              return_dict=return_dict, **kwargs)
-        hidden = bool(output_hidden_states)
+            return self.eager(input_ids, *args, **kwargs)
         key = (tuple(input_ids.shape), input_ids.dtype, input_ids.device, hidden, self._state())
         stream = torch.cuda.current_stream(input_ids.device)
         if self.last_stream is not None and self.last_stream != stream:
