@@ -176,11 +176,10 @@ def test_text_encoder_graphs_replay_the_eager_encode_bit_for_bit(tmp_path):
     pinned = slots.acquire([(lora, 1.0)])
     slots.set_batch([pinned], guidance=False)
     slotted = same("a blue star")
-    torch.testing.assert_close(slotted[0].float(), adapted[0].float(), rtol=0.05, atol=0.05)
+    assert float((slotted[0].float() - adapted[0].float()).norm() / adapted[0].float().norm()) < 0.02  # slots vs fused, bf16
     slots.set_passthrough(True)
     assert torch.equal(same("a blue star")[0], first[0])
-    slots.set_passthrough(False)
-    slots.release(pinned)
+    slots.release(pinned)  # no rows set now: the slotted modules run passed through only
     table = pipe.text_encoder.get_input_embeddings().num_embeddings
     pipe.text_encoder.resize_token_embeddings(table + 1)
     same("a blue star")
